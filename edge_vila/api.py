@@ -1,0 +1,162 @@
+"""The Python API: `edge_vila.load(path)` -> Pipeline; `pipe.chat()` -> Chat.
+
+    pipe = edge_vila.load("ckpt/")                  # or a bundle (ONNX) folder
+    print(pipe.generate("What is in the image?", images=["photo.png"]))
+    chat = pipe.chat()
+    for delta in chat.stream("Describe it.", images=[frame]): ...
+    chat.send("And the colour?")                    # prefills only the new turn
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .config import VilaConfig, load_config
+from .errors import InputError
+from .generate import GenerationStats, Generator, SamplingParams
+from .preprocess import ImageLike, preprocess_images
+from .prompt import (IMAGE_PLACEHOLDER, ChatTemplate, ImageKey, Key, TextTokenizer, encode_with_images,
+                     get_template, guess_template)
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+def load(path: str | Path, backend: str = "auto", max_context: int | None = None, dtype: str = "float32",
+         template: str | None = None, system: str | None = None, threads: int | None = None) -> "Pipeline":
+    """Load a VILA checkpoint (torch backend) or a plain HF LLM folder (text-only)."""
+    cfg = load_config(path)
+    if backend not in ("auto", "torch"):
+        raise InputError(f"backend {backend!r} is not available for a checkpoint folder (expected torch)")
+    ctx = max_context or min(cfg.llm.max_position_embeddings, 2048)
+    if ctx < 2:
+        raise InputError(f"max_context must be >= 2, got {ctx}")
+    from .backends.torch import TorchBackend
+
+    be = TorchBackend(cfg, ctx, dtype=dtype, threads=threads)
+    return Pipeline(cfg, be, TextTokenizer(cfg.llm_dir), template=template, system=system)
+
+
+class Pipeline:
+    def __init__(self, cfg: VilaConfig, backend, tokenizer: TextTokenizer, template: str | None = None,
+                 system: str | None = None):
+        self.cfg = cfg
+        self.backend = backend
+        self.tokenizer = tokenizer
+        name = template or cfg.chat_template
+        self.template: ChatTemplate = get_template(name, system) if name else guess_template(tokenizer, tokenizer.jinja)
+        if system is not None and not name:
+            self.template = get_template(self.template.name, system)
+        stop_ids = [tokenizer.token_id(s) for s in self.template.stop]
+        eos = set(cfg.llm.eos_token_ids) | {i for i in stop_ids if i is not None}
+        if tokenizer.eos_id is not None:
+            eos.add(tokenizer.eos_id)
+        # stop strings that are single special tokens are handled as ids (their text is skipped on decode)
+        strings = [s for s, i in zip(self.template.stop, stop_ids) if i is None]
+        self.generator = Generator(backend, tokenizer, sorted(eos), strings)
+        self._image_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    # ---- images -------------------------------------------------------------------
+    @property
+    def tokens_per_image(self) -> int:
+        return self.cfg.tokens_per_image
+
+    def encode_images(self, images: Sequence[ImageLike]) -> list[str]:
+        """Preprocess + encode images (cached by pixel hash); returns their hashes."""
+        if not images:
+            return []
+        if not self.cfg.is_multimodal:
+            raise InputError(f"{self.cfg.root}: text-only model, it cannot take images")
+        pixels = preprocess_images(images, self.cfg.preprocess)
+        hashes = [hashlib.sha1(p.tobytes()).hexdigest()[:16] for p in pixels]
+        todo = [i for i, h in enumerate(hashes) if h not in self._image_cache]
+        if todo:
+            emb = self.backend.encode_images(pixels[todo])
+            for i, e in zip(todo, emb):
+                self._image_cache[hashes[i]] = e
+        for h in hashes:
+            self._image_cache.move_to_end(h)
+        while len(self._image_cache) > max(32, len(hashes)):
+            self._image_cache.popitem(last=False)
+        return hashes
+
+    def image_embeds(self, hashes: Sequence[str]) -> dict[str, np.ndarray]:
+        return {h: self._image_cache[h] for h in hashes}
+
+    # ---- generation -------------------------------------------------------------------
+    def chat(self, system: str | None = None) -> "Chat":
+        return Chat(self, system)
+
+    def stream(self, prompt: str, images: Sequence[ImageLike] = (), params: SamplingParams | None = None,
+               **sampling) -> Iterator[str]:
+        """One user turn (a fresh conversation), streamed. The cached prefix (system
+        prompt, unchanged images) is still reused across calls."""
+        return Chat(self).stream(prompt, images, params, **sampling)
+
+    def generate(self, prompt: str, images: Sequence[ImageLike] = (), params: SamplingParams | None = None,
+                 **sampling) -> str:
+        return "".join(self.stream(prompt, images, params, **sampling))
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self.generator.last_stats
+
+
+class Chat:
+    """A multi-turn conversation whose history stays in the KV cache between turns."""
+
+    def __init__(self, pipe: Pipeline, system: str | None = None):
+        self.pipe = pipe
+        self.system = system
+        self.keys: list[Key] = []
+        self.images: list[str] = []
+        self.turns: list[tuple[str, str]] = []
+
+    def _head(self) -> list[Key]:
+        t, tok = self.pipe.template, self.pipe.tokenizer
+        keys: list[Key] = [tok.bos_id] if t.add_bos and tok.bos_id is not None else []
+        return keys + tok.encode(t.head(self.system)) if t.head(self.system) else keys
+
+    def stream(self, message: str, images: Sequence[ImageLike] = (), params: SamplingParams | None = None,
+               **sampling) -> Iterator[str]:
+        params = params or SamplingParams(**sampling)
+        pipe, t = self.pipe, self.pipe.template
+        hashes = pipe.encode_images(images)
+        n_marks = message.count(IMAGE_PLACEHOLDER)
+        if hashes and n_marks == 0:
+            message = (IMAGE_PLACEHOLDER + "\n") * len(hashes) + message  # VILA's convention
+        elif n_marks != len(hashes):
+            raise InputError(f"message has {n_marks} {IMAGE_PLACEHOLDER} markers but {len(hashes)} images were given")
+        keys = list(self.keys) if self.keys else self._head()
+        turn, _ = encode_with_images(pipe.tokenizer, t.user(message), hashes, pipe.tokens_per_image)
+        keys += turn
+        self.images += hashes
+        reply = ""
+        for delta in pipe.generator.stream(keys, pipe.image_embeds(self.images), params):
+            reply += delta
+            yield delta
+        st = pipe.generator.last_stats
+        if st.finish_reason == "stop":  # ended on an EOS token: keep the exact tokens, close the turn
+            reply_keys = st.tokens[:-1]
+        elif st.finish_reason == "stop_string":
+            reply_keys = pipe.tokenizer.encode(reply)
+        else:
+            reply_keys = st.tokens
+        self.keys = keys + reply_keys + pipe.tokenizer.encode(t.assistant_end)
+        self.turns.append((message, reply))
+
+    def send(self, message: str, images: Sequence[ImageLike] = (), params: SamplingParams | None = None,
+             **sampling) -> str:
+        return "".join(self.stream(message, images, params, **sampling))
+
+    def reset(self) -> None:
+        self.keys, self.images, self.turns = [], [], []
+
+
+__all__ = ["load", "Pipeline", "Chat", "SamplingParams", "ImageKey"]

@@ -1,0 +1,1 @@
+"""Runtimes behind one small interface (see `edge_vila.generate.Backend`)."""

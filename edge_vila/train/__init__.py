@@ -1,0 +1,1 @@
+"""The compact training recipe (VILA's stages at laptop scale)."""
