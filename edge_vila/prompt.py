@@ -93,7 +93,7 @@ def guess_template(tokenizer: "TextTokenizer", jinja: str | None) -> ChatTemplat
         return TEMPLATES["llama_3"]
     if "<|im_start|>" in tokenizer.vocab:
         system = None
-        if jinja and (m := re.search(r"<\|im_start\|>system\\n(.*?)<\|im_end\|>", jinja)):
+        if jinja and (m := re.search(r"<\|im_start\|>system(?:\\n|\n)(.*?)<\|im_end\|>", jinja, re.S)):
             system = m.group(1)
         return get_template("chatml", system)
     return TEMPLATES["vicuna_v1"]

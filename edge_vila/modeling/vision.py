@@ -35,11 +35,18 @@ class VisionTower(nn.Module):
 
 def load_vision_tower(cfg: VilaConfig, dtype: torch.dtype = torch.float32) -> VisionTower:
     assert cfg.vision is not None and cfg.vision_dir is not None
+    from transformers.utils import logging as hf_logging
+
     cls = vision_model_class(cfg.vision.kind)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor bar for a few files is noise in `edge-vila chat`
     try:
         model, info = cls.from_pretrained(str(cfg.vision_dir), dtype=dtype, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{cfg.vision_dir}: vision tower failed to load ({str(e).splitlines()[0]})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     # transformers would silently random-init missing tensors; a checkpoint must be complete
     missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
     if missing:
