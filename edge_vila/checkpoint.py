@@ -43,26 +43,58 @@ def vila_top_config(llm_cfg: dict, vision_cfg: dict, projector_cfg: dict, *, sel
     }
 
 
-def write_checkpoint(out: Path, *, llm: Any, tokenizer: Any, vision: Any, image_processor: dict,
-                     projector: Any, select_layer: int = -2, select_feature: str = "cls_patch",
-                     aspect: str = "resize", chat_template: str | None = None) -> Path:
-    """Save HF llm + tokenizer, HF vision model, processor dict and a MultimodalProjector."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "generation_config.json")
+
+
+def write_llm_folder(folder: Path, config: dict, state: dict, tokenizer: Any) -> None:
+    """An HF causal-LM folder: config.json, model.safetensors, tokenizer files.
+    `tokenizer` is an HF tokenizer (save_pretrained) or a folder to copy its files from."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = dict(config)
+    if not cfg.get("architectures"):
+        cfg["architectures"] = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[cfg["model_type"]]]
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items() if "rotary" not in k}
+    if cfg.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if isinstance(tokenizer, (str, Path)):
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer) / name).is_file():
+                shutil.copy2(Path(tokenizer) / name, folder / name)
+    else:
+        tokenizer.save_pretrained(str(folder))
+    atomic_write_json(folder / "config.json", cfg)
+    if not (folder / "generation_config.json").exists():
+        atomic_write_json(folder / "generation_config.json", {k: cfg[k] for k in ("bos_token_id", "eos_token_id",
+                                                                                  "pad_token_id") if k in cfg})
+
+
+def write_checkpoint(out: Path, *, llm_config: dict, llm_state: dict, tokenizer: Any, vision: Any,
+                     image_processor: dict, projector: Any, select_layer: int = -2,
+                     select_feature: str = "cls_patch", aspect: str = "resize",
+                     chat_template: str | None = None) -> Path:
+    """Save an LLM (HF config dict + state dict), tokenizer, HF vision model, image
+    processor dict and a MultimodalProjector as one VILA checkpoint, atomically."""
     from safetensors.torch import save_file
 
     from .modeling.projector import projector_config
 
     out = Path(out)
     with atomic_dir(out) as tmp:
-        llm.save_pretrained(str(tmp / "llm"), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp / "llm"))
+        write_llm_folder(tmp / "llm", llm_config, llm_state, tokenizer)
         vision.save_pretrained(str(tmp / "vision_tower"), safe_serialization=True)
         atomic_write_json(tmp / "vision_tower" / "preprocessor_config.json", image_processor)
         pcfg = projector_config(projector.spec)
         (tmp / "mm_projector").mkdir()
         atomic_write_json(tmp / "mm_projector" / "config.json", pcfg)
-        sd = {k: v.detach().contiguous() for k, v in projector.state_dict().items()}
+        sd = {k: v.detach().contiguous().cpu() for k, v in projector.state_dict().items()}
         save_file(sd, str(tmp / "mm_projector" / "model.safetensors"), metadata={"format": "pt"})
-        top = vila_top_config(llm.config.to_dict(), vision.config.to_dict(), pcfg, select_layer=select_layer,
+        top = vila_top_config(llm_config, vision.config.to_dict(), pcfg, select_layer=select_layer,
                               select_feature=select_feature, aspect=aspect, chat_template=chat_template)
         atomic_write_json(tmp / "config.json", top)
     log.info("wrote checkpoint %s", out)

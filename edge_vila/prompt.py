@@ -75,6 +75,8 @@ TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (
                  "<|im_start|>user\n{msg}<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>\n", ("<|im_end|>",), False),
     # VILA's plain (stage-1 alignment): image then caption, no roles
     ChatTemplate("plain", "", "", "{msg}\n", "\n", (), True),
+    # the training recipe's own: vicuna's roles without the long system prompt (short sequences)
+    ChatTemplate("edge", "", "", "USER: {msg} ASSISTANT:", "</s>", ("</s>",), True),
 )}
 
 

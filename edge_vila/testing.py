@@ -129,6 +129,7 @@ def make_tiny_checkpoint(out: str | Path, spec: TinySpec | None = None, **overri
 
     spec = dataclasses.replace(spec or TinySpec(), **overrides)
     llm, tok, vision, proc, projector = build_models(spec)
-    return write_checkpoint(Path(out), llm=llm, tokenizer=tok, vision=vision, image_processor=proc,
+    return write_checkpoint(Path(out), llm_config=llm.config.to_dict(), llm_state=llm.state_dict(), tokenizer=tok,
+                            vision=vision, image_processor=proc,
                             projector=projector, select_layer=spec.select_layer,
                             select_feature=spec.select_feature, aspect=spec.aspect, chat_template=spec.template)

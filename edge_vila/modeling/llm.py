@@ -167,6 +167,11 @@ class DecoderLM(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
                 last_only: bool = False) -> torch.Tensor:
         """inputs_embeds [B,T,D], positions [T] (absolute) -> logits [B,T,V] (or [B,1,V])."""
+        h = self.hidden(inputs_embeds, positions)
+        return self.lm_head(h[:, -1:] if last_only else h)
+
+    def hidden(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [B,T,D]."""
         T = inputs_embeds.shape[1]
         cos = self.rope_cos[positions].to(inputs_embeds.dtype)[None, None]
         sin = self.rope_sin[positions].to(inputs_embeds.dtype)[None, None]
@@ -179,9 +184,7 @@ class DecoderLM(nn.Module):
         h = inputs_embeds
         for layer in self.model.layers:
             h = layer(h, cos, sin, positions, end, mask)
-        if last_only:
-            h = h[:, -1:]
-        return self.lm_head(self.model.norm(h))
+        return self.model.norm(h)
 
 
 def load_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,168 @@
+"""Training samples for each stage, their tokenization (with image slots and answer-only
+labels) and batch collation.
+
+A sample is drawn from (seed, stage, step, rank, index), so data is reproducible across
+runs, ranks and resumes without any data-loader state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..config import PreprocessSpec
+from ..preprocess import preprocess_images
+from ..prompt import IMAGE_PLACEHOLDER, ChatTemplate, TextTokenizer, split_images
+from . import textdata, world
+
+IMAGE_SLOT = -1
+IGNORE = -100
+MIX_KINDS = ("captions", "interleaved", "text", "vqa", "multi", "llava", "mmc4")
+
+
+@dataclass
+class Sample:
+    kind: str  # caption | doc | text | sft
+    images: list = field(default_factory=list)  # PIL images or paths
+    text: str = ""  # caption / doc / text, with <image> markers
+    turns: list[tuple[str, str]] = field(default_factory=list)  # sft: (user with <image>, answer)
+    qtype: str = ""
+
+
+def synthetic_sample(kind: str, rng: np.random.Generator, image_size: int) -> Sample:
+    if kind == "captions":
+        s = world.random_scene(rng)
+        return Sample("caption", [s.render(image_size)], text=f"{IMAGE_PLACEHOLDER}\n{s.caption()}")
+    if kind == "interleaved":
+        scenes = [world.random_scene(rng) for _ in range(int(rng.integers(1, 3)))]
+        parts = []
+        for s in scenes:
+            parts.append(f"{IMAGE_PLACEHOLDER} {s.caption()}")
+            if rng.random() < 0.5:
+                parts.append(textdata.sentence(rng))
+        return Sample("doc", [s.render(image_size) for s in scenes], text=" ".join(parts))
+    if kind == "text":
+        return Sample("text", text=textdata.paragraph(rng))
+    if kind in ("vqa", "multi"):
+        qa = world.make_question(rng, "compare" if kind == "multi" else
+                                 str(rng.choice([t for t in world.QUESTION_TYPES if t != "compare"])))
+        # "<image>\n" per image before the question: the runtime's convention when a user
+        # passes images without markers, so training and `edge-vila chat` see the same prompt
+        marks = (IMAGE_PLACEHOLDER + "\n") * len(qa.scenes)
+        return Sample("sft", [s.render(image_size) for s in qa.scenes], turns=[(marks + qa.question, qa.answer)],
+                      qtype=qa.qtype)
+    raise ValueError(f"unknown data kind {kind!r}")
+
+
+def tokenize(sample: Sample, tok: TextTokenizer, template: ChatTemplate, tokens_per_image: int) -> tuple[list[int], list[int]]:
+    """-> (ids with IMAGE_SLOT for image tokens, labels with IGNORE where no loss)."""
+    ids: list[int] = [tok.bos_id] if tok.bos_id is not None else []
+    labels: list[int] = [IGNORE] * len(ids)
+    eos = tok.eos_id
+
+    def add(text: str, train: bool) -> None:
+        for part in split_images(text):
+            if part is None:
+                ids.extend([IMAGE_SLOT] * tokens_per_image)
+                labels.extend([IGNORE] * tokens_per_image)
+            else:
+                t = tok.encode(part)
+                ids.extend(t)
+                labels.extend(t if train else [IGNORE] * len(t))
+
+    marks = sample.text.count(IMAGE_PLACEHOLDER) + sum(u.count(IMAGE_PLACEHOLDER) for u, _ in sample.turns)
+    if marks != len(sample.images):
+        raise ValueError(f"{sample.kind} sample has {marks} {IMAGE_PLACEHOLDER} markers but {len(sample.images)} images")
+    if sample.kind == "sft":
+        head = template.head()
+        if head:
+            add(head, False)
+        for user, answer in sample.turns:
+            add(template.user(user), False)
+            add((" " if template.user_fmt.endswith(":") else "") + answer + template.assistant_end, True)
+    else:  # captions / documents / text: loss on all text (VILA's plain format for captions)
+        add(sample.text, True)
+        if eos is not None:
+            ids.append(eos)
+            labels.append(eos)
+    return ids, labels
+
+
+@dataclass
+class Batch:
+    ids: "object"  # torch.LongTensor [B, L]
+    labels: "object"  # [B, L]
+    pixels: "object | None"  # [N, 3, H, W]
+    n_samples: int
+
+
+def collate(samples: Sequence[Sample], tok: TextTokenizer, template: ChatTemplate, tokens_per_image: int,
+            pre: PreprocessSpec | None, max_len: int) -> Batch:
+    """Right-padded batch: with causal attention, real tokens never see the padding,
+    so no padding mask is needed; padded labels are ignored."""
+    import torch
+
+    seqs = [tokenize(s, tok, template, tokens_per_image) for s in samples]
+    L = min(max(len(i) for i, _ in seqs), max_len)
+    pad = tok.vocab.get("<pad>", 0)
+    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+    labels = torch.full((len(seqs), L), IGNORE, dtype=torch.long)
+    images = []
+    for b, ((i, lab), s) in enumerate(zip(seqs, samples)):
+        if len(i) > max_len:  # never cut through an image: drop samples that do not fit
+            i, lab = i[:max_len], lab[:max_len]
+            n_full = sum(1 for x in i if x == IMAGE_SLOT) // max(tokens_per_image, 1)
+            keep = n_full * tokens_per_image
+            seen = 0
+            for k, x in enumerate(i):
+                if x == IMAGE_SLOT:
+                    seen += 1
+                    if seen > keep:
+                        i, lab = i[:k], lab[:k]
+                        break
+            s_images = s.images[:n_full]
+        else:
+            s_images = s.images
+        ids[b, : len(i)] = torch.tensor(i)
+        labels[b, : len(lab)] = torch.tensor(lab)
+        images.extend(s_images)
+    pixels = torch.from_numpy(preprocess_images(images, pre)) if images and pre is not None else None
+    return Batch(ids, labels, pixels, len(samples))
+
+
+def draw_samples(mix: dict[str, float], n: int, rng: np.random.Generator, image_size: int,
+                 real: "RealData | None" = None) -> list[Sample]:
+    kinds = [k for k, w in mix.items() if w > 0]
+    if not kinds:
+        raise ValueError("empty data mix")
+    w = np.array([mix[k] for k in kinds], dtype=np.float64)
+    picks = rng.choice(len(kinds), size=n, p=w / w.sum())
+    out = []
+    for p in picks:
+        kind = kinds[p]
+        if kind in ("llava", "mmc4"):
+            if real is None:
+                raise ValueError(f"data mix names {kind!r} but no {kind} file is configured")
+            out.append(real.sample(kind, rng))
+        else:
+            out.append(synthetic_sample(kind, rng, image_size))
+    return out
+
+
+class RealData:
+    """User data in LLaVA-JSON / MMC4-JSONL form, loaded once, sampled by index."""
+
+    def __init__(self, llava_json: str | None = None, mmc4_jsonl: str | None = None, image_root: str | None = None):
+        from .formats import load_llava_json, load_mmc4_jsonl
+
+        self.items = {"llava": load_llava_json(llava_json, image_root) if llava_json else [],
+                      "mmc4": load_mmc4_jsonl(mmc4_jsonl, image_root) if mmc4_jsonl else []}
+
+    def sample(self, kind: str, rng: np.random.Generator) -> Sample:
+        items = self.items[kind]
+        if not items:
+            raise ValueError(f"no {kind} data loaded")
+        s = items[int(rng.integers(len(items)))]
+        return Sample(s.kind, [Image.open(p).convert("RGB") for p in s.images], s.text, s.turns)

@@ -1,0 +1,128 @@
+"""Synthetic world, tokenization with answer-only labels, recipe config, data formats."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edge_vila.errors import InputError
+from edge_vila.prompt import TextTokenizer, get_template
+from edge_vila.train import world
+from edge_vila.train.config import StageConfig, load_recipe
+from edge_vila.train.data import IGNORE, IMAGE_SLOT, synthetic_sample, tokenize
+from edge_vila.train.formats import load_llava_json, load_mmc4_jsonl
+from edge_vila.train.loop import lr_at
+
+
+def test_questions_are_answerable_and_deterministic():
+    for i in range(300):
+        qa = world.make_question(world.rng_for(1, i))
+        again = world.make_question(world.rng_for(1, i))
+        assert (qa.question, qa.answer) == (again.question, again.answer)
+        s = qa.scenes[0]
+        if qa.qtype == "count" and qa.question.startswith("How many shapes"):
+            assert qa.answer == str(len(s.objects))
+        if qa.qtype == "color":
+            shape = qa.question.split()[-1].rstrip("?")
+            assert [o.color for o in s.objects if o.shape == shape] == [qa.answer]
+        if qa.qtype == "where":
+            color, shape = qa.question.split()[-2], qa.question.split()[-1].rstrip("?")
+            assert [o.region for o in s.objects if (o.color, o.shape) == (color, shape)] == [qa.answer]
+        if qa.qtype == "compare":
+            shape = qa.question.split()[-1].rstrip("?")[:-1]
+            a, b = (sc.count(shape) for sc in qa.scenes)
+            assert qa.answer == ("first" if a > b else "second") and a != b
+    assert {world.make_question(world.rng_for(2, i)).qtype for i in range(200)} == set(world.QUESTION_TYPES)
+
+
+def test_normalize_answer():
+    assert world.normalize_answer(" Two.") == "2"
+    assert world.normalize_answer("The left one") == "left"
+    assert world.normalize_answer("Red!") == "red"
+
+
+def test_sft_labels_cover_only_the_answer(tiny_ckpt):
+    tok = TextTokenizer(tiny_ckpt / "llm")
+    s = synthetic_sample("vqa", world.rng_for(0), 32)
+    ids, labels = tokenize(s, tok, get_template("edge"), tokens_per_image=16)
+    assert ids.count(IMAGE_SLOT) == 16 * len(s.images)
+    trained = [t for t, lab in zip(ids, labels) if lab != IGNORE]
+    assert tok.decode(trained, skip_special=False) == " " + s.turns[0][1] + "</s>"
+    cap = synthetic_sample("captions", world.rng_for(1), 32)
+    ids, labels = tokenize(cap, tok, get_template("plain"), 16)
+    assert all(lab == IGNORE for t, lab in zip(ids, labels) if t == IMAGE_SLOT)
+    assert labels[-1] == tok.eos_id
+
+
+def test_recipe_overrides_and_errors(tmp_path):
+    r = load_recipe("recipes/tiny.yaml", ["stages.3.steps=7", "model.llm_hidden=32", "seed=4"])
+    assert r.stages[3].steps == 7 and r.model.llm_hidden == 32 and r.seed == 4
+    with pytest.raises(InputError, match="recipe file not found"):
+        load_recipe(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [{kind: dance, steps: 3}]")
+    with pytest.raises(InputError, match="stage kind 'dance' unknown"):
+        load_recipe(bad)
+    bad.write_text("stages: [{kind: sft, steps: 3, bogus: 1}]")
+    with pytest.raises(InputError, match="bogus"):
+        load_recipe(bad)
+    with pytest.raises(InputError, match="expected KEY=VALUE"):
+        load_recipe("recipes/tiny.yaml", ["seed"])
+
+
+def test_lr_warmup_then_cosine():
+    st = StageConfig(kind="sft", steps=100, warmup=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, st) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def _png(path):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+
+
+def test_llava_and_mmc4_loaders(tmp_path):
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    (tmp_path / "llava.json").write_text(json.dumps([
+        {"image": "a.png", "conversations": [{"from": "human", "value": "What is it?"},
+                                             {"from": "gpt", "value": "Black."}]}]))
+    items = load_llava_json(tmp_path / "llava.json")
+    assert items[0].turns[0][0] == "<image>\nWhat is it?" and items[0].images[0].name == "a.png"
+    (tmp_path / "mmc4.jsonl").write_text(json.dumps({"text_list": ["First.", "Second."], "image_info": [
+        {"image_name": "b.png", "matched_text_index": 1}]}) + "\n")
+    docs = load_mmc4_jsonl(tmp_path / "mmc4.jsonl")
+    assert docs[0].text == "First. <image> Second."
+    (tmp_path / "bad.json").write_text(json.dumps([{"image": "zzz.png", "conversations": [
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]))
+    with pytest.raises(InputError, match=r"bad.json\[0\]: image 'zzz.png' not found"):
+        load_llava_json(tmp_path / "bad.json")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text_list": ["x"], "image_info": [
+        {"image_name": "a.png", "matched_text_index": 5}]}))
+    with pytest.raises(InputError, match=r"bad.jsonl:1: matched_text_index 5 out of range"):
+        load_mmc4_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_training_on_llava_data(tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
+                                                           {"from": "gpt", "value": "Noise."}]})
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    r = subprocess.run([sys.executable, "-m", "edge_vila", "train", "recipes/smoke.yaml", "--out", str(tmp_path / "o"),
+                        "--no-eval", "--set", f"data={{llava_json: {tmp_path / 'd.json'}}}",
+                        "--set", "stages=[{kind: sft, steps: 3, batch_size: 2, mix: {llava: 1.0}}]"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "o" / "stage0-sft" / "config.json").is_file()
