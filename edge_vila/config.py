@@ -54,6 +54,7 @@ class LLMSpec:
     max_position_embeddings: int
     bos_token_id: int | None
     eos_token_ids: list[int]
+    quantization: dict | None = None  # e.g. {"quant_method": "awq", "bits": 4, "group_size": 128, ...}
 
     @classmethod
     def from_hf(cls, cfg: dict, src: Path) -> "LLMSpec":
@@ -77,6 +78,9 @@ class LLMSpec:
                 raise CheckpointError(f"{src}: rope scaling type {kind!r} not supported (expected linear or llama3)")
             if kind == "default":
                 scaling = None
+        q = cfg.get("quantization_config")
+        if q and (q.get("quant_method") != "awq" or q.get("bits", 4) != 4 or q.get("version", "gemm") != "gemm"):
+            raise CheckpointError(f"{src}: quantization_config {q} not supported (expected AWQ 4-bit GEMM)")
         if cfg.get("mlp_bias"):
             raise CheckpointError(f"{src}: mlp_bias=true is not supported")
         eos = cfg.get("eos_token_id")
@@ -102,6 +106,7 @@ class LLMSpec:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_list,
+            quantization=cfg.get("quantization_config"),
         )
 
     @property

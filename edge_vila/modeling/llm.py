@@ -199,8 +199,24 @@ def load_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def dequantize_awq_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """AutoAWQ GEMM tensors (qweight/qzeros/scales) -> float `.weight` (the torch
+    reference of a quantized checkpoint computes with exactly the dequantized weights)."""
+    from ..quantfmt import dequantize_linear
+
+    out = {k: v for k, v in sd.items() if not k.endswith((".qweight", ".qzeros", ".scales"))}
+    for k in sd:
+        if k.endswith(".qweight"):
+            base = k[: -len(".qweight")]
+            w = dequantize_linear(sd[k].numpy(), sd[base + ".qzeros"].numpy(), sd[base + ".scales"].float().numpy())
+            out[base + ".weight"] = torch.from_numpy(w)
+    return out
+
+
 def load_decoder(folder: Path, spec: LLMSpec, dtype: torch.dtype = torch.float32) -> DecoderLM:
     sd = load_safetensors_dir(folder)
+    if any(k.endswith(".qweight") for k in sd):
+        sd = dequantize_awq_state(sd)
     with torch.device("meta"):
         model = DecoderLM(spec)
     model = model.to_empty(device="cpu")

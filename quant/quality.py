@@ -1,0 +1,55 @@
+"""Quality measurements for quantized LLMs: perplexity and per-layer output error."""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from edge_vila.modeling.llm import DecoderLM
+
+from .awq import LINEARS, LayerRunner
+from .rtn import QuantConfig, fake_quant
+
+
+@torch.no_grad()
+def perplexity(lm: DecoderLM, ids: torch.Tensor, seq_len: int = 512, progress: bool = False) -> dict:
+    """Teacher-forced perplexity over non-overlapping seq_len blocks of a token stream."""
+    lm.drop_cache()
+    nll, n = 0.0, 0
+    blocks = [ids[i:i + seq_len] for i in range(0, len(ids) - 1, seq_len)]
+    for blk in tqdm(blocks, desc="perplexity", disable=not progress):
+        if len(blk) < 2:
+            continue
+        logits = lm(lm.model.embed_tokens(blk[None]), torch.arange(len(blk)))[0, :-1]
+        nll += float(F.cross_entropy(logits.float(), blk[1:], reduction="sum"))
+        n += len(blk) - 1
+    return {"perplexity": math.exp(nll / n), "tokens": n}
+
+
+@torch.no_grad()
+def fake_quantize_model(lm: DecoderLM, q: QuantConfig) -> DecoderLM:
+    """A copy whose decoder linears hold quantize-dequantized weights."""
+    out = copy.deepcopy(lm)
+    for layer in out.model.layers:
+        for name in LINEARS:
+            fc = layer.get_submodule(name)
+            fc.weight.data = fake_quant(fc.weight.data, q)
+    return out
+
+
+@torch.no_grad()
+def layer_errors(ref: DecoderLM, cand: DecoderLM, calib: torch.Tensor) -> list[float]:
+    """Relative output error of each decoder layer of `cand` vs `ref`, both fed the
+    reference model's inputs to that layer (errors do not accumulate across layers)."""
+    runner = LayerRunner(ref, calib.shape[1])
+    x = calib
+    errs = []
+    for lr, lc in zip(ref.model.layers, cand.model.layers):
+        y_ref = runner.layer(lr, x)
+        y = runner.layer(lc, x)
+        errs.append(float(((y - y_ref).pow(2).mean() / (y_ref - x).pow(2).mean().clamp(min=1e-12)).sqrt()))
+        x = y_ref
+    return errs

@@ -1,0 +1,190 @@
+"""`edge-vila quantize`: AWQ (or RTN) W4 for the LLM of a VILA checkpoint (or an HF LLM
+folder), written as the same layout with the LLM in AutoAWQ's GEMM format, plus a
+quality report (report.json + per-layer error PNG)."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_vila.config import load_config
+from edge_vila.errors import InputError
+from edge_vila.fsutil import atomic_dir, atomic_write_json
+from edge_vila.modeling.llm import DecoderLM, load_decoder
+from edge_vila.prompt import TextTokenizer
+from edge_vila.quantfmt import pack_linear
+
+from .awq import LINEARS, AwqSettings, apply_awq, load_awq_result, run_awq, save_awq_result
+from .calib import calibration_embeds, heldout_text
+from .quality import fake_quantize_model, layer_errors, perplexity
+from .rtn import QuantConfig, quantize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizeOptions:
+    method: str = "awq"  # awq | rtn
+    w_bit: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    n_text: int = 64  # calibration text blocks
+    n_mm: int = 32  # calibration image+text blocks (VLM checkpoints)
+    seq_len: int = 256
+    n_grid: int = 20
+    awq_result: str | None = None  # re-apply a saved search instead of searching
+    eval: bool = True
+    eval_tokens: int = 24_000
+    vqa_n: int = 200
+
+    @property
+    def quant(self) -> QuantConfig:
+        return QuantConfig(self.w_bit, self.group_size, self.zero_point)
+
+
+def _group_size_for(lm: DecoderLM, g: int) -> int:
+    dims = {lm.spec.hidden_size, lm.spec.intermediate_size, lm.spec.num_heads * lm.spec.head_dim}
+    bad = [d for d in dims if d % g]
+    if bad:
+        raise InputError(f"group_size {g} does not divide the layer widths {sorted(bad)}; pick a divisor (e.g. 64 or 32)")
+    return g
+
+
+def pack_decoder(lm: DecoderLM, q: QuantConfig) -> dict[str, torch.Tensor]:
+    """State dict with every decoder linear as AutoAWQ GEMM tensors, the rest float."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in lm.state_dict().items()}
+    if lm.spec.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    for i, layer in enumerate(lm.model.layers):
+        for name in LINEARS:
+            fc = layer.get_submodule(name)
+            codes, s, z = quantize(fc.weight.data, q)
+            key = f"model.layers.{i}.{name}"
+            del sd[f"{key}.weight"]
+            for suffix, arr in pack_linear(codes.numpy(), s.numpy(), z.numpy()).items():
+                sd[f"{key}.{suffix}"] = torch.from_numpy(arr)
+    return sd
+
+
+def quantize_checkpoint(src: str | Path, out: str | Path, opts: QuantizeOptions, progress: bool = True) -> dict:
+    from safetensors.torch import save_file
+
+    src, out = Path(src), Path(out)
+    cfg = load_config(src)
+    if cfg.llm.quantization:
+        raise InputError(f"{cfg.llm_dir}: already quantized ({cfg.llm.quantization.get('quant_method')})")
+    if opts.method not in ("awq", "rtn"):
+        raise InputError(f"method {opts.method!r} unknown (expected awq or rtn)")
+    torch.manual_seed(0)
+    lm = load_decoder(cfg.llm_dir, cfg.llm)
+    _group_size_for(lm, opts.group_size)
+    q = opts.quant
+    tok = TextTokenizer(cfg.llm_dir)
+    parts, pre = None, None
+    if cfg.is_multimodal and opts.n_mm:
+        from edge_vila.modeling.projector import load_projector
+        from edge_vila.modeling.vision import load_vision_tower
+
+        parts, pre = (load_vision_tower(cfg), load_projector(cfg.projector_dir, cfg.projector)), cfg.preprocess
+    t0 = time.perf_counter()
+    calib = calibration_embeds(lm, tok, opts.n_text, opts.seq_len, parts, opts.n_mm if parts else 0,
+                               cfg.preprocess.height if cfg.preprocess else 0, pre, cfg.tokens_per_image)
+    float_lm = None
+    if opts.eval:
+        import copy
+
+        float_lm = copy.deepcopy(lm)
+    result = None
+    if opts.method == "awq":
+        if opts.awq_result:
+            result = load_awq_result(Path(opts.awq_result))
+            apply_awq(lm, result, q)
+        else:
+            result = run_awq(lm, calib, AwqSettings(quant=q, n_grid=opts.n_grid), progress=progress)
+    search_s = time.perf_counter() - t0
+    state = pack_decoder(lm, q)
+
+    llm_cfg = json.loads((cfg.llm_dir / "config.json").read_text())
+    llm_cfg["quantization_config"] = {"quant_method": "awq", "bits": q.w_bit, "group_size": q.group_size,
+                                      "zero_point": q.zero_point, "version": "gemm",
+                                      "modules_to_not_convert": None, "edge_vila_method": opts.method}
+    with atomic_dir(out) as tmp:
+        if cfg.is_multimodal:
+            for sub in ("vision_tower", "mm_projector"):
+                shutil.copytree(src / sub, tmp / sub)
+            shutil.copy2(src / "config.json", tmp / "config.json")
+            llm_dir = tmp / "llm"
+        else:
+            llm_dir = tmp
+        llm_dir.mkdir(exist_ok=True)
+        for f in cfg.llm_dir.iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+                shutil.copy2(f, llm_dir / f.name)
+        save_file(state, str(llm_dir / "model.safetensors"), metadata={"format": "pt", "quant": "awq-gemm"})
+        atomic_write_json(llm_dir / "config.json", llm_cfg)
+        if result is not None:
+            save_awq_result(tmp / "awq_result.safetensors", result, q)
+        report = {"method": opts.method, "options": asdict(opts), "search_seconds": round(search_s, 1),
+                  "calibration": {"blocks": int(calib.shape[0]), "seq_len": int(calib.shape[1])}}
+        if opts.eval:
+            report.update(_quality(float_lm, lm, tok, calib, q, opts, tmp, progress))
+        atomic_write_json(tmp / "quant_report.json", report)
+    if opts.eval and cfg.is_multimodal and opts.vqa_n:
+        report["vqa"] = _vqa(src, out, opts.vqa_n)
+        atomic_write_json(out / "quant_report.json", report)
+    return report
+
+
+def _quality(float_lm: DecoderLM, awq_lm: DecoderLM, tok: TextTokenizer, calib: torch.Tensor, q: QuantConfig,
+             opts: QuantizeOptions, folder: Path, progress: bool) -> dict:
+    """Perplexity (float / RTN / this method) on held-out text and per-layer errors."""
+    ids = torch.tensor(tok.encode(heldout_text()))[: opts.eval_tokens]
+    rtn_lm = fake_quantize_model(float_lm, q)
+    cand = fake_quantize_model(awq_lm, q)
+    sub = calib[: min(8, len(calib))]
+    out = {"perplexity": {"heldout": "/usr/share/common-licenses: GPL-3, Apache-2.0, MPL-2.0, LGPL-2.1",
+                          "tokens": int(len(ids)), "float": perplexity(float_lm, ids, progress=progress)["perplexity"],
+                          "rtn": perplexity(rtn_lm, ids, progress=progress)["perplexity"]},
+           "layer_error": {"rtn": layer_errors(float_lm, rtn_lm, sub)}}
+    if opts.method == "awq":
+        out["perplexity"]["awq"] = perplexity(cand, ids, progress=progress)["perplexity"]
+        out["layer_error"]["awq"] = layer_errors(float_lm, cand, sub)
+    _plot_layer_errors(out["layer_error"], folder / "layer_error.png", q)
+    return out
+
+
+def _vqa(src: Path, out: Path, n: int) -> dict:
+    import edge_vila
+    from edge_vila.train.eval import eval_shapes_vqa
+
+    res = {}
+    for name, path in (("float", src), ("quantized", out)):
+        r = eval_shapes_vqa(edge_vila.load(path), n, progress=False)
+        res[name] = {"accuracy": r["accuracy"], "per_type": r["per_type"]}
+    res["delta_points"] = 100 * (res["quantized"]["accuracy"] - res["float"]["accuracy"])
+    return res
+
+
+def _plot_layer_errors(errs: dict[str, list[float]], path: Path, q: QuantConfig) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    for name, e in errs.items():
+        ax.plot(np.arange(len(e)), e, marker="o", ms=3, label=name.upper())
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("relative output error")
+    ax.set_title(f"W{q.w_bit} g{q.group_size} {'asym' if q.zero_point else 'sym'}: per-layer error vs float")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
