@@ -175,12 +175,16 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
     opts = QuantizeOptions(method=a.method, w_bit=a.w_bit, group_size=a.group_size, zero_point=not a.symmetric,
                            n_text=a.calib_blocks, n_mm=a.calib_images, seq_len=a.calib_seq_len, n_grid=a.n_grid,
-                           awq_result=a.awq_result, eval=not a.no_eval, vqa_n=a.vqa_n)
+                           awq_result=a.awq_result, eval=not a.no_eval, vqa_n=a.vqa_n, vision_int8=a.vision_int8,
+                           int8_images=a.int8_images, int8_image_dir=a.int8_image_dir)
     rep = quantize_checkpoint(a.path, a.out, opts)
     ppl = rep.get("perplexity")
     if ppl:
         print("perplexity on held-out text (%d tokens): " % ppl["tokens"] +
               ", ".join(f"{k} {v:.2f}" for k, v in ppl.items() if isinstance(v, float)))
+    if "vision_int8" in rep:
+        v = rep["vision_int8"]
+        print(f"vision INT8 ({v['chosen']}): cosine to float {v['by_calibrator'][v['chosen']]['cosine_mean']:.5f}")
     if "vqa" in rep:
         print(f"shapes-vqa: float {rep['vqa']['float']['accuracy'] * 100:.1f}% -> quantized "
               f"{rep['vqa']['quantized']['accuracy'] * 100:.1f}%")
@@ -256,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-grid", type=int, default=20)
     s.add_argument("--awq-result", default=None, help="re-apply a saved AWQ search (awq_result.safetensors)")
     s.add_argument("--vqa-n", type=int, default=200)
+    s.add_argument("--vision-int8", default="auto", choices=["auto", "minmax", "percentile", "entropy", "none"],
+                   help="INT8 calibrator for the ViT + projector (auto: best cosine of the three)")
+    s.add_argument("--int8-images", type=int, default=64)
+    s.add_argument("--int8-image-dir", default=None, help="calibration images (default: the synthetic world)")
     s.add_argument("--no-eval", action="store_true")
     s.set_defaults(fn=cmd_quantize)
 

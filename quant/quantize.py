@@ -16,6 +16,7 @@ import torch
 from edge_vila.config import load_config
 from edge_vila.errors import InputError
 from edge_vila.fsutil import atomic_dir, atomic_write_json
+from edge_vila.modeling.int8 import INT8_FILE
 from edge_vila.modeling.llm import DecoderLM, load_decoder
 from edge_vila.prompt import TextTokenizer
 from edge_vila.quantfmt import pack_linear
@@ -42,6 +43,9 @@ class QuantizeOptions:
     eval: bool = True
     eval_tokens: int = 24_000
     vqa_n: int = 200
+    vision_int8: str = "auto"  # auto (best of the calibrators) | minmax | percentile | entropy | none
+    int8_images: int = 64
+    int8_image_dir: str | None = None
 
     @property
     def quant(self) -> QuantConfig:
@@ -130,8 +134,13 @@ def quantize_checkpoint(src: str | Path, out: str | Path, opts: QuantizeOptions,
         atomic_write_json(llm_dir / "config.json", llm_cfg)
         if result is not None:
             save_awq_result(tmp / "awq_result.safetensors", result, q)
+        int8_rep = None
+        if cfg.is_multimodal and opts.vision_int8 != "none":
+            int8_rep = _int8(parts, cfg, opts, tmp / INT8_FILE)
         report = {"method": opts.method, "options": asdict(opts), "search_seconds": round(search_s, 1),
                   "calibration": {"blocks": int(calib.shape[0]), "seq_len": int(calib.shape[1])}}
+        if int8_rep:
+            report["vision_int8"] = int8_rep
         if opts.eval:
             report.update(_quality(float_lm, lm, tok, calib, q, opts, tmp, progress))
         atomic_write_json(tmp / "quant_report.json", report)
@@ -157,6 +166,49 @@ def _quality(float_lm: DecoderLM, awq_lm: DecoderLM, tok: TextTokenizer, calib: 
         out["layer_error"]["awq"] = layer_errors(float_lm, cand, sub)
     _plot_layer_errors(out["layer_error"], folder / "layer_error.png", q)
     return out
+
+
+def int8_calibration_pixels(cfg, n: int, image_dir: str | None) -> list[torch.Tensor]:
+    """Batches of preprocessed calibration images: the user's folder, or the synthetic world."""
+    from edge_vila.preprocess import preprocess_images
+    from edge_vila.train import world
+
+    if image_dir:
+        files = sorted(p for p in Path(image_dir).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+        if not files:
+            raise InputError(f"{image_dir}: no calibration images (.png/.jpg) found")
+        imgs = files[:n]
+    else:
+        rng = world.rng_for(777)
+        imgs = [world.random_scene(rng).render(cfg.preprocess.height) for _ in range(n)]
+    px = torch.from_numpy(preprocess_images(imgs, cfg.preprocess))
+    return list(px.split(16))
+
+
+def _int8(parts, cfg, opts: QuantizeOptions, path: Path) -> dict:
+    """Calibrate the ViT + projector with each calibrator, keep the requested (or best) one."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    from edge_vila.modeling.vlm import ImageEncoder
+
+    from .int8 import CALIBRATORS, calibrate_int8, fake_quant_vision, int8_report
+
+    enc = ImageEncoder(*parts).eval()
+    batches = int8_calibration_pixels(cfg, opts.int8_images, opts.int8_image_dir)
+    held = torch.cat(int8_calibration_pixels(cfg, 32, None)) if not opts.int8_image_dir else torch.cat(batches[-2:])
+    methods = CALIBRATORS if opts.vision_int8 == "auto" else (opts.vision_int8,)
+    rep, cals = {}, {}
+    for m in methods:
+        cal = calibrate_int8(enc, batches, m)
+        q_enc = copy.deepcopy(enc)
+        fake_quant_vision(q_enc, cal)
+        rep[m] = int8_report(enc, q_enc, held)
+        cals[m] = cal
+    best = max(rep, key=lambda m: rep[m]["cosine_mean"])
+    save_file({k: v.contiguous() for k, v in cals[best].to_tensors().items()}, str(path), metadata={"method": best})
+    return {"chosen": best, "by_calibrator": rep, "images": opts.int8_images}
 
 
 def _vqa(src: Path, out: Path, n: int) -> dict:

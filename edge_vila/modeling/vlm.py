@@ -5,9 +5,21 @@ import torch
 from torch import nn
 
 from ..config import VilaConfig
+from .int8 import INT8_FILE, fake_quant_vision, load_int8
 from .llm import DecoderLM, load_decoder
 from .projector import MultimodalProjector, load_projector
 from .vision import VisionTower, load_vision_tower
+
+
+class ImageEncoder(nn.Module):
+    """pixels -> image embeddings: the part exported as vision.onnx and INT8-calibrated."""
+
+    def __init__(self, vision: VisionTower, projector: MultimodalProjector):
+        super().__init__()
+        self.vision, self.projector = vision, projector
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.vision(pixels))
 
 
 class VLM(nn.Module):
@@ -24,7 +36,14 @@ class VLM(nn.Module):
         llm = load_decoder(cfg.llm_dir, cfg.llm, dtype)
         if not cfg.is_multimodal:
             return cls(cfg, llm, None, None)
-        return cls(cfg, llm, load_vision_tower(cfg, dtype), load_projector(cfg.projector_dir, cfg.projector, dtype))
+        vlm = cls(cfg, llm, load_vision_tower(cfg, dtype), load_projector(cfg.projector_dir, cfg.projector, dtype))
+        int8 = cfg.root / INT8_FILE
+        if int8.is_file():  # a quantized checkpoint: the reference computes what the INT8 ViT computes
+            fake_quant_vision(vlm.image_encoder(), load_int8(int8))
+        return vlm
+
+    def image_encoder(self) -> ImageEncoder:
+        return ImageEncoder(self.vision, self.projector)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """[N,3,H,W] -> [N, tokens_per_image, llm hidden]."""
