@@ -29,11 +29,19 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 def load(path: str | Path, backend: str = "auto", max_context: int | None = None, dtype: str = "float32",
-         template: str | None = None, system: str | None = None, threads: int | None = None) -> "Pipeline":
-    """Load a VILA checkpoint (torch backend) or a plain HF LLM folder (text-only)."""
+         template: str | None = None, system: str | None = None, threads: int | None = None,
+         exact: bool = False) -> "Pipeline":
+    """Load a bundle (ONNX Runtime; TensorRT on the device), a VILA checkpoint (torch
+    reference) or a plain HF LLM folder (text-only)."""
+    if backend not in ("auto",) + BACKENDS:
+        raise InputError(f"backend {backend!r} unknown (expected auto, {', '.join(BACKENDS)})")
+    from .bundle import is_bundle
+
+    if is_bundle(path):
+        return _load_bundle(Path(path), backend, max_context, template, system, threads, exact)
     cfg = load_config(path)
     if backend not in ("auto", "torch"):
-        raise InputError(f"backend {backend!r} is not available for a checkpoint folder (expected torch)")
+        raise InputError(f"{path}: a checkpoint runs on the torch backend; export a bundle for {backend}")
     ctx = max_context or min(cfg.llm.max_position_embeddings, 2048)
     if ctx < 2:
         raise InputError(f"max_context must be >= 2, got {ctx}")
@@ -41,6 +49,25 @@ def load(path: str | Path, backend: str = "auto", max_context: int | None = None
 
     be = TorchBackend(cfg, ctx, dtype=dtype, threads=threads)
     return Pipeline(cfg, be, TextTokenizer(cfg.llm_dir), template=template, system=system)
+
+
+def _load_bundle(path: Path, backend: str, max_context: int | None, template: str | None, system: str | None,
+                 threads: int | None, exact: bool) -> "Pipeline":
+    from .bundle import load_bundle_config
+
+    cfg = load_bundle_config(path)
+    if backend == "torch":
+        raise InputError(f"{path}: a bundle runs on onnxruntime or tensorrt; use the checkpoint for torch")
+    if backend == "tensorrt":
+        from .backends.tensorrt import TensorRTBackend
+
+        be = TensorRTBackend(cfg, max_context)
+    else:
+        from .backends.onnxruntime import OrtBackend
+
+        be = OrtBackend(cfg, max_context, threads=threads, exact=exact)
+    return Pipeline(cfg, be, TextTokenizer(path), template=template,
+                    system=system if system is not None else (cfg.system if not template else None))
 
 
 class Pipeline:
@@ -130,7 +157,7 @@ class Chat:
         hashes = pipe.encode_images(images)
         n_marks = message.count(IMAGE_PLACEHOLDER)
         if hashes and n_marks == 0:
-            message = (IMAGE_PLACEHOLDER + "\n") * len(hashes) + message  # VILA's convention
+            message = t.attach_images(message, len(hashes))
         elif n_marks != len(hashes):
             raise InputError(f"message has {n_marks} {IMAGE_PLACEHOLDER} markers but {len(hashes)} images were given")
         keys = list(self.keys) if self.keys else self._head()

@@ -33,10 +33,51 @@ def _params(a: argparse.Namespace):
 
 
 def cmd_info(a: argparse.Namespace) -> int:
+    from .bundle import is_bundle, load_bundle_config
     from .config import load_config
 
-    print(json.dumps(load_config(a.path).summary(), indent=2, default=str))
+    cfg = load_bundle_config(a.path, verify=False) if is_bundle(a.path) else load_config(a.path)
+    print(json.dumps(cfg.summary(), indent=2, default=str))
     return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export.bundle import ExportOptions, export_bundle
+
+    opts = ExportOptions(llm_quant=a.llm_quant, vision_quant=a.vision_quant, max_context=a.max_context,
+                         group_size=a.group_size, check_trt=a.trt, report=not a.no_report, report_n=a.report_n)
+    out = export_bundle(a.path, a.out, opts)
+    chk = json.loads((Path(out) / "trt_check.json").read_text()) if (Path(out) / "trt_check.json").exists() else None
+    if chk:
+        print(f"TensorRT {chk['target_trt']} check: {'ok' if chk['ok'] else 'FAILED'}")
+    rep = Path(out) / "report.json"
+    if rep.exists():
+        r = json.loads(rep.read_text())
+        if "vs_torch_reference" in r:
+            v = r["vs_torch_reference"]
+            print(f"bundle vs torch reference: greedy agreement {v['greedy_agreement'] * 100:.1f}%, "
+                  f"max relative logit error {v['max_rel_logit_err']:.2e}")
+        if "shapes_vqa" in r:
+            v = r["shapes_vqa"]
+            print(f"shapes-vqa: float {v['float'] * 100:.1f}% -> bundle {v['bundle'] * 100:.1f}% "
+                  f"({v['delta_points']:+.1f} points)")
+    print(out)
+    return 0
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    from .export.trt_check import check_bundle
+
+    res = check_bundle(a.path, a.trt)
+    for f, r in res["files"].items():
+        print(f"{f}: opset {r['opset']}, {sum(r['ops'].values())} nodes, {len(r['errors'])} errors, "
+              f"{len(r['warnings'])} warnings")
+        for e in r["errors"][:20]:
+            print(f"  error: {e}")
+        for w in r["warnings"][:5]:
+            print(f"  warning: {w}")
+    print(f"TensorRT {res['target_trt']} ({res['jetpack']}): {'compatible' if res['ok'] else 'NOT compatible'}")
+    return 0 if res["ok"] else 1
 
 
 def _print_stats(pipe) -> None:
@@ -214,6 +255,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-context", type=int, default=None)
     _sampling_args(s)
     s.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser("run", help="one prompt (+ images) through a bundle or checkpoint")
+    s.add_argument("path")
+    s.add_argument("--image", action="append", default=[])
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--system", default=None)
+    s.add_argument("--template", default=None)
+    s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"])
+    s.add_argument("--max-context", type=int, default=None)
+    _sampling_args(s)
+    s.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser("export", help="checkpoint -> bundle (ONNX + manifest + tokenizer)")
+    s.add_argument("path")
+    s.add_argument("--out", required=True)
+    s.add_argument("--llm-quant", default="awq-w4", choices=["awq-w4", "fp32"])
+    s.add_argument("--vision-quant", default="int8", choices=["int8", "fp32"])
+    s.add_argument("--max-context", type=int, default=2048)
+    s.add_argument("--group-size", type=int, default=128)
+    s.add_argument("--trt", default="10.3", help="TensorRT version (or JetPack 6.x) to check against")
+    s.add_argument("--report-n", type=int, default=200)
+    s.add_argument("--no-report", action="store_true")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("check", help="static TensorRT-compatibility check of a bundle")
+    s.add_argument("path")
+    s.add_argument("--trt", default="10.3", help="10.3 (JetPack 6.1/6.2) or 8.6 (JetPack 6.0)")
+    s.set_defaults(fn=cmd_check)
 
     s = sub.add_parser("make-tiny", help="write a random-weight tiny VILA checkpoint")
     s.add_argument("out")

@@ -6,6 +6,7 @@ new camera frame reuses every cached position whose key is unchanged.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -36,6 +37,16 @@ class ChatTemplate:
     assistant_end: str  # text closing an assistant reply
     stop: tuple[str, ...]
     add_bos: bool
+    # where images go when a message has no <image> markers: before the text (VILA's
+    # convention) or after it, right before the answer (the tiny recipe's: fixed distances
+    # from the answer to every image token make position readout easy for a small LLM)
+    image_first: bool = True
+
+    def attach_images(self, msg: str, n: int) -> str:
+        if n == 0 or IMAGE_PLACEHOLDER in msg:
+            return msg
+        marks = "\n".join([IMAGE_PLACEHOLDER] * n)
+        return f"{marks}\n{msg}" if self.image_first else f"{msg}\n{marks}"
 
     def head(self, system: str | None = None) -> str:
         return self.system_fmt.replace("{system}", self.system if system is None else system)
@@ -76,7 +87,7 @@ TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (
     # VILA's plain (stage-1 alignment): image then caption, no roles
     ChatTemplate("plain", "", "", "{msg}\n", "\n", (), True),
     # the training recipe's own: vicuna's roles without the long system prompt (short sequences)
-    ChatTemplate("edge", "", "", "USER: {msg} ASSISTANT:", "</s>", ("</s>",), True),
+    ChatTemplate("edge", "", "", "USER: {msg} ASSISTANT:", "</s>", ("</s>",), True, image_first=False),
 )}
 
 
@@ -85,7 +96,7 @@ def get_template(name: str, system: str | None = None) -> ChatTemplate:
         raise InputError(f"chat template {name!r} unknown (expected one of {', '.join(TEMPLATES)})")
     t = TEMPLATES[name]
     if system is not None:
-        t = ChatTemplate(t.name, system, t.system_fmt, t.user_fmt, t.assistant_end, t.stop, t.add_bos)
+        t = dataclasses.replace(t, system=system)
     return t
 
 

@@ -92,6 +92,8 @@ def calibrate_int8(model: nn.Module, batches: list[torch.Tensor], method: str = 
         h.remove()
     cal = Int8Calibration(method)
     for n, m in mods.items():
+        if cols[n].n == 0:  # never called (e.g. SigLIP's pooling head, layers after the selected one)
+            continue
         cal.act_scale[n] = max(cols[n].threshold(method, percentile), 1e-8) / QMAX
         cal.weight_scale[n] = weight_scales(m)
     return cal

@@ -19,7 +19,7 @@ from . import textdata, world
 
 IMAGE_SLOT = -1
 IGNORE = -100
-MIX_KINDS = ("captions", "interleaved", "text", "vqa", "multi", "llava", "mmc4")
+MIX_KINDS = ("captions", "captions_hard", "interleaved", "text", "vqa", "multi", "llava", "mmc4")
 
 
 @dataclass
@@ -32,6 +32,9 @@ class Sample:
 
 
 def synthetic_sample(kind: str, rng: np.random.Generator, image_size: int) -> Sample:
+    if kind == "captions_hard":  # a group of hard negatives (CLIP stage); see world.scene_variants
+        return [Sample("caption", [v.render(image_size)], text=f"{IMAGE_PLACEHOLDER}\n{v.caption()}")
+                for v in world.scene_variants(rng)]
     if kind == "captions":
         s = world.random_scene(rng)
         return Sample("caption", [s.render(image_size)], text=f"{IMAGE_PLACEHOLDER}\n{s.caption()}")
@@ -48,10 +51,9 @@ def synthetic_sample(kind: str, rng: np.random.Generator, image_size: int) -> Sa
     if kind in ("vqa", "multi"):
         qa = world.make_question(rng, "compare" if kind == "multi" else
                                  str(rng.choice([t for t in world.QUESTION_TYPES if t != "compare"])))
-        # "<image>\n" per image before the question: the runtime's convention when a user
-        # passes images without markers, so training and `edge-vila chat` see the same prompt
-        marks = (IMAGE_PLACEHOLDER + "\n") * len(qa.scenes)
-        return Sample("sft", [s.render(image_size) for s in qa.scenes], turns=[(marks + qa.question, qa.answer)],
+        # no markers: images are placed where the template places them at run time, so
+        # training and `edge-vila chat --image ...` see the same prompt
+        return Sample("sft", [s.render(image_size) for s in qa.scenes], turns=[(qa.question, qa.answer)],
                       qtype=qa.qtype)
     raise ValueError(f"unknown data kind {kind!r}")
 
@@ -72,6 +74,10 @@ def tokenize(sample: Sample, tok: TextTokenizer, template: ChatTemplate, tokens_
                 ids.extend(t)
                 labels.extend(t if train else [IGNORE] * len(t))
 
+    if sample.kind == "sft" and sample.images and not any(IMAGE_PLACEHOLDER in u for u, _ in sample.turns):
+        first = template.attach_images(sample.turns[0][0], len(sample.images))
+        sample = Sample(sample.kind, sample.images, sample.text, [(first, sample.turns[0][1])] + sample.turns[1:],
+                        sample.qtype)
     marks = sample.text.count(IMAGE_PLACEHOLDER) + sum(u.count(IMAGE_PLACEHOLDER) for u, _ in sample.turns)
     if marks != len(sample.images):
         raise ValueError(f"{sample.kind} sample has {marks} {IMAGE_PLACEHOLDER} markers but {len(sample.images)} images")
@@ -137,18 +143,21 @@ def draw_samples(mix: dict[str, float], n: int, rng: np.random.Generator, image_
     kinds = [k for k, w in mix.items() if w > 0]
     if not kinds:
         raise ValueError("empty data mix")
+    unknown = set(kinds) - set(MIX_KINDS)
+    if unknown:
+        raise ValueError(f"unknown data kinds {sorted(unknown)} (expected {MIX_KINDS})")
     w = np.array([mix[k] for k in kinds], dtype=np.float64)
-    picks = rng.choice(len(kinds), size=n, p=w / w.sum())
-    out = []
-    for p in picks:
-        kind = kinds[p]
+    out: list[Sample] = []
+    while len(out) < n:
+        kind = kinds[int(rng.choice(len(kinds), p=w / w.sum()))]
         if kind in ("llava", "mmc4"):
             if real is None:
                 raise ValueError(f"data mix names {kind!r} but no {kind} file is configured")
             out.append(real.sample(kind, rng))
         else:
-            out.append(synthetic_sample(kind, rng, image_size))
-    return out
+            s = synthetic_sample(kind, rng, image_size)
+            out.extend(s if isinstance(s, list) else [s])
+    return out[:n]
 
 
 class RealData:

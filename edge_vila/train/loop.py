@@ -15,7 +15,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..fsutil import atomic_write_json
-from ..prompt import TextTokenizer, get_template
+from ..prompt import IMAGE_PLACEHOLDER, TextTokenizer, get_template
 from .checkpointing import load_resume, save_resume
 from .config import RecipeConfig, StageConfig
 from .data import RealData, collate, draw_samples
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TRAIN = {"clip": {"vision": 1.0}, "align": {"projector": 1.0},
                  "pretrain": {"projector": 1.0, "llm": 1.0}, "sft": {"projector": 1.0, "llm": 1.0}}
-DEFAULT_MIX = {"clip": {"captions": 1.0}, "align": {"captions": 1.0},
+DEFAULT_MIX = {"clip": {"captions_hard": 1.0}, "align": {"captions": 1.0},
                "pretrain": {"interleaved": 0.5, "captions": 0.3, "text": 0.2},
                "sft": {"vqa": 0.75, "multi": 0.15, "text": 0.10}}
 
@@ -90,7 +90,7 @@ class _ClipHead(torch.nn.Module):
 def _clip_batch(samples, tok: TextTokenizer, pre):
     from ..preprocess import preprocess_images
 
-    seqs = [tok.encode(s.text) + [tok.eos_id] for s in samples]
+    seqs = [tok.encode(s.text.replace(IMAGE_PLACEHOLDER + "\n", "")) + [tok.eos_id] for s in samples]
     L = max(map(len, seqs))
     ids = torch.zeros(len(seqs), L, dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -132,6 +132,7 @@ class Trainer:
             corpus = [world.make_question(world.rng_for(i)).question + " " + world.random_scene(world.rng_for(i, 1)).caption()
                       for i in range(400)] + textdata.vocabulary_corpus()
             corpus += ["first second yes no left right top bottom " + " ".join(world.COLORS) + " " + " ".join(world.SHAPES)]
+            corpus += ["USER: ASSISTANT: USER: ASSISTANT:"] * 50  # the template's words as whole tokens
             tok = build_tokenizer(self.r.model.vocab_size, corpus)
             tmp = self.out / ".tokenizer.tmp"
             shutil.rmtree(tmp, ignore_errors=True)

@@ -77,6 +77,34 @@ def random_scene(rng: np.random.Generator, n: int | None = None) -> Scene:
     return Scene(objs, BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))], int(rng.integers(2**31)), jitter)
 
 
+def scene_variants(rng: np.random.Generator, k: int = 4) -> list[Scene]:
+    """A scene and k-1 hard negatives with the same background: objects moved to other
+    regions, colours swapped between objects, or a shape changed. In a CLIP batch these
+    force the pooled image feature to encode *where* and *which colour goes with which
+    shape*, not just which colours and shapes are present."""
+    base = random_scene(rng)
+    out = [base]
+    while len(out) < k:
+        objs = list(base.objects)
+        kind = rng.integers(3)
+        if kind == 0:
+            free = [r for r in REGIONS]
+            regs = rng.choice(free, size=len(objs), replace=False)
+            objs = [Obj(o.shape, o.color, str(r), o.size) for o, r in zip(objs, regs)]
+        elif kind == 1 and len(objs) > 1:
+            cols = [o.color for o in objs]
+            rng.shuffle(cols)
+            objs = [Obj(o.shape, c, o.region, o.size) for o, c in zip(objs, cols)]
+        else:
+            j = int(rng.integers(len(objs)))
+            o = objs[j]
+            objs[j] = Obj(str(rng.choice([s for s in SHAPES if s != o.shape])), o.color, o.region, o.size)
+        v = Scene(objs, base.background, int(rng.integers(2**31)), base.jitter)
+        if v.caption() not in {x.caption() for x in out}:
+            out.append(v)
+    return out
+
+
 @dataclass
 class QA:
     qtype: str

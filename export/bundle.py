@@ -1,0 +1,224 @@
+"""`edge-vila export`: checkpoint -> bundle (see edge_vila/bundle.py for the layout)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from edge_vila import __version__
+from edge_vila.bundle import FORMAT, FORMAT_VERSION
+from edge_vila.config import load_config
+from edge_vila.errors import InputError
+from edge_vila.fsutil import atomic_dir, atomic_write_json, sha256_file
+from edge_vila.modeling.int8 import INT8_FILE, load_int8
+from edge_vila.modeling.llm import load_decoder, load_safetensors_dir
+from edge_vila.prompt import TextTokenizer, get_template, guess_template
+from edge_vila.quantfmt import unpack_linear
+
+from .graph_quant import quantize_llm_int4, quantize_vision_int8
+from .llm_onnx import export_llm, io_names
+from .vision_onnx import export_vision
+
+log = logging.getLogger(__name__)
+
+LLM_QUANTS = ("awq-w4", "fp32")
+VISION_QUANTS = ("int8", "fp32")
+
+
+@dataclass
+class ExportOptions:
+    llm_quant: str = "awq-w4"
+    vision_quant: str = "int8"
+    max_context: int = 2048
+    group_size: int = 128
+    check_trt: str = "10.3"
+    report: bool = True
+    report_n: int = 200
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx's exporter prints progress to stdout and logs every pass at INFO; keep
+    the CLI output readable (everything still goes to the debug log)."""
+    buf = io.StringIO()
+    noisy = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "torch.onnx")]
+    levels = [lg.level for lg in noisy]
+    for lg in noisy:
+        lg.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        for lg, lv in zip(noisy, levels):
+            lg.setLevel(lv)
+    log.debug(buf.getvalue())
+
+
+def _ensure_quantized(ckpt: Path, opts: ExportOptions, work: Path) -> Path:
+    """Quantize on the fly (issue #4's AWQ + INT8 calibration) when the checkpoint is float."""
+    cfg = load_config(ckpt)
+    need_llm = opts.llm_quant == "awq-w4" and not cfg.llm.quantization
+    need_vit = cfg.is_multimodal and opts.vision_quant == "int8" and not (ckpt / INT8_FILE).is_file()
+    if not (need_llm or need_vit):
+        return ckpt
+    from edge_vila.quant.quantize import QuantizeOptions, quantize_checkpoint
+
+    log.info("quantizing %s (AWQ W4 g%d%s) before export", ckpt, opts.group_size, " + INT8 ViT" if need_vit else "")
+    q = QuantizeOptions(group_size=opts.group_size, eval=False, method="awq" if need_llm else "rtn")
+    if not need_llm:
+        raise InputError(f"{ckpt}: LLM already quantized but the ViT has no INT8 calibration; re-run edge-vila quantize")
+    quantize_checkpoint(ckpt, work / "quantized", q, progress=True)
+    return work / "quantized"
+
+
+def export_bundle(ckpt: str | Path, out: str | Path, opts: ExportOptions | None = None) -> Path:
+    opts = opts or ExportOptions()
+    if opts.llm_quant not in LLM_QUANTS:
+        raise InputError(f"--llm-quant {opts.llm_quant!r} (expected one of {LLM_QUANTS})")
+    if opts.vision_quant not in VISION_QUANTS:
+        raise InputError(f"--vision-quant {opts.vision_quant!r} (expected one of {VISION_QUANTS})")
+    ckpt, out = Path(ckpt), Path(out)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="edge-vila-export-") as work_s:
+        work = Path(work_s)
+        src = _ensure_quantized(ckpt, opts, work) if (opts.llm_quant != "fp32" or opts.vision_quant != "fp32") else ckpt
+        cfg = load_config(src)
+        if opts.llm_quant == "fp32" and cfg.llm.quantization:
+            raise InputError(f"{src}: LLM is quantized; export it with --llm-quant awq-w4")
+        max_ctx = min(opts.max_context, cfg.llm.max_position_embeddings)
+        tok = TextTokenizer(cfg.llm_dir)
+        template = get_template(cfg.chat_template) if cfg.chat_template else guess_template(tok, tok.jinja)
+        with atomic_dir(out) as tmp:
+            lm = load_decoder(cfg.llm_dir, cfg.llm)
+            _write_llm(lm, cfg, tmp / "llm.onnx", max_ctx, opts)
+            from safetensors.numpy import save_file
+
+            save_file({"embed_tokens": lm.model.embed_tokens.weight.detach().float().numpy()},
+                      str(tmp / "embed.safetensors"))
+            tok.save(tmp)
+            for extra in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+                if (cfg.llm_dir / extra).is_file():
+                    shutil.copy2(cfg.llm_dir / extra, tmp / extra)
+            vision_quant = None
+            if cfg.is_multimodal:
+                vision_quant = _write_vision(cfg, src, tmp / "vision.onnx", opts)
+            files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+            manifest = _manifest(cfg, template, max_ctx, opts, vision_quant, tmp, files, ckpt)
+            atomic_write_json(tmp / "manifest.json", manifest)
+            if opts.check_trt:
+                from .trt_check import check_bundle
+
+                res = check_bundle(tmp, opts.check_trt)
+                atomic_write_json(tmp / "trt_check.json", res)
+    log.info("exported %s in %.0f s", out, time.perf_counter() - t0)
+    if opts.report:
+        from .report import bundle_report
+
+        rep = bundle_report(ckpt if cfg.is_multimodal else src, out, n=opts.report_n, quantized_ref=src)
+        atomic_write_json(out / "report.json", rep)
+    return out
+
+
+def _write_llm(lm, cfg, path: Path, max_ctx: int, opts: ExportOptions) -> None:
+    from edge_vila.quant.awq import LINEARS
+
+    with _quiet():
+        export_llm(lm, path, max_ctx)
+    if not cfg.llm.quantization:
+        return
+    model = onnx.load(str(path))
+    sd = load_safetensors_dir(cfg.llm_dir)
+    linears, floats = {}, {}
+    for i, layer in enumerate(lm.model.layers):
+        for name in LINEARS:
+            key = f"model.layers.{i}.{name}"
+            codes, s, z = unpack_linear(sd[key + ".qweight"].numpy(), sd[key + ".qzeros"].numpy(),
+                                        sd[key + ".scales"].float().numpy())
+            linears[key] = (codes, s, z)
+            floats[key] = layer.get_submodule(name).weight.detach().numpy()
+    g = cfg.llm.quantization["group_size"]
+    model, n = quantize_llm_int4(model, linears, floats, g)
+    log.info("llm.onnx: %d linears as INT4 block-%d DequantizeLinear", n, g)
+    onnx.save(model, str(path))
+
+
+def _write_vision(cfg, src: Path, path: Path, opts: ExportOptions) -> dict:
+    from edge_vila.modeling.projector import load_projector
+    from edge_vila.modeling.vision import load_vision_tower
+    from edge_vila.modeling.vlm import ImageEncoder
+
+    vt = load_vision_tower(cfg)
+    pj = load_projector(cfg.projector_dir, cfg.projector)
+    enc = ImageEncoder(vt, pj).eval()
+    with _quiet():
+        export_vision(enc, path, (cfg.preprocess.height, cfg.preprocess.width))
+    if opts.vision_quant != "int8":
+        return {"vision": "fp32"}
+    cal = load_int8(src / INT8_FILE)
+    from edge_vila.modeling.int8 import quantizable
+
+    weights = {n: m.weight.detach().float().numpy() for n, m in quantizable(enc).items()}
+    model, n = quantize_vision_int8(onnx.load(str(path)), weights, cal.act_scale,
+                                    {k: v.numpy() for k, v in cal.weight_scale.items()})
+    if n != len(cal.act_scale):
+        log.info("vision.onnx: %d of %d calibrated layers are in the graph (the rest feed outputs VILA does not "
+                 "use, e.g. SigLIP's pooling head, and were pruned by the exporter)", n, len(cal.act_scale))
+    onnx.save(model, str(path))
+    return {"vision": "int8", "calibrator": cal.method, "quantized_layers": n}
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"edge_vila": __version__}
+    for p in ("torch", "onnx", "onnxruntime", "transformers", "onnxscript"):
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _manifest(cfg, template, max_ctx, opts, vision_quant, folder: Path, files: list[str], source: Path) -> dict:
+    s = cfg.llm
+    q = s.quantization or {}
+    tok_eos = TextTokenizer(folder).eos_id
+    eos = sorted(set(s.eos_token_ids) | ({tok_eos} if tok_eos is not None else set()))
+    man = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {"family": s.family, "hidden_size": s.hidden_size, "vocab_size": s.vocab_size,
+                  "num_layers": s.num_layers, "num_heads": s.num_heads, "num_kv_heads": s.num_kv_heads,
+                  "head_dim": s.head_dim, "intermediate_size": s.intermediate_size,
+                  "max_position_embeddings": s.max_position_embeddings, "max_context": max_ctx,
+                  "bos_token_id": s.bos_token_id, "eos_token_ids": eos, "params": s.num_params},
+        "template": {"name": template.name, "system": template.system},
+        "image_token": "<image>",
+        "tokens_per_image": cfg.tokens_per_image if cfg.is_multimodal else 0,
+        "preprocess": cfg.preprocess.__dict__ if cfg.is_multimodal else None,
+        "quant": {"llm": "awq-w4" if q else "fp32", "group_size": q.get("group_size"), "zero_point": q.get("zero_point"),
+                  "int4_encoding": "symmetric INT4 block DQ + exact zero-point correction" if q else None,
+                  **(vision_quant or {})},
+        "io": {"llm": dict(zip(("inputs", "outputs"), io_names(s.num_layers)), kv_layout="[1, kv_heads, seq, head_dim]"),
+               "vision": {"inputs": ["pixels"], "outputs": ["image_embeds"]} if cfg.is_multimodal else None},
+        "toolchain": _versions(),
+        "source": str(source),
+    }
+    man["files"] = {f: sha256_file(folder / f) for f in files if f != "manifest.json"}
+    return man
+
+
+def describe(path: Path) -> str:
+    return json.dumps(json.loads((Path(path) / "manifest.json").read_text()), indent=2)
+
+
+__all__ = ["ExportOptions", "export_bundle", "np", "torch"]

@@ -1,0 +1,147 @@
+"""Bundles: export, ONNX Runtime vs the torch reference, TensorRT check, bad bundles."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+import edge_vila
+from edge_vila.bundle import BundleError
+from edge_vila.export.bundle import ExportOptions, export_bundle
+from edge_vila.export.report import PROMPTS, logit_agreement
+from edge_vila.export.trt_check import check_bundle
+
+
+@pytest.fixture(scope="module")
+def qckpt(tmp_path_factory):
+    """A tiny VILA checkpoint, AWQ W4 g32 + INT8 ViT (quantized by the export itself)."""
+    from edge_vila.testing import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("exp")
+    src = make_tiny_checkpoint(root / "float", llm_hidden=128, intermediate=256, image_size=32)
+    return src, root
+
+
+@pytest.fixture(scope="module")
+def w4_bundle(qckpt):
+    src, root = qckpt
+    return export_bundle(src, root / "bundle-w4", ExportOptions(group_size=32, max_context=256, report=False))
+
+
+@pytest.fixture(scope="module")
+def fp_bundle(qckpt):
+    src, root = qckpt
+    return export_bundle(src, root / "bundle-fp", ExportOptions(llm_quant="fp32", vision_quant="fp32", max_context=256,
+                                                                report=False))
+
+
+def _images(n=3):
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 255, (40, 48, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_bundle_layout_and_manifest(w4_bundle):
+    man = json.loads((w4_bundle / "manifest.json").read_text())
+    assert {"llm.onnx", "vision.onnx", "embed.safetensors", "tokenizer.json"} <= set(man["files"])
+    assert man["quant"]["llm"] == "awq-w4" and man["quant"]["vision"] == "int8"
+    assert man["tokens_per_image"] == 16 and man["model"]["max_context"] == 256
+    assert man["preprocess"]["height"] == 32 and man["template"]["name"] == "vicuna_v1"
+    assert "torch" in man["toolchain"] and "onnxruntime" in man["toolchain"]
+    llm = onnx.load(str(w4_bundle / "llm.onnx"))
+    dq = [n for n in llm.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 2 * 7  # every decoder linear
+    inits = {i.name: i for i in llm.graph.initializer}
+    assert all(inits[n.input[0]].data_type == onnx.TensorProto.INT4 for n in dq)
+    assert all(len(n.input) == 2 for n in dq)  # no zero point: symmetric, as TensorRT requires
+    vis = onnx.load(str(w4_bundle / "vision.onnx"))
+    assert sum(n.op_type == "QuantizeLinear" for n in vis.graph.node) > 5
+
+
+def test_trt_check_passes_10_3_and_explains_8_6(w4_bundle, fp_bundle):
+    assert check_bundle(w4_bundle, "10.3")["ok"]
+    old = check_bundle(w4_bundle, "6.0")  # JetPack 6.0 -> TensorRT 8.6
+    assert not old["ok"] and old["target_trt"] == "8.6"
+    assert any("INT4 weights need TensorRT >= 10.0" in e for e in old["files"]["llm.onnx"]["errors"])
+    assert check_bundle(fp_bundle, "10.3")["ok"]
+
+
+def test_trt_check_rejects_asymmetric_qdq_and_custom_ops(tmp_path, fp_bundle):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    g = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                           helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+                           helper.make_node("FastGelu", ["d"], ["y"], domain="com.microsoft")], "g", [x], [y],
+                          [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]),
+                           helper.make_tensor("z", TensorProto.UINT8, [], [128])])
+    b = tmp_path / "b"
+    b.mkdir()
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), str(b / "llm.onnx"))
+    errs = check_bundle(b, "10.3")["files"]["llm.onnx"]["errors"]
+    assert any("custom domain 'com.microsoft'" in e for e in errs)
+    assert any("UINT8/UINT4 are rejected" in e for e in errs)
+
+
+@pytest.mark.parametrize("which", ["w4", "fp"])
+def test_bundle_matches_torch_reference(which, w4_bundle, fp_bundle, qckpt, tmp_path):
+    bundle = w4_bundle if which == "w4" else fp_bundle
+    src, root = qckpt
+    ref_path = root / "float" if which == "fp" else None
+    if ref_path is None:  # the quantized checkpoint export made on the way is the reference
+        from edge_vila.quant.quantize import QuantizeOptions, quantize_checkpoint
+
+        ref_path = root / "quantized-ref"
+        if not ref_path.exists():
+            quantize_checkpoint(src, ref_path, QuantizeOptions(group_size=32, eval=False), progress=False)
+    ref = edge_vila.load(ref_path, max_context=256)
+    b = edge_vila.load(bundle, exact=True)
+    assert b.backend.name == "onnxruntime"
+    res = logit_agreement(ref, b, PROMPTS * 4, _images(), steps=10)  # 20 prompts
+    assert res["max_rel_logit_err"] <= 1e-3, res
+    assert res["greedy_agreement"] == 1.0, res
+
+
+def test_bundle_generation_prefix_reuse_and_eval(w4_bundle):
+    from edge_vila.train.eval import eval_shapes_vqa, text_perplexity
+
+    pipe = edge_vila.load(w4_bundle)
+    img = _images(1)
+    a = pipe.generate("What is this?", images=img, max_new_tokens=6)
+    chat = pipe.chat()
+    chat.send("What is this?", images=img, max_new_tokens=4)
+    chat.send("And now?", max_new_tokens=4)
+    assert pipe.stats.reused_tokens > pipe.tokens_per_image  # turn 2 reused turn 1 from the ORT cache
+    fresh = edge_vila.load(w4_bundle)
+    assert fresh.generate("What is this?", images=img, max_new_tokens=6) == a
+    assert 0 <= eval_shapes_vqa(pipe, 6, progress=False)["accuracy"] <= 1
+    assert text_perplexity(pipe, ["A red circle on the left."])["perplexity"] > 1
+
+
+def test_bad_bundles_fail_with_one_line(w4_bundle, tmp_path):
+    def copy(name):
+        d = tmp_path / name
+        shutil.copytree(w4_bundle, d)
+        return d
+
+    b = copy("missing")
+    (b / "vision.onnx").unlink()
+    with pytest.raises(BundleError, match=r"vision.onnx: missing \(listed in manifest.json\)"):
+        edge_vila.load(b)
+    b = copy("corrupt")
+    with open(b / "embed.safetensors", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(BundleError, match="embed.safetensors: sha256 mismatch"):
+        edge_vila.load(b)
+    b = copy("newer")
+    man = json.loads((b / "manifest.json").read_text())
+    man["format_version"] = 99
+    (b / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(BundleError, match="format_version 99 is newer"):
+        edge_vila.load(b)
+    with pytest.raises(edge_vila.InputError, match="runs on onnxruntime or tensorrt"):
+        edge_vila.load(w4_bundle, backend="torch")
