@@ -59,7 +59,10 @@ def _load_bundle(path: Path, backend: str, max_context: int | None, template: st
     if backend == "torch":
         raise InputError(f"{path}: a bundle runs on onnxruntime or tensorrt; use the checkpoint for torch")
     if backend == "tensorrt":
-        from .backends.tensorrt import TensorRTBackend
+        try:
+            from .backends.tensorrt import TensorRTBackend
+        except ImportError as e:
+            raise InputError(f"TensorRT backend unavailable here ({e}); use --backend onnxruntime") from None
 
         be = TensorRTBackend(cfg, max_context)
     else:

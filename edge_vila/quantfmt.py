@@ -5,7 +5,7 @@ For a linear with weight [out, in] quantized to 4-bit codes q (0..15), group siz
   qweight int32 [in, out/8]   eight output columns per int32; nibble i (bits 4i..4i+3)
                               holds column 8c + ORDER[i], ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
   qzeros  int32 [in/g, out/8] zero points, packed the same way
-  scales  fp16  [in/g, out]
+  scales  fp16  [in/g, out]     (ceil(in/g) groups: the last may be shorter)
   w[o, i] = (q[o, i] - z[o, i // g]) * s[o, i // g]
 """
 from __future__ import annotations
@@ -48,8 +48,11 @@ def unpack_linear(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray) -
     return np.ascontiguousarray(q), np.ascontiguousarray(scales.T.astype(np.float32)), np.ascontiguousarray(z)
 
 
-def dequantize_linear(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray) -> np.ndarray:
+def dequantize_linear(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray,
+                      group_size: int | None = None) -> np.ndarray:
+    """Float weight [out, in]. The last group may be shorter than group_size (in % g != 0)."""
     q, s, z = unpack_linear(qweight, qzeros, scales)
-    g = q.shape[1] // s.shape[1]
-    w = (q.reshape(q.shape[0], -1, g).astype(np.float32) - z[..., None]) * s[..., None]
-    return w.reshape(q.shape)
+    n_in, G = q.shape[1], s.shape[1]
+    g = group_size or -(-n_in // G)
+    idx = np.arange(n_in) // g
+    return (q.astype(np.float32) - z[:, idx]) * s[:, idx]

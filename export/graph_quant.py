@@ -107,12 +107,13 @@ def quantize_llm_int4(model: onnx.ModelProto, linears: dict[str, tuple[np.ndarra
         if (z != 8).any():
             y1 = ed.uid(name + ".y_sym")
             node.output[0], final = y1, node.output[0]
-            shape = ed.add_init(ed.uid("shape"), np.array([0, 0, G, group_size], np.int64))
-            axes = ed.add_init(ed.uid("axes"), np.array([-1], np.int64))
+            # block sums of x as a MatMul with a 0/1 [in, G] indicator: works for a short last group
+            ind = np.zeros((in_f, G), np.float32)
+            ind[np.arange(in_f), np.arange(in_f) // group_size] = 1.0
+            bn = ed.add_init(ed.uid(name + ".blocks"), ind)
             corr = ed.add_init(ed.uid(name + ".zcorr"), np.ascontiguousarray(((8.0 - z) * s).T.astype(np.float32)))
-            xr, xs, y2 = ed.uid("xr"), ed.uid("xsum"), ed.uid("ycorr")
-            after = [helper.make_node("Reshape", [x, shape], [xr], name=ed.uid("r")),
-                     helper.make_node("ReduceSum", [xr, axes], [xs], keepdims=0, name=ed.uid("rs")),
+            xs, y2 = ed.uid("xsum"), ed.uid("ycorr")
+            after = [helper.make_node("MatMul", [x, bn], [xs], name=ed.uid("bs")),
                      helper.make_node("MatMul", [xs, corr], [y2], name=ed.uid("mm")),
                      helper.make_node("Add", [y1, y2], [final], name=ed.uid("add"))]
             ed.new_nodes.setdefault(idx + 1, []).extend(after)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from edge_vila.modeling.llm import DecoderLM, DecoderLayer, RMSNorm
 
-from .rtn import QuantConfig, fake_quant, quant_params
+from .rtn import QuantConfig, fake_quant, pad_to_groups, quant_params
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ class AwqSettings:
     n_grid: int = 20
     max_shrink: float = 0.5
     clip_tokens: int = 512  # tokens sampled for the clip search
-    clip_oc_batch: int = 64
 
 
 class LayerRunner:
@@ -137,35 +136,33 @@ def fold_scale(layer: DecoderLayer, g: ScaleGroup, s: torch.Tensor) -> None:
 
 @torch.no_grad()
 def search_clip(w: torch.Tensor, x: torch.Tensor, st: AwqSettings) -> torch.Tensor:
-    """Per (output channel, group) max |w| that minimises the group-wise output error."""
+    """Per (output channel, group) max |w| that minimises the group-wise output error.
+    Group outputs are batched matmuls over groups: [G, M, g] @ [G, g, out]."""
     gsize = st.quant.groups(w.shape[1])
     x = x.reshape(-1, x.shape[-1])
     if len(x) > st.clip_tokens:
         x = x[torch.linspace(0, len(x) - 1, st.clip_tokens).long()]
-    xg = x.float().reshape(1, len(x), -1, gsize)  # [1, M, G, g]
-    maxes = []
-    for o in range(0, w.shape[0], st.clip_oc_batch):
-        wb = w[o:o + st.clip_oc_batch].float().reshape(-1, 1, xg.shape[2], gsize)  # [oc, 1, G, g]
-        ref = (xg * wb).sum(-1)  # [oc, M, G]
-        org_max = wb.abs().amax(-1, keepdim=True)
-        best_max, best_err = org_max.clone(), torch.full(org_max.shape, float("inf"))
-        for i in range(int(st.max_shrink * st.n_grid)):
-            mx = org_max * (1 - i / st.n_grid)
-            cw = wb.clamp(-mx, mx)
-            q = fake_quant(cw.reshape(cw.shape[0], -1), st.quant).reshape(cw.shape)
-            err = ((xg * q).sum(-1) - ref).pow(2).mean(1).reshape(best_err.shape)
-            better = err < best_err
-            best_err[better], best_max[better] = err[better], mx[better]
-        maxes.append(best_max.reshape(wb.shape[0], -1))
-    return torch.cat(maxes)  # [out, G]
+    xg = pad_to_groups(x.float(), gsize).reshape(len(x), -1, gsize).transpose(0, 1)  # [G, M, g]
+    wp = pad_to_groups(w.float(), gsize)  # padded columns are zero: no output, no range change
+    wg = wp.reshape(w.shape[0], -1, gsize)  # [out, G, g]
+    ref = torch.bmm(xg, wg.permute(1, 2, 0))  # [G, M, out]
+    org_max = wg.abs().amax(-1)  # [out, G]
+    best_max, best_err = org_max.clone(), torch.full_like(org_max, float("inf"))
+    for i in range(int(st.max_shrink * st.n_grid)):
+        mx = org_max * (1 - i / st.n_grid)
+        cw = wg.clamp(-mx[..., None], mx[..., None]).reshape(w.shape[0], -1)
+        q = fake_quant(cw, st.quant).reshape(wg.shape)
+        err = (torch.bmm(xg, q.permute(1, 2, 0)) - ref).pow(2).mean(1).t()  # [out, G]
+        better = err < best_err
+        best_err[better], best_max[better] = err[better], mx[better]
+    return best_max
 
 
 @torch.no_grad()
 def apply_clip(fc: nn.Linear, max_val: torch.Tensor, gsize: int) -> None:
     w = fc.weight.data
-    wg = w.reshape(w.shape[0], -1, gsize)
-    m = max_val.to(w.dtype)[..., None]
-    fc.weight.data = wg.clamp(-m, m).reshape(w.shape)
+    m = max_val.to(w.dtype).repeat_interleave(gsize, dim=1)[:, : w.shape[1]]
+    fc.weight.data = w.clamp(-m, m)
 
 
 @torch.no_grad()

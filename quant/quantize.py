@@ -52,14 +52,6 @@ class QuantizeOptions:
         return QuantConfig(self.w_bit, self.group_size, self.zero_point)
 
 
-def _group_size_for(lm: DecoderLM, g: int) -> int:
-    dims = {lm.spec.hidden_size, lm.spec.intermediate_size, lm.spec.num_heads * lm.spec.head_dim}
-    bad = [d for d in dims if d % g]
-    if bad:
-        raise InputError(f"group_size {g} does not divide the layer widths {sorted(bad)}; pick a divisor (e.g. 64 or 32)")
-    return g
-
-
 def pack_decoder(lm: DecoderLM, q: QuantConfig) -> dict[str, torch.Tensor]:
     """State dict with every decoder linear as AutoAWQ GEMM tensors, the rest float."""
     sd = {k: v.detach().cpu().contiguous() for k, v in lm.state_dict().items()}
@@ -87,7 +79,6 @@ def quantize_checkpoint(src: str | Path, out: str | Path, opts: QuantizeOptions,
         raise InputError(f"method {opts.method!r} unknown (expected awq or rtn)")
     torch.manual_seed(0)
     lm = load_decoder(cfg.llm_dir, cfg.llm)
-    _group_size_for(lm, opts.group_size)
     q = opts.quant
     tok = TextTokenizer(cfg.llm_dir)
     parts, pre = None, None

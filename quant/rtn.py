@@ -1,5 +1,7 @@
 """Round-to-nearest group quantization of weight matrices (the AWQ baseline and the
-final quantizer AWQ feeds). Weights are [out, in]; groups run along `in`."""
+final quantizer AWQ feeds). Weights are [out, in]; groups run along `in`. When `in` is
+not a multiple of the group size (SmolLM2's 576 with g128) the last group is shorter:
+zero padding never changes a group's range, because zero always lies inside it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,16 +20,20 @@ class QuantConfig:
         return 2 ** self.w_bit - 1
 
     def groups(self, in_features: int) -> int:
-        g = self.group_size if self.group_size > 0 else in_features
-        if in_features % g:
-            raise ValueError(f"in_features {in_features} is not a multiple of group_size {g}")
-        return g
+        """The group size used for a layer with `in_features` inputs."""
+        return self.group_size if self.group_size > 0 else in_features
+
+
+def pad_to_groups(w: torch.Tensor, g: int) -> torch.Tensor:
+    """Zero-pad the last dim to a multiple of g."""
+    extra = (-w.shape[-1]) % g
+    return torch.nn.functional.pad(w, (0, extra)) if extra else w
 
 
 def quant_params(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scale and integer zero point for w [out, in] -> ([out, G], [out, G])."""
     g = cfg.groups(w.shape[1])
-    wg = w.float().reshape(w.shape[0], -1, g)
+    wg = pad_to_groups(w.float(), g).reshape(w.shape[0], -1, g)
     if cfg.zero_point:
         lo = wg.amin(-1).clamp(max=0)
         hi = wg.amax(-1).clamp(min=0)
@@ -46,15 +52,17 @@ def quantize(w: torch.Tensor, cfg: QuantConfig, scale: torch.Tensor | None = Non
     if scale is None or zero is None:
         scale, zero = quant_params(w, cfg)
     g = cfg.groups(w.shape[1])
-    wg = w.float().reshape(w.shape[0], -1, g)
+    wg = pad_to_groups(w.float(), g).reshape(w.shape[0], -1, g)
     q = (wg / scale[..., None]).round() + zero[..., None]
-    return q.clamp(0, cfg.qmax).to(torch.uint8).reshape(w.shape), scale, zero
+    q = q.clamp(0, cfg.qmax).to(torch.uint8).reshape(w.shape[0], -1)[:, : w.shape[1]]
+    return q.contiguous(), scale, zero
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
-    out, inp = q.shape
-    qg = q.float().reshape(out, -1, group_size)
-    return ((qg - zero[..., None]) * scale[..., None]).reshape(out, inp)
+    inp = q.shape[1]
+    s = scale.repeat_interleave(group_size, dim=1)[:, :inp]
+    z = zero.repeat_interleave(group_size, dim=1)[:, :inp]
+    return (q.float() - z) * s
 
 
 def fake_quant(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:

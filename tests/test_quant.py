@@ -138,3 +138,22 @@ def test_quantized_checkpoint_loads_and_runs(tmp_path):
     pipe = edge_vila.load(tmp_path / "q", max_context=256)
     assert pipe.cfg.llm.quantization["bits"] == 4
     assert isinstance(pipe.generate("hello", images=[np.zeros((8, 8, 3), np.uint8)], max_new_tokens=3), str)
+
+
+def test_ragged_last_group_like_smollm2_576_at_g128():
+    """576 inputs at g128: four full groups and a short fifth; packing and dequant agree."""
+    torch.manual_seed(3)
+    w = torch.randn(16, 576)
+    q = QuantConfig(4, 128, True)
+    codes, s, z = quantize(w, q)
+    assert codes.shape == (16, 576) and s.shape == (16, 5)
+    deq = dequantize(codes, s, z, 128)
+    assert (deq - w).abs().max() < 0.6
+    packed = pack_linear(codes.numpy(), s.numpy(), z.numpy())
+    np.testing.assert_allclose(dequantize_linear(**packed, group_size=128), dequantize(codes, s.half().float(), z, 128),
+                               atol=1e-6)
+    # the short group's range comes only from its own 64 real columns
+    w2 = w.clone()
+    w2[:, 512:] *= 0.01
+    _, s2, _ = quantize(w2, q)
+    assert torch.allclose(s2[:, :4], s[:, :4]) and (s2[:, 4] < 0.05 * s[:, 4]).all()

@@ -199,7 +199,7 @@ def load_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def dequantize_awq_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def dequantize_awq_state(sd: dict[str, torch.Tensor], group_size: int | None = None) -> dict[str, torch.Tensor]:
     """AutoAWQ GEMM tensors (qweight/qzeros/scales) -> float `.weight` (the torch
     reference of a quantized checkpoint computes with exactly the dequantized weights)."""
     from ..quantfmt import dequantize_linear
@@ -208,7 +208,8 @@ def dequantize_awq_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     for k in sd:
         if k.endswith(".qweight"):
             base = k[: -len(".qweight")]
-            w = dequantize_linear(sd[k].numpy(), sd[base + ".qzeros"].numpy(), sd[base + ".scales"].float().numpy())
+            w = dequantize_linear(sd[k].numpy(), sd[base + ".qzeros"].numpy(), sd[base + ".scales"].float().numpy(),
+                                  group_size)
             out[base + ".weight"] = torch.from_numpy(w)
     return out
 
@@ -216,7 +217,7 @@ def dequantize_awq_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def load_decoder(folder: Path, spec: LLMSpec, dtype: torch.dtype = torch.float32) -> DecoderLM:
     sd = load_safetensors_dir(folder)
     if any(k.endswith(".qweight") for k in sd):
-        sd = dequantize_awq_state(sd)
+        sd = dequantize_awq_state(sd, (spec.quantization or {}).get("group_size"))
     with torch.device("meta"):
         model = DecoderLM(spec)
     model = model.to_empty(device="cpu")
