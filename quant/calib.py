@@ -24,7 +24,7 @@ CALIB_MODULES = ("argparse", "collections", "json", "logging", "pathlib", "subpr
                  "itertools", "shutil", "tarfile", "zipfile", "csv", "sqlite3", "textwrap", "string", "heapq",
                  "random", "statistics", "typing", "dataclasses", "contextlib", "enum", "socket", "ssl",
                  "urllib.request", "xml.etree.ElementTree", "configparser", "difflib", "pdb", "pickle", "codecs")
-HELDOUT_LICENSES = ("GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1")
+HELDOUT_LICENSES = ("GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1", "GFDL-1.3")
 LICENSE_DIR = Path("/usr/share/common-licenses")
 
 

@@ -22,7 +22,7 @@ from edge_vila.prompt import TextTokenizer
 from edge_vila.quantfmt import pack_linear
 
 from .awq import LINEARS, AwqSettings, apply_awq, load_awq_result, run_awq, save_awq_result
-from .calib import calibration_embeds, heldout_text
+from .calib import HELDOUT_LICENSES, calibration_embeds, heldout_text
 from .quality import fake_quantize_model, layer_errors, perplexity
 from .rtn import QuantConfig, quantize
 
@@ -41,7 +41,7 @@ class QuantizeOptions:
     n_grid: int = 20
     awq_result: str | None = None  # re-apply a saved search instead of searching
     eval: bool = True
-    eval_tokens: int = 24_000
+    eval_tokens: int = 30_000
     vqa_n: int = 200
     vision_int8: str = "auto"  # auto (best of the calibrators) | minmax | percentile | entropy | none
     int8_images: int = 64
@@ -148,7 +148,7 @@ def _quality(float_lm: DecoderLM, awq_lm: DecoderLM, tok: TextTokenizer, calib: 
     rtn_lm = fake_quantize_model(float_lm, q)
     cand = fake_quantize_model(awq_lm, q)
     sub = calib[: min(8, len(calib))]
-    out = {"perplexity": {"heldout": "/usr/share/common-licenses: GPL-3, Apache-2.0, MPL-2.0, LGPL-2.1",
+    out = {"perplexity": {"heldout": "/usr/share/common-licenses: " + ", ".join(HELDOUT_LICENSES),
                           "tokens": int(len(ids)), "float": perplexity(float_lm, ids, progress=progress)["perplexity"],
                           "rtn": perplexity(rtn_lm, ids, progress=progress)["perplexity"]},
            "layer_error": {"rtn": layer_errors(float_lm, rtn_lm, sub)}}

@@ -1,0 +1,114 @@
+"""Decode speed, side by side in one run: the edge-vila bundle (ONNX Runtime backend) vs
+transformers fp32 eager on the same HF model, and onnxruntime-genai when it is installed.
+
+    python benchmarks/decode_speed.py --hf HF_LLM_DIR --bundle BUNDLE [--contexts 64 512 1024] [--runs 5]
+
+Reports tokens/s (median of --runs) for a decode of --new tokens after a prompt padded to
+each context length, the ratios, and writes JSON + a PNG next to --out. Not a test: timing
+depends on the machine; the machine is recorded in the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _ids(tok, n: int) -> list[int]:
+    text = " ".join(["the robot sees a red circle on the left and a blue square on the top."] * (n // 8 + 2))
+    return tok.encode(text)[:n]
+
+
+def bench_edge(bundle: Path, ctx: int, new: int, runs: int) -> float:
+    import edge_vila
+
+    pipe = edge_vila.load(bundle, max_context=max(ctx + new + 8, 128))
+    be = pipe.backend
+    ids = _ids(pipe.tokenizer, ctx)
+    rates = []
+    for _ in range(runs + 1):
+        be.reset() if hasattr(be, "reset") else None
+        logits = be.forward(be.embed(np.asarray(ids)), 0)
+        pos = len(ids)
+        t0 = time.perf_counter()
+        for _ in range(new):
+            tok = int(np.argmax(logits))
+            logits = be.forward(be.embed(np.asarray([tok])), pos)
+            pos += 1
+        rates.append(new / (time.perf_counter() - t0))
+    return statistics.median(rates[1:])
+
+
+def bench_hf(hf: Path, ctx: int, new: int, runs: int) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf))
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32, attn_implementation="eager").eval()
+    ids = torch.tensor([_ids(tok, ctx)])
+    rates = []
+    with torch.inference_mode():
+        for _ in range(runs + 1):
+            out = model(ids, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            t0 = time.perf_counter()
+            for _ in range(new):
+                out = model(nxt, past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            rates.append(new / (time.perf_counter() - t0))
+    return statistics.median(rates[1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hf", required=True, type=Path)
+    ap.add_argument("--bundle", required=True, type=Path)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[64, 512, 1024])
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/decode_speed.json"))
+    a = ap.parse_args()
+    res = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                       "python": platform.python_version()}, "new_tokens": a.new, "runs": a.runs, "results": {}}
+    for ctx in a.contexts:
+        row = {"edge_vila_ort": bench_edge(a.bundle, ctx, a.new, a.runs),
+               "transformers_fp32_eager": bench_hf(a.hf, ctx, a.new, a.runs)}
+        row["ratio_vs_transformers"] = row["edge_vila_ort"] / row["transformers_fp32_eager"]
+        res["results"][str(ctx)] = row
+        print(f"context {ctx:5d}: edge-vila {row['edge_vila_ort']:7.1f} tok/s | transformers fp32 "
+              f"{row['transformers_fp32_eager']:7.1f} tok/s | x{row['ratio_vs_transformers']:.2f}", flush=True)
+    r = res["results"]
+    lo, hi = str(min(a.contexts)), str(max(a.contexts))
+    res["edge_vila_long_vs_short"] = r[hi]["edge_vila_ort"] / r[lo]["edge_vila_ort"]
+    print(f"edge-vila decode at {hi} / at {lo}: {res['edge_vila_long_vs_short']:.2f}")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=2))
+    _plot(res, a.out.with_suffix(".png"))
+
+
+def _plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ctx = list(res["results"])
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for key in ("edge_vila_ort", "transformers_fp32_eager"):
+        ax.plot([int(c) for c in ctx], [res["results"][c][key] for c in ctx], marker="o", label=key)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode tokens/s")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
