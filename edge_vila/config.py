@@ -240,12 +240,22 @@ class VilaConfig:
         return out
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The model's safetensors (model*.safetensors when present: a quantized text-only
+    folder also holds awq_result.safetensors / vision_int8.safetensors side files)."""
+    files = sorted(folder.glob("model*.safetensors"))
+    return files or sorted(f for f in folder.glob("*.safetensors") if f.name not in SIDE_FILES)
+
+
+SIDE_FILES = ("awq_result.safetensors", "vision_int8.safetensors")
+
+
 def _safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from safetensors headers (reads no weights, needs no torch)."""
     import json
     import struct
 
-    files = sorted(folder.glob("*.safetensors"))
+    files = weight_files(folder)
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors weights found")
     shapes: dict[str, tuple[int, ...]] = {}

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LLMSpec
+from ..config import LLMSpec, weight_files
 from ..errors import CheckpointError
 
 
@@ -190,7 +190,7 @@ class DecoderLM(nn.Module):
 def load_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    files = sorted(Path(folder).glob("*.safetensors"))
+    files = weight_files(Path(folder))
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors weights found")
     sd: dict[str, torch.Tensor] = {}
