@@ -51,10 +51,11 @@ def _quiet():
     """torch.onnx's exporter prints progress to stdout and logs every pass at INFO; keep
     the CLI output readable (everything still goes to the debug log)."""
     buf = io.StringIO()
-    noisy = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "torch.onnx")]
+    noisy = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "torch.onnx",
+                                            "torch.onnx._internal.exporter._registration")]
     levels = [lg.level for lg in noisy]
     for lg in noisy:
-        lg.setLevel(logging.WARNING)
+        lg.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(buf):
             yield
@@ -120,12 +121,12 @@ def export_bundle(ckpt: str | Path, out: str | Path, opts: ExportOptions | None 
 
                 res = check_bundle(tmp, opts.check_trt)
                 atomic_write_json(tmp / "trt_check.json", res)
-    log.info("exported %s in %.0f s", out, time.perf_counter() - t0)
-    if opts.report:
-        from .report import bundle_report
+        log.info("exported %s in %.0f s", out, time.perf_counter() - t0)
+        if opts.report:  # while the (possibly temporary) quantized reference still exists
+            from .report import bundle_report
 
-        rep = bundle_report(ckpt if cfg.is_multimodal else src, out, n=opts.report_n, quantized_ref=src)
-        atomic_write_json(out / "report.json", rep)
+            rep = bundle_report(ckpt if cfg.is_multimodal else src, out, n=opts.report_n, quantized_ref=src)
+            atomic_write_json(out / "report.json", rep)
     return out
 
 
