@@ -54,10 +54,12 @@ class FlatDecoder(nn.Module):
             k = torch.cat([past[2 * li], k], dim=2)
             v = torch.cat([past[2 * li + 1], v], dim=2)
             presents += [k, v]
-            if a.nh != a.nkv:
-                k = k.repeat_interleave(a.nh // a.nkv, dim=1)
-                v = v.repeat_interleave(a.nh // a.nkv, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            # GQA without repeating K/V (which would copy the cache g times per step): the g
+            # query heads sharing a KV head are stacked along the query axis instead
+            g = a.nh // a.nkv
+            qg = q.reshape(B, a.nkv, g * T, a.hd)
+            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask.repeat(g, 1) if g > 1 else mask)
+            y = y.reshape(B, a.nh, T, a.hd)
             h = h + a.o_proj(y.transpose(1, 2).reshape(B, T, a.nh * a.hd))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         logits = self.lm.lm_head(self.lm.model.norm(h[:, -1]))
