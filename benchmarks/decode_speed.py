@@ -65,10 +65,33 @@ def bench_hf(hf: Path, ctx: int, new: int, runs: int) -> float:
     return statistics.median(rates[1:])
 
 
+def bench_genai(folder: Path, hf: Path, ctx: int, new: int, runs: int) -> float:
+    """onnxruntime-genai's own int4 build of the same HF folder:
+    python -m onnxruntime_genai.models.builder -i HF -o OUT -p int4 -e cpu"""
+    import onnxruntime_genai as og
+    from transformers import AutoTokenizer
+
+    model = og.Model(str(folder))
+    ids = _ids(AutoTokenizer.from_pretrained(str(hf)), ctx)
+    rates = []
+    for _ in range(runs + 1):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=ctx + new + 2, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids)
+        gen.generate_next_token()  # first token: end of prefill
+        t0 = time.perf_counter()
+        for _ in range(new):
+            gen.generate_next_token()
+        rates.append(new / (time.perf_counter() - t0))
+    return statistics.median(rates[1:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hf", required=True, type=Path)
     ap.add_argument("--bundle", required=True, type=Path)
+    ap.add_argument("--genai", type=Path, default=None, help="onnxruntime-genai build of the same model")
     ap.add_argument("--contexts", type=int, nargs="+", default=[64, 512, 1024])
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--runs", type=int, default=5)
@@ -80,9 +103,14 @@ def main() -> None:
         row = {"edge_vila_ort": bench_edge(a.bundle, ctx, a.new, a.runs),
                "transformers_fp32_eager": bench_hf(a.hf, ctx, a.new, a.runs)}
         row["ratio_vs_transformers"] = row["edge_vila_ort"] / row["transformers_fp32_eager"]
+        extra = ""
+        if a.genai:
+            row["onnxruntime_genai_int4"] = bench_genai(a.genai, a.hf, ctx, a.new, a.runs)
+            row["ratio_vs_genai"] = row["edge_vila_ort"] / row["onnxruntime_genai_int4"]
+            extra = f" | genai int4 {row['onnxruntime_genai_int4']:7.1f} tok/s | x{row['ratio_vs_genai']:.2f}"
         res["results"][str(ctx)] = row
         print(f"context {ctx:5d}: edge-vila {row['edge_vila_ort']:7.1f} tok/s | transformers fp32 "
-              f"{row['transformers_fp32_eager']:7.1f} tok/s | x{row['ratio_vs_transformers']:.2f}", flush=True)
+              f"{row['transformers_fp32_eager']:7.1f} tok/s | x{row['ratio_vs_transformers']:.2f}{extra}", flush=True)
     r = res["results"]
     lo, hi = str(min(a.contexts)), str(max(a.contexts))
     res["edge_vila_long_vs_short"] = r[hi]["edge_vila_ort"] / r[lo]["edge_vila_ort"]
@@ -100,7 +128,9 @@ def _plot(res: dict, path: Path) -> None:
 
     ctx = list(res["results"])
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    for key in ("edge_vila_ort", "transformers_fp32_eager"):
+    for key in ("edge_vila_ort", "transformers_fp32_eager", "onnxruntime_genai_int4"):
+        if key not in res["results"][ctx[0]]:
+            continue
         ax.plot([int(c) for c in ctx], [res["results"][c][key] for c in ctx], marker="o", label=key)
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("decode tokens/s")

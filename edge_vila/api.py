@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections import OrderedDict
@@ -80,9 +81,8 @@ class Pipeline:
         self.backend = backend
         self.tokenizer = tokenizer
         name = template or cfg.chat_template
-        self.template: ChatTemplate = get_template(name, system) if name else guess_template(tokenizer, tokenizer.jinja)
-        if system is not None and not name:
-            self.template = get_template(self.template.name, system)
+        base = get_template(name) if name else guess_template(tokenizer, tokenizer.jinja)
+        self.template: ChatTemplate = dataclasses.replace(base, system=system) if system is not None else base
         stop_ids = [tokenizer.token_id(s) for s in self.template.stop]
         eos = set(cfg.llm.eos_token_ids) | {i for i in stop_ids if i is not None}
         if tokenizer.eos_id is not None:
