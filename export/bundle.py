@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import shutil
 import tempfile
@@ -11,9 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
-import torch
 
 from edge_vila import __version__
 from edge_vila.bundle import FORMAT, FORMAT_VERSION
@@ -218,8 +215,4 @@ def _manifest(cfg, template, max_ctx, opts, vision_quant, folder: Path, files: l
     return man
 
 
-def describe(path: Path) -> str:
-    return json.dumps(json.loads((Path(path) / "manifest.json").read_text()), indent=2)
-
-
-__all__ = ["ExportOptions", "export_bundle", "np", "torch"]
+__all__ = ["ExportOptions", "export_bundle"]

@@ -32,7 +32,6 @@ class FlatDecoder(nn.Module):
         self.register_buffer("sin_table", lm.rope_sin.clone(), persistent=False)
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor):
-        s = self.lm.spec
         B, T, _ = inputs_embeds.shape
         P = past[0].shape[2]
         cos = self.cos_table[position_ids][None, None]

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
 from edge_vila.modeling.llm import DecoderLM, DecoderLayer, RMSNorm
 
-from .rtn import QuantConfig, fake_quant, pad_to_groups, quant_params
+from .rtn import QuantConfig, fake_quant, pad_to_groups
 
 log = logging.getLogger(__name__)
 
@@ -226,4 +226,4 @@ def load_awq_result(path: Path) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["AwqSettings", "ScaleGroup", "SCALE_GROUPS", "run_awq", "apply_awq", "search_scale", "fold_scale",
-           "search_clip", "save_awq_result", "load_awq_result", "quant_params", "save_file"]
+           "search_clip", "save_awq_result", "load_awq_result"]
