@@ -217,7 +217,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     opts = QuantizeOptions(method=a.method, w_bit=a.w_bit, group_size=a.group_size, zero_point=not a.symmetric,
                            n_text=a.calib_blocks, n_mm=a.calib_images, seq_len=a.calib_seq_len, n_grid=a.n_grid,
                            awq_result=a.awq_result, eval=not a.no_eval, vqa_n=a.vqa_n, vision_int8=a.vision_int8,
-                           int8_images=a.int8_images, int8_image_dir=a.int8_image_dir)
+                           int8_images=a.int8_images, int8_image_dir=a.int8_image_dir, lm_head=a.quantize_lm_head)
     rep = quantize_checkpoint(a.path, a.out, opts)
     ppl = rep.get("perplexity")
     if ppl:
@@ -332,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vision-int8", default="auto", choices=["auto", "minmax", "percentile", "entropy", "none"],
                    help="INT8 calibrator for the ViT + projector (auto: best cosine of the three)")
     s.add_argument("--int8-images", type=int, default=64)
+    s.add_argument("--quantize-lm-head", action="store_true",
+                   help="also INT4 the output head (faster for big vocabularies; AutoAWQ does not read it)")
     s.add_argument("--int8-image-dir", default=None, help="calibration images (default: the synthetic world)")
     s.add_argument("--no-eval", action="store_true")
     s.set_defaults(fn=cmd_quantize)

@@ -144,6 +144,10 @@ def _write_llm(lm, cfg, path: Path, max_ctx: int, opts: ExportOptions) -> None:
                                         sd[key + ".scales"].float().numpy())
             linears[key] = (codes, s, z)
             floats[key] = layer.get_submodule(name).weight.detach().numpy()
+    if "lm_head.qweight" in sd:
+        linears["lm_head"] = unpack_linear(sd["lm_head.qweight"].numpy(), sd["lm_head.qzeros"].numpy(),
+                                           sd["lm_head.scales"].float().numpy())
+        floats["lm_head"] = lm.lm_head.weight.detach().numpy()
     g = cfg.llm.quantization["group_size"]
     model, n = quantize_llm_int4(model, linears, floats, g)
     log.info("llm.onnx: %d linears as INT4 block-%d DequantizeLinear", n, g)

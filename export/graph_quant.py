@@ -59,10 +59,11 @@ class GraphEditor:
             want[_digest(w)] = name
         found = {}
         for idx, n in enumerate(self.g.node):
-            if n.op_type not in ("MatMul", "Conv") or len(n.input) < 2 or n.input[1] not in self.inits:
+            if n.op_type not in ("MatMul", "Conv", "Gemm") or len(n.input) < 2 or n.input[1] not in self.inits:
                 continue
             arr = numpy_helper.to_array(self.inits[n.input[1]])
-            key = _digest(arr.T if n.op_type == "MatMul" else arr)
+            trans_b = any(a.name == "transB" and a.i for a in n.attribute)
+            key = _digest(arr.T if n.op_type == "MatMul" or (n.op_type == "Gemm" and not trans_b) else arr)
             if key in want:
                 found[want[key]] = (idx, n, n.input[1])
         return found
@@ -78,6 +79,7 @@ class GraphEditor:
         for idx, n in enumerate(self.g.node):
             nodes.extend(self.new_nodes.get(idx, []))
             nodes.append(n)
+        nodes.extend(self.new_nodes.get(len(self.g.node), []))  # after the last node
         del self.g.node[:]
         self.g.node.extend(nodes)
         self.drop_unused_initializers()
@@ -93,6 +95,11 @@ def quantize_llm_int4(model: onnx.ModelProto, linears: dict[str, tuple[np.ndarra
     if missing:
         raise RuntimeError(f"could not locate {len(missing)} linears in the exported graph, e.g. {sorted(missing)[:2]}")
     for name, (idx, node, init) in found.items():
+        if node.op_type == "Gemm":  # the exporter writes the head as Gemm(x, W, transB=1): make it a MatMul
+            if len(node.input) > 2 or any(a.name in ("alpha", "beta") and a.f != 1.0 for a in node.attribute):
+                raise RuntimeError(f"{name}: Gemm with bias/alpha/beta cannot take an INT4 weight rewrite")
+            node.op_type = "MatMul"
+            del node.attribute[:]
         codes, s, z = linears[name]
         out_f, in_f = codes.shape
         G = s.shape[1]

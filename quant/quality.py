@@ -30,9 +30,11 @@ def perplexity(lm: DecoderLM, ids: torch.Tensor, seq_len: int = 512, progress: b
 
 
 @torch.no_grad()
-def fake_quantize_model(lm: DecoderLM, q: QuantConfig) -> DecoderLM:
-    """A copy whose decoder linears hold quantize-dequantized weights."""
+def fake_quantize_model(lm: DecoderLM, q: QuantConfig, lm_head: bool = False) -> DecoderLM:
+    """A copy whose decoder linears (and optionally the head) hold quantize-dequantized weights."""
     out = copy.deepcopy(lm)
+    if lm_head:
+        out.lm_head.weight = torch.nn.Parameter(fake_quant(out.lm_head.weight.data.clone(), q))
     for layer in out.model.layers:
         for name in LINEARS:
             fc = layer.get_submodule(name)

@@ -46,17 +46,25 @@ class QuantizeOptions:
     vision_int8: str = "auto"  # auto (best of the calibrators) | minmax | percentile | entropy | none
     int8_images: int = 64
     int8_image_dir: str | None = None
+    lm_head: bool = False  # also quantize the output head (edge-vila extension to the AutoAWQ format)
 
     @property
     def quant(self) -> QuantConfig:
         return QuantConfig(self.w_bit, self.group_size, self.zero_point)
 
 
-def pack_decoder(lm: DecoderLM, q: QuantConfig) -> dict[str, torch.Tensor]:
-    """State dict with every decoder linear as AutoAWQ GEMM tensors, the rest float."""
+def pack_decoder(lm: DecoderLM, q: QuantConfig, lm_head: bool = False) -> dict[str, torch.Tensor]:
+    """State dict with every decoder linear as AutoAWQ GEMM tensors, the rest float.
+    lm_head=True also packs the output head (RTN; an edge-vila extension AutoAWQ does not
+    read): for small models with big vocabularies it is most of the bytes read per token."""
     sd = {k: v.detach().cpu().contiguous() for k, v in lm.state_dict().items()}
     if lm.spec.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
+    if lm_head:
+        codes, s, z = quantize(lm.lm_head.weight.data, q)
+        sd.pop("lm_head.weight", None)
+        for suffix, arr in pack_linear(codes.numpy(), s.numpy(), z.numpy()).items():
+            sd[f"lm_head.{suffix}"] = torch.from_numpy(arr)
     for i, layer in enumerate(lm.model.layers):
         for name in LINEARS:
             fc = layer.get_submodule(name)
@@ -103,12 +111,13 @@ def quantize_checkpoint(src: str | Path, out: str | Path, opts: QuantizeOptions,
         else:
             result = run_awq(lm, calib, AwqSettings(quant=q, n_grid=opts.n_grid), progress=progress)
     search_s = time.perf_counter() - t0
-    state = pack_decoder(lm, q)
+    state = pack_decoder(lm, q, opts.lm_head)
 
     llm_cfg = json.loads((cfg.llm_dir / "config.json").read_text())
     llm_cfg["quantization_config"] = {"quant_method": "awq", "bits": q.w_bit, "group_size": q.group_size,
                                       "zero_point": q.zero_point, "version": "gemm",
-                                      "modules_to_not_convert": None, "edge_vila_method": opts.method}
+                                      "modules_to_not_convert": None if opts.lm_head else ["lm_head"],
+                                      "edge_vila_method": opts.method, "edge_vila_lm_head": opts.lm_head}
     with atomic_dir(out) as tmp:
         if cfg.is_multimodal:
             for sub in ("vision_tower", "mm_projector"):
@@ -145,8 +154,8 @@ def _quality(float_lm: DecoderLM, awq_lm: DecoderLM, tok: TextTokenizer, calib: 
              opts: QuantizeOptions, folder: Path, progress: bool) -> dict:
     """Perplexity (float / RTN / this method) on held-out text and per-layer errors."""
     ids = torch.tensor(tok.encode(heldout_text()))[: opts.eval_tokens]
-    rtn_lm = fake_quantize_model(float_lm, q)
-    cand = fake_quantize_model(awq_lm, q)
+    rtn_lm = fake_quantize_model(float_lm, q, opts.lm_head)
+    cand = fake_quantize_model(awq_lm, q, opts.lm_head)
     sub = calib[: min(8, len(calib))]
     out = {"perplexity": {"heldout": "/usr/share/common-licenses: " + ", ".join(HELDOUT_LICENSES),
                           "tokens": int(len(ids)), "float": perplexity(float_lm, ids, progress=progress)["perplexity"],

@@ -157,3 +157,29 @@ def test_ragged_last_group_like_smollm2_576_at_g128():
     w2[:, 512:] *= 0.01
     _, s2, _ = quantize(w2, q)
     assert torch.allclose(s2[:, :4], s[:, :4]) and (s2[:, 4] < 0.05 * s[:, 4]).all()
+
+
+def test_quantized_lm_head_roundtrip_and_bundle(tmp_path):
+    """--quantize-lm-head: the head is packed too (tied embeddings stay float for the host
+    lookup), the torch reference and the exported bundle agree."""
+    from edge_vila.export.bundle import ExportOptions, export_bundle
+    from edge_vila.export.report import PROMPTS, logit_agreement
+    from edge_vila.quant.quantize import QuantizeOptions, quantize_checkpoint
+    from edge_vila.testing import build_models, TinySpec
+
+    llm, tok, *_ = build_models(TinySpec(llm_hidden=128, intermediate=256))
+    llm.config.tie_word_embeddings = True
+    llm.tie_weights()
+    llm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    quantize_checkpoint(tmp_path / "lm", tmp_path / "q", QuantizeOptions(group_size=64, n_text=2, seq_len=64, n_grid=4,
+                                                                         eval=False, lm_head=True), progress=False)
+    from safetensors.numpy import load_file
+
+    sd = load_file(str(tmp_path / "q" / "model.safetensors"))
+    assert "lm_head.qweight" in sd and sd["model.embed_tokens.weight"].dtype == np.float32
+    ref = edge_vila.load(tmp_path / "q", max_context=256)
+    assert ref.backend.vlm.llm.lm_head.weight.data_ptr() != ref.backend.vlm.llm.model.embed_tokens.weight.data_ptr()
+    b = export_bundle(tmp_path / "q", tmp_path / "b", ExportOptions(group_size=64, max_context=256, report=False))
+    res = logit_agreement(ref, edge_vila.load(b, exact=True), PROMPTS, steps=6)
+    assert res["max_rel_logit_err"] <= 1e-3 and res["greedy_agreement"] == 1.0, res

@@ -8,6 +8,7 @@ prefix up to the last one — no concatenation, no copy of the cache.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -216,6 +217,8 @@ def dequantize_awq_state(sd: dict[str, torch.Tensor], group_size: int | None = N
 
 def load_decoder(folder: Path, spec: LLMSpec, dtype: torch.dtype = torch.float32) -> DecoderLM:
     sd = load_safetensors_dir(folder)
+    if "lm_head.qweight" in sd:  # a quantized head is its own tensor, no longer the embedding table
+        spec = dataclasses.replace(spec, tie_word_embeddings=False)
     if any(k.endswith(".qweight") for k in sd):
         sd = dequantize_awq_state(sd, (spec.quantization or {}).get("group_size"))
     with torch.device("meta"):
