@@ -153,9 +153,9 @@ class Chat:
         keys: list[Key] = [tok.bos_id] if t.add_bos and tok.bos_id is not None else []
         return keys + tok.encode(t.head(self.system)) if t.head(self.system) else keys
 
-    def stream(self, message: str, images: Sequence[ImageLike] = (), params: SamplingParams | None = None,
-               **sampling) -> Iterator[str]:
-        params = params or SamplingParams(**sampling)
+    def prompt_keys(self, message: str, images: Sequence[ImageLike] = ()) -> tuple[list[Key], list[str], str]:
+        """Keys of the conversation so far plus this user turn; also the image hashes and
+        the message with its <image> markers placed as the template places them."""
         pipe, t = self.pipe, self.pipe.template
         hashes = pipe.encode_images(images)
         n_marks = message.count(IMAGE_PLACEHOLDER)
@@ -165,7 +165,13 @@ class Chat:
             raise InputError(f"message has {n_marks} {IMAGE_PLACEHOLDER} markers but {len(hashes)} images were given")
         keys = list(self.keys) if self.keys else self._head()
         turn, _ = encode_with_images(pipe.tokenizer, t.user(message), hashes, pipe.tokens_per_image)
-        keys += turn
+        return keys + turn, hashes, message
+
+    def stream(self, message: str, images: Sequence[ImageLike] = (), params: SamplingParams | None = None,
+               **sampling) -> Iterator[str]:
+        params = params or SamplingParams(**sampling)
+        pipe, t = self.pipe, self.pipe.template
+        keys, hashes, message = self.prompt_keys(message, images)
         self.images += hashes
         reply = ""
         for delta in pipe.generator.stream(keys, pipe.image_embeds(self.images), params):

@@ -35,13 +35,8 @@ def logit_agreement(ref, bundle, prompts: list[str], images=(), steps: int = 12)
 
 
 def _keys(chat, prompt: str, imgs) -> tuple[list, dict]:
-    pipe = chat.pipe
-    hashes = pipe.encode_images(imgs)
-    from edge_vila.prompt import encode_with_images
-
-    msg = pipe.template.attach_images(prompt, len(hashes))
-    turn, _ = encode_with_images(pipe.tokenizer, pipe.template.user(msg), hashes, pipe.tokens_per_image)
-    return chat._head() + turn, pipe.image_embeds(hashes)
+    keys, hashes, _ = chat.prompt_keys(prompt, imgs)
+    return keys, chat.pipe.image_embeds(hashes)
 
 
 def _score(pipe, keys_images, toks) -> list[np.ndarray]:

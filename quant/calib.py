@@ -14,7 +14,6 @@ import inspect
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -84,7 +83,7 @@ def text_blocks(tok, text: str, n: int, seq_len: int, bos: int | None) -> torch.
 
 @torch.no_grad()
 def calibration_embeds(lm, tok, n_text: int, seq_len: int, vlm_parts=None, n_mm: int = 0,
-                       image_size: int = 64, pre=None, tokens_per_image: int = 0) -> torch.Tensor:
+                       image_size: int = 64, pre=None) -> torch.Tensor:
     """[N, seq_len, D] input embeddings: text blocks, plus (for a VLM) blocks that start
     with projected image tokens followed by a question and calibration text."""
     emb = lm.model.embed_tokens
@@ -112,7 +111,3 @@ def calibration_embeds(lm, tok, n_text: int, seq_len: int, vlm_parts=None, n_mm:
         if rows:
             out.append(torch.stack(rows))
     return torch.cat(out)
-
-
-def sample_rng(seed: int = 0) -> np.random.Generator:
-    return np.random.default_rng(seed)

@@ -97,7 +97,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, opts: QuantizeOptions,
         parts, pre = (load_vision_tower(cfg), load_projector(cfg.projector_dir, cfg.projector)), cfg.preprocess
     t0 = time.perf_counter()
     calib = calibration_embeds(lm, tok, opts.n_text, opts.seq_len, parts, opts.n_mm if parts else 0,
-                               cfg.preprocess.height if cfg.preprocess else 0, pre, cfg.tokens_per_image)
+                               cfg.preprocess.height if cfg.preprocess else 0, pre)
     float_lm = None
     if opts.eval:
         import copy

@@ -117,20 +117,13 @@ def collate(samples: Sequence[Sample], tok: TextTokenizer, template: ChatTemplat
     labels = torch.full((len(seqs), L), IGNORE, dtype=torch.long)
     images = []
     for b, ((i, lab), s) in enumerate(zip(seqs, samples)):
-        if len(i) > max_len:  # never cut through an image: drop samples that do not fit
-            i, lab = i[:max_len], lab[:max_len]
-            n_full = sum(1 for x in i if x == IMAGE_SLOT) // max(tokens_per_image, 1)
-            keep = n_full * tokens_per_image
-            seen = 0
-            for k, x in enumerate(i):
-                if x == IMAGE_SLOT:
-                    seen += 1
-                    if seen > keep:
-                        i, lab = i[:k], lab[:k]
-                        break
-            s_images = s.images[:n_full]
-        else:
-            s_images = s.images
+        s_images = s.images
+        if len(i) > max_len:  # truncate, but never through an image: drop a partly cut one
+            cut = max_len
+            slots = i[:cut].count(IMAGE_SLOT)
+            cut -= slots % max(tokens_per_image, 1)  # a partial image's slots end exactly at the cut
+            i, lab = i[:cut], lab[:cut]
+            s_images = s.images[: slots // max(tokens_per_image, 1)]
         ids[b, : len(i)] = torch.tensor(i)
         labels[b, : len(lab)] = torch.tensor(lab)
         images.extend(s_images)
