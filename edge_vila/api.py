@@ -52,6 +52,13 @@ def load(path: str | Path, backend: str = "auto", max_context: int | None = None
     return Pipeline(cfg, be, TextTokenizer(cfg.llm_dir), template=template, system=system)
 
 
+def _tensorrt_ready(path: Path) -> bool:
+    """`auto` prefers TensorRT where it is importable and engines were built in the bundle."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None and any((path / "engines").glob("trt*/engine_key.json"))
+
+
 def _load_bundle(path: Path, backend: str, max_context: int | None, template: str | None, system: str | None,
                  threads: int | None, exact: bool) -> "Pipeline":
     from .bundle import load_bundle_config
@@ -59,6 +66,8 @@ def _load_bundle(path: Path, backend: str, max_context: int | None, template: st
     cfg = load_bundle_config(path)
     if backend == "torch":
         raise InputError(f"{path}: a bundle runs on onnxruntime or tensorrt; use the checkpoint for torch")
+    if backend == "auto" and _tensorrt_ready(path):
+        backend = "tensorrt"
     if backend == "tensorrt":
         try:
             from .backends.tensorrt import TensorRTBackend

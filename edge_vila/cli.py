@@ -342,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.add_argument("--gguf", default=None)
     s.set_defaults(fn=cmd_convert_gguf)
+
+    from . import cli_device
+
+    cli_device.register(sub)
     return p
 
 

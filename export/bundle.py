@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import shutil
 import tempfile
@@ -191,6 +192,17 @@ def _versions() -> dict:
     return out
 
 
+def _vision_dims(cfg) -> dict:
+    """ViT + projector sizes, so a device can budget memory before loading (jetson/memory.py)."""
+    raw = json.loads((cfg.vision_dir / "config.json").read_text())
+    raw = raw.get("vision_config", raw)
+    v = cfg.vision
+    return {"kind": v.kind, "hidden_size": v.hidden_size, "num_layers": v.num_layers,
+            "intermediate_size": raw.get("intermediate_size"), "num_heads": raw.get("num_attention_heads"),
+            "image_size": v.image_size, "patch_size": v.patch_size, "patches": cfg.num_patches, "projector": cfg.projector.kind,
+            "projector_in": cfg.projector.in_dim}
+
+
 def _manifest(cfg, template, max_ctx, opts, vision_quant, folder: Path, files: list[str], source: Path) -> dict:
     s = cfg.llm
     q = s.quantization or {}
@@ -202,10 +214,12 @@ def _manifest(cfg, template, max_ctx, opts, vision_quant, folder: Path, files: l
                   "num_layers": s.num_layers, "num_heads": s.num_heads, "num_kv_heads": s.num_kv_heads,
                   "head_dim": s.head_dim, "intermediate_size": s.intermediate_size,
                   "max_position_embeddings": s.max_position_embeddings, "max_context": max_ctx,
-                  "bos_token_id": s.bos_token_id, "eos_token_ids": eos, "params": s.num_params},
+                  "bos_token_id": s.bos_token_id, "eos_token_ids": eos, "params": s.num_params,
+                  "tie_word_embeddings": s.tie_word_embeddings},
         "template": {"name": template.name, "system": template.system},
         "image_token": "<image>",
         "tokens_per_image": cfg.tokens_per_image if cfg.is_multimodal else 0,
+        "vision_dims": _vision_dims(cfg) if cfg.is_multimodal else None,
         "preprocess": cfg.preprocess.__dict__ if cfg.is_multimodal else None,
         "quant": {"llm": "awq-w4" if q else "fp32", "group_size": q.get("group_size"), "zero_point": q.get("zero_point"),
                   "int4_encoding": "symmetric INT4 block DQ + exact zero-point correction" if q else None,

@@ -24,3 +24,14 @@ def tiny_pipe(tiny_ckpt):
 def photo() -> pathlib.Path:
     skimage = pytest.importorskip("skimage")
     return pathlib.Path(skimage.__file__).parent / "data" / "astronaut.png"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> pathlib.Path:
+    """A random-weight tiny bundle (AWQ W4 g32 LLM + INT8 ViT), exported once per session."""
+    from edge_vila.export.bundle import ExportOptions, export_bundle
+    from edge_vila.testing import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tinyb")
+    src = make_tiny_checkpoint(root / "float", llm_hidden=128, intermediate=256, image_size=32)
+    return export_bundle(src, root / "bundle", ExportOptions(group_size=32, max_context=512, report=False))

@@ -1,0 +1,125 @@
+"""Device verbs of `edge-vila`: build (TensorRT engines), bench, device, budget."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .errors import InputError
+
+
+def _budget_dims(path: str | None, model: str | None):
+    from .jetson.memory import ModelDims
+
+    if model:
+        if model != "vila1.5-3b":
+            raise InputError(f"--model {model!r} unknown (expected vila1.5-3b, or give a bundle)")
+        return ModelDims.vila15_3b()
+    if not path:
+        raise InputError("give a bundle folder or --model vila1.5-3b")
+    from .bundle import read_manifest
+
+    return ModelDims.from_manifest(read_manifest(path, verify=False))
+
+
+def cmd_budget(a: argparse.Namespace) -> int:
+    from .jetson.detect import detect
+    from .jetson.memory import BOARD_RAM_GB, BudgetOptions, budget
+
+    dims = _budget_dims(a.path, a.model)
+    boards = [a.board] if a.board else ([detect().board] if detect().board else list(BOARD_RAM_GB))
+    o = BudgetOptions(max_context=a.max_context, max_images=a.max_images, workspace_mb=a.workspace)
+    results = [budget(dims, b, o) for b in boards]
+    if a.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        print("\n\n".join(r.table() for r in results))
+    return 0 if all(r.fits for r in results) or not a.board else 1
+
+
+def cmd_device(a: argparse.Namespace) -> int:
+    from .jetson.detect import detect
+    from .jetson.stats import power_mode
+
+    info = detect().to_dict()
+    info["power_mode"] = power_mode()
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    from .bundle import read_manifest
+    from .export.trt_build import BuildOptions, build_engines
+    from .jetson.detect import detect
+    from .jetson.memory import BudgetOptions, ModelDims, budget
+
+    man = read_manifest(a.path)
+    board = detect().board
+    max_ctx = a.max_context or man["model"]["max_context"]
+    if board:
+        b = budget(ModelDims.from_manifest(man), board,
+                   BudgetOptions(max_context=max_ctx, max_images=a.max_images, workspace_mb=a.workspace))
+        print(b.table())
+        if not b.fits and not a.force:
+            raise InputError(f"{a.path}: the engines at context {max_ctx} would not fit {board} "
+                             f"({b.suggestion}); --force builds anyway")
+    o = BuildOptions(precision=a.precision, max_context=a.max_context, max_prefill=a.max_prefill,
+                     max_images=a.max_images, workspace_mb=a.workspace, timing_cache=a.timing_cache,
+                     strongly_typed=a.strongly_typed, rebuild=a.rebuild)
+    print(build_engines(a.path, o))
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from . import load
+    from .bench import BenchOptions, run_bench, summary, write_report
+
+    pipe = load(a.path, backend=a.backend, max_context=a.max_context)
+    o = BenchOptions(contexts=tuple(int(c) for c in a.contexts.split(",")), decode_tokens=a.decode_tokens,
+                     text_tokens=a.text_tokens, repeats=a.repeats, power=not a.no_power)
+    res = run_bench(pipe, o)
+    print(summary(res))
+    if a.out:
+        for f in write_report(res, Path(a.out)):
+            print(f"wrote {f}")
+    return 0
+
+
+def register(sub) -> None:
+    s = sub.add_parser("build", help="build TensorRT engines for this device from a bundle (on the Jetson)")
+    s.add_argument("path")
+    s.add_argument("--precision", default="auto", choices=["auto", "fp16", "int8", "fp32"])
+    s.add_argument("--max-context", type=int, default=None)
+    s.add_argument("--max-prefill", type=int, default=None, help="largest prefill chunk (default min(ctx, 1024))")
+    s.add_argument("--max-images", type=int, default=1)
+    s.add_argument("--workspace", type=int, default=2048, help="builder workspace, MB")
+    s.add_argument("--timing-cache", default=None)
+    s.add_argument("--strongly-typed", action="store_true")
+    s.add_argument("--rebuild", action="store_true", help="build again even if engines exist")
+    s.add_argument("--force", action="store_true", help="build even if the memory budget says it will not fit")
+    s.set_defaults(fn=cmd_build)
+
+    s = sub.add_parser("bench", help="TTFT, prefill/decode tokens/s, vision latency, peak RSS (+ power on Jetson)")
+    s.add_argument("path")
+    s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"])
+    s.add_argument("--max-context", type=int, default=None)
+    s.add_argument("--contexts", default="64,512,1024")
+    s.add_argument("--decode-tokens", type=int, default=32)
+    s.add_argument("--text-tokens", type=int, default=32)
+    s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--no-power", action="store_true")
+    s.add_argument("--out", default=None, help="folder for bench.json and bench.png")
+    s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("device", help="JetPack / L4T / TensorRT / board detection and power mode")
+    s.set_defaults(fn=cmd_device)
+
+    s = sub.add_parser("budget", help="will a bundle fit an 8/16/32/64 GB Orin? (memory budget)")
+    s.add_argument("path", nargs="?")
+    s.add_argument("--model", default=None, help="a known model instead of a bundle: vila1.5-3b")
+    s.add_argument("--board", default=None, help="orin-nano-8gb, orin-nx-16gb, agx-orin-32gb, agx-orin-64gb, ...")
+    s.add_argument("--max-context", type=int, default=4096)
+    s.add_argument("--max-images", type=int, default=1)
+    s.add_argument("--workspace", type=int, default=512, help="MB")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_budget)
