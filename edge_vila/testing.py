@@ -133,3 +133,66 @@ def make_tiny_checkpoint(out: str | Path, spec: TinySpec | None = None, **overri
                             vision=vision, image_processor=proc,
                             projector=projector, select_layer=spec.select_layer,
                             select_feature=spec.select_feature, aspect=spec.aspect, chat_template=spec.template)
+
+
+class MJPEGServer:
+    """An MJPEG-over-HTTP camera on loopback (what many IP cameras serve), for tests and
+    soak benchmarks of network sources: `drop()` closes every open stream and refuses new
+    ones until `resume()`, which is how a camera that loses its link looks to a client."""
+
+    def __init__(self, fps: float = 30.0, size: tuple[int, int] = (64, 48), host: str = "127.0.0.1"):
+        import http.server
+        import io
+        import socketserver
+        import threading
+        import time
+
+        import numpy as np
+        from PIL import Image
+
+        self.up = threading.Event()
+        self.up.set()
+        self.sent = 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):  # quiet
+                pass
+
+            def do_GET(self):
+                if not server.up.is_set():
+                    self.send_error(503)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                w, h = size
+                try:
+                    while server.up.is_set():
+                        v = server.sent % 200
+                        buf = io.BytesIO()
+                        Image.fromarray(np.full((h, w, 3), v, np.uint8)).save(buf, "JPEG")
+                        data = buf.getvalue()
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
+                                         % len(data) + data + b"\r\n")
+                        server.sent += 1
+                        time.sleep(1 / fps)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self._srv = socketserver.ThreadingTCPServer((host, 0), Handler)
+        self._srv.daemon_threads = True
+        self._thread = threading.Thread(target=self._srv.serve_forever, daemon=True)
+        self._thread.start()
+        self.url = f"http://{host}:{self._srv.server_address[1]}/stream.mjpg"
+
+    def drop(self) -> None:
+        self.up.clear()
+
+    def resume(self) -> None:
+        self.up.set()
+
+    def close(self) -> None:
+        self.up.clear()
+        self._srv.shutdown()
+        self._srv.server_close()

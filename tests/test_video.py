@@ -1,0 +1,116 @@
+"""Video sources by URI and the periodic video query (prefix reuse across frames)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_vila.errors import InputError
+from edge_vila.video import SyntheticSource, open_source
+
+cv2 = pytest.importorskip("cv2")
+
+
+def test_synthetic_newest_frame_wins():
+    with open_source("synthetic://shapes?fps=60&size=48&hold=0.2&seed=3") as src:
+        f0 = src.read(timeout=2)
+        assert f0.image.shape == (48, 48, 3) and f0.image.dtype == np.uint8 and "scene" in f0.meta
+        time.sleep(0.5)  # nobody reads: frames are overwritten, nothing queues
+        f1 = src.read(timeout=2, newer_than=f0.index)
+        assert f1.index - f0.index >= 10 and f1.meta["scene_id"] > f0.meta["scene_id"]
+        assert time.monotonic() - f1.t_capture < 0.1
+        assert 20 < src.fps < 120
+    assert src.ended and not src._thread.is_alive()
+
+
+def test_folder_and_file_sources(tmp_path, photo):
+    from PIL import Image
+
+    for i, name in enumerate(["astronaut", "chelsea", "coffee"]):
+        Image.open(photo.parent / f"{name}.png").convert("RGB").resize((64, 48)).save(tmp_path / f"{i}.png")
+    with open_source(f"{tmp_path}?fps=100") as src:
+        frames = list(src.frames_iter(timeout=2))
+    assert [f.meta["path"][-5:] for f in frames] == ["0.png", "1.png", "2.png"] and src.ended
+    video = tmp_path / "clip.avi"
+    w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 50, (64, 48))
+    for k in range(20):
+        w.write(np.full((48, 64, 3), k * 10, np.uint8))
+    w.release()
+    with open_source(f"file://{video}") as src:
+        got = list(src.frames_iter(timeout=2))
+    assert 1 <= len(got) <= 20 and got[-1].image.shape == (48, 64, 3)
+    with open_source(f"{video}?realtime=0&loop=1") as src:
+        time.sleep(0.3)
+        assert src.frames > 20 and not src.ended  # looping past the end
+
+
+def test_bad_uris():
+    with pytest.raises(InputError, match="no such file or folder"):
+        open_source("/nonexistent/clip.mp4")
+    with pytest.raises(InputError, match="unknown video source scheme 'gopher'"):
+        open_source("gopher://cam")
+    with pytest.raises(InputError, match="unknown synthetic world"):
+        open_source("synthetic://cats")
+    with pytest.raises(InputError, match="cannot open"):
+        open_source("v4l2:///dev/video99")
+
+
+def test_gstreamer_pipelines():
+    from edge_vila.jetson.gstreamer import csi_pipeline, rtsp_pipeline
+
+    p = csi_pipeline(1, 1920, 1080, 30)
+    assert p.startswith("nvarguscamerasrc sensor-id=1 !") and "width=1920,height=1080,framerate=30/1" in p
+    assert p.endswith("appsink drop=true max-buffers=1 sync=false")
+    assert "rtph265depay ! h265parse ! nvv4l2decoder" in rtsp_pipeline("rtsp://cam/1", codec="h265")
+    src = open_source("csi://0?width=640&height=480", start=False)
+    assert "width=640,height=480" in src.target and src.api == "gstreamer"
+
+
+def test_network_stream_reconnects_after_two_drops():
+    from edge_vila.testing import MJPEGServer
+
+    cam = MJPEGServer(fps=60)
+    try:
+        with open_source(cam.url, backoff=(0.05, 0.2)) as src:
+            last = src.read(timeout=5).index
+            for _ in range(2):
+                cam.drop()
+                time.sleep(0.4)
+                cam.resume()
+                f = src.read(timeout=10, newer_than=last + 5)
+                assert f is not None, "no frames after the stream came back"
+                last = f.index
+            assert src.reconnects >= 2 and not src.ended
+    finally:
+        cam.close()
+
+
+def test_video_query_reuses_the_question_across_frames(tiny_pipe):
+    from edge_vila.generate import SamplingParams
+    from edge_vila.prompt import ImageKey
+    from edge_vila.videoquery import VideoQuery
+
+    with open_source("synthetic://shapes?fps=30&size=32&hold=0.1") as src:
+        vq = VideoQuery(tiny_pipe, src, "How many shapes are there?", every=0.2,
+                        params=SamplingParams(max_new_tokens=3))
+        done = [a for kind, a in vq.run(max_queries=3) if kind == "done"]
+    assert len(done) == 3 and len({a.frame.index for a in done}) == 3
+    keys, _, _ = tiny_pipe.chat().prompt_keys(vq.message, [done[-1].frame.image])
+    first_image = next(i for i, k in enumerate(keys) if isinstance(k, ImageKey))
+    for a in done[1:]:  # system + question come from the cache; image tokens onward are recomputed
+        assert a.reused_tokens == first_image and a.prefill_tokens == len(keys) - first_image
+    assert all(a.capture_to_first_token_s >= a.ttft_s > 0 for a in done)
+
+
+def test_video_query_window_and_scene_change(tiny_pipe):
+    from edge_vila.generate import SamplingParams
+    from edge_vila.videoquery import VideoQuery
+
+    with open_source("synthetic://shapes?fps=30&size=32&hold=100") as src:  # the scene never changes
+        vq = VideoQuery(tiny_pipe, src, "What changed?", every=0.05, window=2, window_stride=2, on_change=True,
+                        change_threshold=50, params=SamplingParams(max_new_tokens=2))
+        done = [a for kind, a in vq.run(duration=1.0) if kind == "done"]
+    assert len(done) == 1 and len(done[0].frames) == 2  # first frame asked, then unchanged scenes skipped
+    assert vq.stats.skipped_unchanged > 3 and vq.message.count("<image>") == 2
