@@ -343,9 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gguf", default=None)
     s.set_defaults(fn=cmd_convert_gguf)
 
-    from . import cli_device
+    from . import cli_device, cli_stream
 
     cli_device.register(sub)
+    cli_stream.register(sub)
     return p
 
 

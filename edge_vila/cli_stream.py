@@ -1,0 +1,89 @@
+"""Streaming verbs of `edge-vila`: camera, serve, demo."""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def _load(a: argparse.Namespace):
+    from . import load
+
+    return load(a.path, backend=a.backend, max_context=a.max_context)
+
+
+def cmd_camera(a: argparse.Namespace) -> int:
+    from .camera import run_camera
+    from .generate import SamplingParams
+    from .video import open_source
+
+    pipe = _load(a)
+    src = open_source(a.input)
+    output = None if a.headless else a.output
+    run_camera(pipe, src, a.prompt, output, every=a.every, on_change=a.on_change, window=a.window,
+               params=SamplingParams(max_new_tokens=a.max_new_tokens), max_queries=a.max_queries,
+               duration=a.duration, status=not a.no_status)
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .server import ServerOptions, serve
+
+    opts = ServerOptions(model_id=a.model_id or os.path.basename(os.path.normpath(a.path)),
+                         api_key=a.api_key or os.environ.get("EDGE_VILA_API_KEY"),
+                         allow_local_files=a.allow_local_files, max_images=a.max_images, max_queue=a.max_queue,
+                         max_request_bytes=a.max_request_mb << 20)
+    from .server import is_loopback
+    from .errors import InputError
+
+    if not is_loopback(a.host) and not opts.api_key:  # say it before spending time on loading
+        raise InputError(f"refusing to bind {a.host} without an API key: pass --api-key (or EDGE_VILA_API_KEY)")
+    serve(_load(a), a.host, a.port, opts)
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import launch
+
+    launch(_load(a), host=a.host, port=a.port, share=False)
+    return 0
+
+
+def _common(s: argparse.ArgumentParser) -> None:
+    s.add_argument("path", help="bundle (or checkpoint)")
+    s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"])
+    s.add_argument("--max-context", type=int, default=None)
+
+
+def register(sub) -> None:
+    s = sub.add_parser("camera", help="ask about a live video source: INPUT_URI [OUTPUT_URI]")
+    _common(s)
+    s.add_argument("input", help="v4l2:///dev/video0, csi://0, rtsp://..., file.mp4, folder/, synthetic://shapes")
+    s.add_argument("output", nargs="?", default=None, help="out.mp4, frames/, display://0 (default: none)")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--every", type=float, default=2.0, help="seconds between queries")
+    s.add_argument("--on-change", action="store_true", help="ask only when the scene changes")
+    s.add_argument("--window", type=int, default=1, help="frames per query (the last K, as K images)")
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--max-queries", type=int, default=None)
+    s.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    s.add_argument("--headless", action="store_true", help="no output video/window, answers only")
+    s.add_argument("--no-status", action="store_true")
+    s.set_defaults(fn=cmd_camera)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (loopback by default)")
+    _common(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="required to bind a non-loopback address")
+    s.add_argument("--model-id", default=None)
+    s.add_argument("--allow-local-files", action="store_true", help="accept image_url file paths")
+    s.add_argument("--max-images", type=int, default=4)
+    s.add_argument("--max-queue", type=int, default=8)
+    s.add_argument("--max-request-mb", type=int, default=16)
+    s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("demo", help="gradio web demo: webcam or upload, streaming answers, live stats")
+    _common(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=7860)
+    s.set_defaults(fn=cmd_demo)

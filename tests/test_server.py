@@ -1,0 +1,167 @@
+"""The OpenAI-compatible server: API shape, SSE, images, limits, auth, queueing (loopback only)."""
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+
+def _png_data_url(seed=0, size=40) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(seed).random((size, size, 3)) * 255).astype(np.uint8)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bundle):
+    from fastapi.testclient import TestClient
+
+    import edge_vila
+    from edge_vila.server import ServerOptions, create_app
+
+    pipe = edge_vila.load(tiny_bundle)
+    with TestClient(create_app(pipe, ServerOptions(model_id="tiny", max_images=2, max_request_bytes=200_000))) as c:
+        yield c
+
+
+def _chat(client, content, **kw):
+    return client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": content}],
+                                                     "max_tokens": 8, **kw})
+
+
+def test_completion_and_stream_agree(client):
+    r = _chat(client, "Describe the scene.")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    u = body["usage"]
+    assert u["completion_tokens"] >= 1 and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    with client.stream("POST", "/v1/chat/completions", json={"model": "tiny", "stream": True, "max_tokens": 8,
+                                                             "messages": [{"role": "user", "content": "Describe the scene."}]}) as s:
+        assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+        lines = [l for l in s.iter_lines() if l.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(l[6:]) for l in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert streamed == body["choices"][0]["message"]["content"]  # greedy: same text either way
+
+
+def test_images_history_and_models(client, tmp_path):
+    content = [{"type": "text", "text": "How many shapes are there?"},
+               {"type": "image_url", "image_url": {"url": _png_data_url()}}]
+    assert _chat(client, content).status_code == 200
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": content},
+            {"role": "assistant", "content": "two"}, {"role": "user", "content": "And their colours?"}]
+    r = client.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    m = client.get("/v1/models").json()
+    assert m["data"][0]["id"] == "tiny"
+    assert client.get("/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("payload,status,needle", [
+    ({"messages": []}, 400, "non-empty list"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "role must be"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "must follow a user message"),
+    ({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "not served here"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "unsupported"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
+     400, "not a decodable image"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/hostname"}}]}]},
+     400, "--allow-local-files"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]},
+     400, "remote URLs are not fetched"),
+])
+def test_bad_requests_are_4xx(client, payload, status, needle):
+    r = client.post("/v1/chat/completions", json=payload)
+    assert r.status_code == status and needle in r.json()["error"]["message"], r.text
+
+
+def test_limits(client):
+    img = {"type": "image_url", "image_url": {"url": _png_data_url(size=16)}}
+    r = _chat(client, [{"type": "text", "text": "compare"}, img, img, img])
+    assert r.status_code == 400 and "at most 2 images" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", content=b"{" + b" " * 300_000 + b"}",
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    r = client.post("/v1/chat/completions", content=b"not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]["message"]
+    r = _chat(client, "word " * 2000)  # beyond the bundle's 512-token context
+    assert r.status_code == 400 and r.json()["error"]["type"] == "context_length_exceeded"
+    metrics = client.get("/metrics").text
+    assert 'edge_vila_requests_total{code="400"}' in metrics and "edge_vila_completion_tokens_total" in metrics
+
+
+def test_api_key_and_bind_rules(tiny_bundle):
+    from fastapi.testclient import TestClient
+
+    import edge_vila
+    from edge_vila.errors import InputError
+    from edge_vila.server import ServerOptions, create_app, is_loopback, serve
+
+    pipe = edge_vila.load(tiny_bundle)
+    with TestClient(create_app(pipe, ServerOptions(api_key="s3cret"))) as c:
+        msg = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert c.post("/v1/chat/completions", json=msg).status_code == 401
+        assert c.get("/v1/models").status_code == 401
+        assert c.post("/v1/chat/completions", json=msg, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and not is_loopback("0.0.0.0")
+    with pytest.raises(InputError, match="refusing to bind 0.0.0.0 without an API key"):
+        serve(pipe, host="0.0.0.0", port=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(tiny_bundle):
+    """`edge-vila serve` as a real process on loopback, with a small queue."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edge_vila", "serve", str(tiny_bundle), "--port", str(port),
+                             "--max-queue", "3", "--model-id", "tiny"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stdout.read()}")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_concurrent_requests_answered_or_rejected(live_server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Count the shapes."}], "max_tokens": 24}
+
+    def one(_):
+        return httpx.post(live_server + "/v1/chat/completions", json=body, timeout=60).status_code
+
+    with cf.ThreadPoolExecutor(20) as ex:
+        codes = list(ex.map(one, range(20)))
+    assert set(codes) <= {200, 429}, codes  # no 5xx, no hang
+    assert codes.count(200) >= 4  # the worker + a queue of 3 at least
+    for _ in range(20):  # and it keeps serving sequentially afterwards
+        assert one(0) == 200
