@@ -137,10 +137,12 @@ def make_tiny_checkpoint(out: str | Path, spec: TinySpec | None = None, **overri
 
 class MJPEGServer:
     """An MJPEG-over-HTTP camera on loopback (what many IP cameras serve), for tests and
-    soak benchmarks of network sources: `drop()` closes every open stream and refuses new
-    ones until `resume()`, which is how a camera that loses its link looks to a client."""
+    soak benchmarks of network sources; `frame_fn(i) -> HxWx3 uint8` picks the pictures.
+    `drop()` closes every open stream and refuses new ones until `resume()`, which is how
+    a camera that loses its link looks to a client."""
 
-    def __init__(self, fps: float = 30.0, size: tuple[int, int] = (64, 48), host: str = "127.0.0.1"):
+    def __init__(self, fps: float = 30.0, size: tuple[int, int] = (64, 48), host: str = "127.0.0.1",
+                 frame_fn=None):
         import http.server
         import io
         import socketserver
@@ -170,8 +172,9 @@ class MJPEGServer:
                 try:
                     while server.up.is_set():
                         v = server.sent % 200
+                        img = frame_fn(server.sent) if frame_fn else np.full((h, w, 3), v, np.uint8)
                         buf = io.BytesIO()
-                        Image.fromarray(np.full((h, w, 3), v, np.uint8)).save(buf, "JPEG")
+                        Image.fromarray(img).save(buf, "JPEG", quality=95)
                         data = buf.getvalue()
                         self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
                                          % len(data) + data + b"\r\n")

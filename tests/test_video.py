@@ -114,3 +114,31 @@ def test_video_query_window_and_scene_change(tiny_pipe):
         done = [a for kind, a in vq.run(duration=1.0) if kind == "done"]
     assert len(done) == 1 and len(done[0].frames) == 2  # first frame asked, then unchanged scenes skipped
     assert vq.stats.skipped_unchanged > 3 and vq.message.count("<image>") == 2
+
+
+def test_camera_cli_writes_answers_and_video(tiny_bundle, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.avi"
+    r = subprocess.run([sys.executable, "-m", "edge_vila", "camera", str(tiny_bundle),
+                        "synthetic://shapes?fps=30&size=64", str(out), "--prompt", "How many shapes are there?",
+                        "--every", "0.3", "--max-queries", "3", "--max-new-tokens", "4", "--no-status"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stdout.splitlines() if l.startswith("[")]
+    assert len(lines) == 3 and all(" frame " in l for l in lines)
+    cap = cv2.VideoCapture(str(out))
+    n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    assert n >= 10  # every captured frame written with the overlay, not just the queried ones
+
+
+def test_robot_loop_example(tiny_bundle):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "demos/robot_loop.py"), str(tiny_bundle), "--every", "0.1",
+                        "--steps", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("[scene: ") == 2
