@@ -31,7 +31,7 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 def load(path: str | Path, backend: str = "auto", max_context: int | None = None, dtype: str = "float32",
          template: str | None = None, system: str | None = None, threads: int | None = None,
-         exact: bool = False) -> "Pipeline":
+         exact: bool = False, variant: str = "auto") -> "Pipeline":
     """Load a bundle (ONNX Runtime; TensorRT on the device), a VILA checkpoint (torch
     reference) or a plain HF LLM folder (text-only)."""
     if backend not in ("auto",) + BACKENDS:
@@ -39,7 +39,7 @@ def load(path: str | Path, backend: str = "auto", max_context: int | None = None
     from .bundle import is_bundle
 
     if is_bundle(path):
-        return _load_bundle(Path(path), backend, max_context, template, system, threads, exact)
+        return _load_bundle(Path(path), backend, max_context, template, system, threads, exact, variant)
     cfg = load_config(path)
     if backend not in ("auto", "torch"):
         raise InputError(f"{path}: a checkpoint runs on the torch backend; export a bundle for {backend}")
@@ -60,7 +60,7 @@ def _tensorrt_ready(path: Path) -> bool:
 
 
 def _load_bundle(path: Path, backend: str, max_context: int | None, template: str | None, system: str | None,
-                 threads: int | None, exact: bool) -> "Pipeline":
+                 threads: int | None, exact: bool, variant: str = "auto") -> "Pipeline":
     from .bundle import load_bundle_config
 
     cfg = load_bundle_config(path)
@@ -78,7 +78,7 @@ def _load_bundle(path: Path, backend: str, max_context: int | None, template: st
     else:
         from .backends.onnxruntime import OrtBackend
 
-        be = OrtBackend(cfg, max_context, threads=threads, exact=exact)
+        be = OrtBackend(cfg, max_context, threads=threads, exact=exact, variant=variant)
     return Pipeline(cfg, be, TextTokenizer(path), template=template,
                     system=system if system is not None else (cfg.system if not template else None))
 

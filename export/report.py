@@ -57,7 +57,8 @@ def bundle_report(float_ckpt: Path, bundle: Path, n: int = 200, quantized_ref: P
     from edge_vila.train import world
     from edge_vila.train.eval import eval_shapes_vqa
 
-    b = edge_vila.load(bundle, exact=True)  # numerics at ORT's exact accuracy level
+    # the TensorRT-meant graph itself, at ORT's exact accuracy level
+    b = edge_vila.load(bundle, exact=True, variant="bundle")
     rep: dict = {"bundle": str(bundle), "onnxruntime_accuracy_level": 0}
     images = []
     if b.cfg.is_multimodal:

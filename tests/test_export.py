@@ -98,24 +98,27 @@ def test_bundle_matches_torch_reference(which, w4_bundle, fp_bundle, qckpt, tmp_
         if not ref_path.exists():
             quantize_checkpoint(src, ref_path, QuantizeOptions(group_size=32, eval=False), progress=False)
     ref = edge_vila.load(ref_path, max_context=256)
-    b = edge_vila.load(bundle, exact=True)
-    assert b.backend.name == "onnxruntime"
-    res = logit_agreement(ref, b, PROMPTS * 4, _images(), steps=10)  # 20 prompts
-    assert res["max_rel_logit_err"] <= 1e-3, res
-    assert res["greedy_agreement"] == 1.0, res
+    # the TensorRT-meant graph itself, and (INT4 bundles) the private fast CPU graph derived from it
+    for variant in ("bundle", "fast") if which == "w4" else ("bundle",):
+        b = edge_vila.load(bundle, exact=True, variant=variant)
+        assert b.backend.name == "onnxruntime" and b.backend.variant == variant
+        res = logit_agreement(ref, b, PROMPTS * 4, _images(), steps=10)  # 20 prompts
+        assert res["max_rel_logit_err"] <= 1e-3, (variant, res)
+        assert res["greedy_agreement"] == 1.0, (variant, res)
 
 
-def test_bundle_generation_prefix_reuse_and_eval(w4_bundle):
+@pytest.mark.parametrize("variant", ["fast", "bundle"])
+def test_bundle_generation_prefix_reuse_and_eval(w4_bundle, variant):
     from edge_vila.train.eval import eval_shapes_vqa, text_perplexity
 
-    pipe = edge_vila.load(w4_bundle)
+    pipe = edge_vila.load(w4_bundle, variant=variant)
     img = _images(1)
     a = pipe.generate("What is this?", images=img, max_new_tokens=6)
     chat = pipe.chat()
     chat.send("What is this?", images=img, max_new_tokens=4)
     chat.send("And now?", max_new_tokens=4)
     assert pipe.stats.reused_tokens > pipe.tokens_per_image  # turn 2 reused turn 1 from the ORT cache
-    fresh = edge_vila.load(w4_bundle)
+    fresh = edge_vila.load(w4_bundle, variant=variant)
     assert fresh.generate("What is this?", images=img, max_new_tokens=6) == a
     assert 0 <= eval_shapes_vqa(pipe, 6, progress=False)["accuracy"] <= 1
     assert text_perplexity(pipe, ["A red circle on the left."])["perplexity"] > 1

@@ -1,9 +1,11 @@
 """ONNX Runtime backend: runs the bundle's own ONNX files (the ones TensorRT compiles).
 
 Providers are tried in order TensorRT EP (engine cache inside the bundle) -> CUDA EP ->
-CPU. The KV cache stays in ONNX Runtime's memory: each step's `present` outputs are bound
-as the next step's `past` inputs (IO binding), so the host never copies the cache; a
-rewind for prefix reuse slices it once.
+CPU. On the CPU the backend runs a private, faster graph derived from the bundle's
+llm.onnx (ort_fast.py: MatMulNBits + GroupQueryAttention over one preallocated KV buffer
+that decode steps write in place; rewinds are free). `variant="bundle"` runs the bundle's
+own graph instead: there each step's `present` outputs are bound as the next step's
+`past` inputs (IO binding), so the host never copies the cache; a rewind slices it once.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, cfg: BundleConfig, max_context: int | None = None, threads: int | None = None,
-                 providers: list[str] | None = None, exact: bool = False):
+                 providers: list[str] | None = None, exact: bool = False, variant: str = "auto"):
         import onnxruntime as ort
         from safetensors.numpy import load_file
 
@@ -58,21 +60,43 @@ class OrtBackend:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if exact:  # MatMulNBits' default accuracy level quantizes activations to int8
             so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-        so.add_session_config_entry("session.qdqisint8allowed", "1")  # keep S8 Q/DQ as TensorRT wants it
         provs = _providers(root, providers)
-        self.llm = ort.InferenceSession(str(root / "llm.onnx"), so, providers=provs)
-        self.vision = ort.InferenceSession(str(root / "vision.onnx"), so, providers=provs) \
-            if cfg.is_multimodal else None
+        if variant not in ("auto", "fast", "bundle"):
+            raise InputError(f"variant {variant!r} unknown (expected auto, fast or bundle)")
+        cpu_only = all((p if isinstance(p, str) else p[0]) == "CPUExecutionProvider" for p in provs)
+        fast = None
+        if variant == "fast" or (variant == "auto" and cpu_only and (cfg.manifest.get("quant") or {}).get("llm") == "awq-w4"):
+            fast = _fast_graph(cfg, accuracy_level=0 if exact else 4, required=variant == "fast")
+        self.variant = "fast" if fast else "bundle"
+        self.llm = ort.InferenceSession(str(fast or root / "llm.onnx"), so, providers=provs)
+        self.vision = None
+        if cfg.is_multimodal:
+            vso = ort.SessionOptions()
+            vso.intra_op_num_threads = so.intra_op_num_threads
+            vso.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # S8 Q/DQ is what TensorRT wants but runs slowly on ORT's CPU kernels; unless asked for the
+            # bundle graph as-is, let ORT rewrite it to U8 activations (its fast CPU path)
+            if not cpu_only or exact or variant == "bundle":
+                vso.add_session_config_entry("session.qdqisint8allowed", "1")
+            self.vision = ort.InferenceSession(str(root / "vision.onnx"), vso, providers=provs)
         self.embed_table = load_file(str(root / "embed.safetensors"))["embed_tokens"]
         m = cfg.llm
         self._kv_shape = (1, m.num_kv_heads, 0, m.head_dim)
-        self._past_names = [i.name for i in self.llm.get_inputs()[2:]]
-        self._present_names = [o.name for o in self.llm.get_outputs()[1:]]
+        self._past_names = [i.name for i in self.llm.get_inputs() if i.name.startswith("past_")]
+        self._present_names = [o.name for o in self.llm.get_outputs() if o.name.startswith("present_")]
         self.reset()
 
     def reset(self) -> None:
-        empty = np.zeros(self._kv_shape, np.float32)
-        self.past = [empty] * len(self._past_names)
+        if self.variant == "fast":
+            import onnxruntime as ort
+
+            if not getattr(self, "past", None):  # allocated once, for the whole context
+                shape = (1, self.cfg.llm.num_kv_heads, self.max_context, self.cfg.llm.head_dim)
+                self.past = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+                             for _ in self._past_names]
+        else:
+            empty = np.zeros(self._kv_shape, np.float32)
+            self.past = [empty] * len(self._past_names)
         self.length = 0
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
@@ -87,11 +111,13 @@ class OrtBackend:
         n = embeds.shape[0]
         if start + n > self.max_context:
             raise InputError(f"position {start + n - 1} beyond the context ({self.max_context})")
-        if start < self.length:  # prefix reuse: rewind the cache to `start`
+        if start < self.length and self.variant == "bundle":  # prefix reuse: rewind the cache to `start`
             self.past = [np.ascontiguousarray(p[:, :, :start]) if isinstance(p, np.ndarray)
                          else np.ascontiguousarray(p.numpy()[:, :, :start]) for p in self.past]
         elif start > self.length:
             raise InputError(f"forward at {start} but the cache holds {self.length} positions")
+        if self.variant == "fast":
+            return self._forward_fast(embeds, start)
         feeds = {"inputs_embeds": np.ascontiguousarray(embeds[None], np.float32),
                  "position_ids": np.arange(start, start + n, dtype=np.int64)}
         io = self.llm.io_binding()
@@ -111,3 +137,49 @@ class OrtBackend:
         self.length = start + n
         self.tokens_forwarded += n
         return outs[0].numpy()[0]
+
+    def _forward_fast(self, embeds: np.ndarray, start: int) -> np.ndarray:
+        """GroupQueryAttention writes positions start.. into the shared buffers in place."""
+        n = embeds.shape[0]
+        io = self.llm.io_binding()
+        io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None], np.float32))
+        io.bind_cpu_input("seqlens_k", np.array([start + n - 1], np.int32))
+        io.bind_cpu_input("total_sequence_length", np.array(start + n, np.int32))
+        io.bind_output("logits")
+        for pin, pout, buf in zip(self._past_names, self._present_names, self.past):
+            io.bind_ortvalue_input(pin, buf)
+            io.bind_ortvalue_output(pout, buf)
+        self.llm.run_with_iobinding(io)
+        self.length = start + n
+        self.tokens_forwarded += n
+        return io.get_outputs()[0].numpy()[0]
+
+
+def _fast_graph(cfg: BundleConfig, accuracy_level: int, required: bool) -> Path | None:
+    """The cached fast CPU graph for this bundle (built on first use); None if unavailable."""
+    try:
+        from .ort_fast import build_fast_llm
+    except ImportError as e:  # the onnx package is needed to build it
+        if required:
+            raise InputError(f"the fast CPU graph needs the onnx package ({e})") from None
+        return None
+    digest = cfg.manifest["files"]["llm.onnx"][:16]
+    name = f"{digest}-acc{accuracy_level}"
+    candidates = [cfg.root / "engines" / "ort-cpu" / name,
+                  Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-vila" / "ort-cpu" / name]
+    for folder in candidates:
+        path = folder / "llm_fast.onnx"
+        if path.is_file() and (folder / "llm_fast.onnx.data").is_file():
+            return path
+    for folder in candidates:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return build_fast_llm(cfg.root / "llm.onnx", cfg.manifest, folder / "llm_fast.onnx", accuracy_level)
+        except PermissionError:
+            continue
+        except (ValueError, KeyError) as e:  # a graph this builder does not know: run the bundle's own
+            if required:
+                raise InputError(f"{cfg.root}: cannot build the fast CPU graph ({e})") from None
+            log.warning("%s: running the bundle graph (fast CPU graph unavailable: %s)", cfg.root, e)
+            return None
+    return None

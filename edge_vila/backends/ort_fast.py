@@ -1,0 +1,264 @@
+"""A faster, private CPU variant of the bundle's llm.onnx, built from it for ONNX Runtime.
+
+The bundle's llm.onnx is standard ONNX for TensorRT (block DequantizeLinear -> MatMul,
+attention from primitive ops, a KV cache that grows by concatenation). On the CPU, ONNX
+Runtime's contrib ops do the same maths faster, so the ORT backend derives this graph from
+the bundle and caches it (`engines/ort-cpu/`, keyed by llm.onnx's sha256):
+
+- every decoder linear -> MatMulNBits with its native AWQ zero points (recovered exactly
+  from the bundle's symmetric INT4 + zero-point correction); q/k/v and gate/up are fused
+  into one MatMulNBits each;
+- attention -> GroupQueryAttention with RoPE inside (cos/sin from the bundle's tables) and
+  past/present sharing one preallocated buffer: a decode step writes one position in place,
+  a prefix rewind is free (the next step simply says where the sequence ends);
+- RMSNorm -> (Skip)SimplifiedLayerNormalization; the LM head runs on the last position only.
+
+The bundle's files stay the contract: this graph is only a cache, rebuilt when llm.onnx
+changes, and tests check it against the bundle graph and the torch reference.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+MS = "com.microsoft"
+PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass
+class Int4Linear:
+    q: np.ndarray       # [K, N] uint8 in 0..15
+    scale: np.ndarray   # [n_blocks, N] float32
+    zero: np.ndarray    # [n_blocks, N] uint8 in 0..15
+    block: int
+    bias: np.ndarray | None = None
+
+    @property
+    def kn(self) -> tuple[int, int]:
+        return self.q.shape
+
+
+def _unpack_int4(t, shape) -> np.ndarray:
+    raw = np.frombuffer(t.raw_data, np.uint8)
+    lo, hi = (raw & 0xF), (raw >> 4)
+    v = np.stack([lo, hi], -1).reshape(-1)[: int(np.prod(shape))].astype(np.int8)
+    v = np.where(v > 7, v - 16, v)  # signed nibbles
+    return v.reshape(shape)
+
+
+def read_int4_linears(model) -> dict[str, Int4Linear]:
+    """name (e.g. 'model.layers.0.self_attn.q_proj', 'lm_head') -> weights, from the bundle graph."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    block_of = {}
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and len(n.input) >= 2:
+            bs = next((a.i for a in n.attribute if a.name == "block_size"), 0)
+            block_of[n.input[0]] = bs
+    groups: dict[str, dict[str, str]] = {}
+    for name in inits:
+        m = re.match(r"(.+)\.(q4|scale|zcorr)__q\d+$", name)
+        if m:
+            groups.setdefault(m.group(1), {})[m.group(2)] = name
+    out = {}
+    for base, parts in groups.items():
+        if "q4" not in parts or "scale" not in parts:
+            continue
+        t = inits[parts["q4"]]
+        signed = _unpack_int4(t, tuple(t.dims))
+        scale = numpy_helper.to_array(inits[parts["scale"]]).astype(np.float32)
+        if "zcorr" in parts:  # zcorr = s * (8 - z)  ->  z = 8 - zcorr / s
+            zc = numpy_helper.to_array(inits[parts["zcorr"]]).astype(np.float32)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z = np.where(scale != 0, 8 - zc / scale, 8)
+            zero = np.clip(np.rint(z), 0, 15).astype(np.uint8)
+        else:
+            zero = np.full(scale.shape, 8, np.uint8)
+        out[base] = Int4Linear((signed + 8).astype(np.uint8), scale, zero, block_of.get(parts["q4"], 0) or 128)
+    for base, lin in out.items():
+        b = inits.get(f"lm.{base}.bias")
+        if b is not None:
+            lin.bias = numpy_helper.to_array(b).astype(np.float32)
+    return out
+
+
+def pack_matmulnbits(lin: Int4Linear) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """-> B [N, n_blocks, block/2] uint8, scales [N * n_blocks], zero_points [N, ceil(n_blocks/2)] uint8."""
+    K, N = lin.kn
+    bs = lin.block
+    nb = -(-K // bs)
+    q = np.full((nb * bs, N), 8, np.uint8)
+    q[:K] = lin.q
+    q = q.T.reshape(N, nb, bs)
+    B = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    scales = np.ascontiguousarray(lin.scale.T).reshape(-1).astype(np.float32)
+    z = lin.zero.T  # [N, nb]
+    if nb % 2:
+        z = np.concatenate([z, np.full((N, 1), 8, np.uint8)], 1)
+    zp = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
+    return B, scales, zp
+
+
+def fuse(lins: list[Int4Linear]) -> Int4Linear:
+    """Concatenate linears that read the same input along N (q|k|v, gate|up)."""
+    if len({l.block for l in lins}) != 1:
+        raise ValueError("cannot fuse linears with different block sizes")
+    bias = None
+    if any(l.bias is not None for l in lins):
+        bias = np.concatenate([l.bias if l.bias is not None else np.zeros(l.kn[1], np.float32) for l in lins])
+    return Int4Linear(np.concatenate([l.q for l in lins], 1), np.concatenate([l.scale for l in lins], 1),
+                      np.concatenate([l.zero for l in lins], 1), lins[0].block, bias)
+
+
+def _find_rope(model, max_ctx: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    from onnx import numpy_helper
+
+    cos = sin = None
+    for i in model.graph.initializer:
+        if len(i.dims) == 2 and i.dims[1] == head_dim and i.dims[0] >= max_ctx and i.data_type == 1:
+            a = numpy_helper.to_array(i)
+            if np.allclose(a[0], 1.0):
+                cos = a
+            elif np.allclose(a[0], 0.0) and a.shape[0] > 1 and abs(a[1, 0]) > 0.5:
+                sin = a
+    if cos is None or sin is None:
+        raise ValueError("RoPE tables not found in llm.onnx")
+    half = head_dim // 2
+    if not np.allclose(cos[:, :half], cos[:, half:]):
+        raise ValueError("RoPE tables are not in rotate-half layout")
+    return np.ascontiguousarray(cos[:max_ctx, :half]), np.ascontiguousarray(sin[:max_ctx, :half])
+
+
+def _rms_eps(model) -> float:
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    consts = {n.output[0]: next(a.t for a in n.attribute if a.name == "value") for n in model.graph.node
+              if n.op_type == "Constant"}
+    means = {n.output[0] for n in model.graph.node if n.op_type == "ReduceMean"}
+    for n in model.graph.node:
+        if n.op_type == "Add" and n.input[0] in means:
+            t = inits.get(n.input[1]) or consts.get(n.input[1])
+            if t is not None:
+                return float(numpy_helper.to_array(t).reshape(-1)[0])
+    raise ValueError("RMSNorm epsilon not found in llm.onnx")
+
+
+def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int = 4) -> Path:
+    """Write the fast graph for `bundle_llm` (the bundle's llm.onnx) to `out` (atomically)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = man["model"]
+    H, nh, nkv, hd, L, V = (m["hidden_size"], m["num_heads"], m["num_kv_heads"], m["head_dim"], m["num_layers"],
+                            m["vocab_size"])
+    max_ctx = m["max_context"]
+    model = onnx.load(str(bundle_llm))
+    lins = read_int4_linears(model)
+    if f"model.layers.0.{PROJ[0]}" not in lins:
+        raise ValueError("llm.onnx has no INT4 linears (fp32 bundle): nothing to accelerate")
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name.startswith("lm.")}
+    cos, sin = _find_rope(model, max_ctx, hd)
+    eps = _rms_eps(model)
+    del model
+    nodes, weights = [], []
+
+    def w(name, arr):
+        weights.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def nbits(x, lin: Int4Linear, name):
+        K, N = lin.kn
+        B, sc, zp = pack_matmulnbits(lin)
+        ins = [x, w(f"{name}.B", B), w(f"{name}.scales", sc), w(f"{name}.zp", zp)]
+        if lin.bias is not None:
+            ins += ["", w(f"{name}.bias", lin.bias)]  # g_idx unused, then bias
+        nodes.append(helper.make_node("MatMulNBits", ins, [f"{name}.out"], domain=MS, K=K, N=N, bits=4,
+                                      block_size=lin.block, accuracy_level=accuracy_level, name=name))
+        return f"{name}.out"
+
+    w("cos_cache", cos)
+    w("sin_cache", sin)
+    x = "inputs_embeds"
+    ins = [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [1, "seq_len", H]),
+           helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+           helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+    outs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, V])]
+    normed = f"l0.in_norm"
+    nodes.append(helper.make_node("SimplifiedLayerNormalization", [x, w("l0.in_w", inits[
+        "lm.model.layers.0.input_layernorm.weight"])], [normed], axis=-1, epsilon=eps, name="l0.in_norm"))
+    for i in range(L):
+        p = f"model.layers.{i}."
+        qkv = nbits(normed, fuse([lins[p + k] for k in PROJ[:3]]), f"l{i}.qkv")
+        for kind in ("key", "value"):
+            ins.append(helper.make_tensor_value_info(f"past_{kind}.{i}", TensorProto.FLOAT,
+                                                     [1, nkv, "max_seq", hd]))
+            outs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", TensorProto.FLOAT,
+                                                      [1, nkv, "max_seq", hd]))
+        nodes.append(helper.make_node(
+            "GroupQueryAttention", [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k",
+                                    "total_sequence_length", "cos_cache", "sin_cache"],
+            [f"l{i}.attn", f"present_key.{i}", f"present_value.{i}"], domain=MS, num_heads=nh, kv_num_heads=nkv,
+            do_rotary=1, rotary_interleaved=0, scale=float(hd ** -0.5), name=f"l{i}.gqa"))
+        o = nbits(f"l{i}.attn", lins[p + PROJ[3]], f"l{i}.o")
+        nodes.append(helper.make_node(
+            "SkipSimplifiedLayerNormalization", [o, x, w(f"l{i}.post_w", inits[f"lm.{p}post_attention_layernorm.weight"])],
+            [f"l{i}.post_norm", "", "", f"l{i}.resid"], domain=MS, epsilon=eps, name=f"l{i}.post_norm"))
+        gu = nbits(f"l{i}.post_norm", fuse([lins[p + PROJ[4]], lins[p + PROJ[5]]]), f"l{i}.gate_up")
+        I = lins[p + PROJ[4]].kn[1]
+        nodes += [helper.make_node("Split", [gu, w(f"l{i}.split", np.array([I, I], np.int64))],
+                                   [f"l{i}.gate", f"l{i}.up"], axis=-1),
+                  helper.make_node("Sigmoid", [f"l{i}.gate"], [f"l{i}.sig"]),
+                  helper.make_node("Mul", [f"l{i}.gate", f"l{i}.sig"], [f"l{i}.silu"]),
+                  helper.make_node("Mul", [f"l{i}.silu", f"l{i}.up"], [f"l{i}.act"])]
+        d = nbits(f"l{i}.act", lins[p + PROJ[6]], f"l{i}.down")
+        if i + 1 < L:  # the residual add fused with the next layer's input norm
+            nxt = f"model.layers.{i + 1}.input_layernorm.weight"
+            normed = f"l{i + 1}.in_norm"
+            x = f"l{i + 1}.x"
+            nodes.append(helper.make_node("SkipSimplifiedLayerNormalization",
+                                          [d, f"l{i}.resid", w(f"l{i + 1}.in_w", inits["lm." + nxt])],
+                                          [normed, "", "", x], domain=MS, epsilon=eps, name=f"l{i + 1}.in_norm"))
+        else:
+            x = f"l{i}.out"
+            nodes.append(helper.make_node("Add", [d, f"l{i}.resid"], [x]))
+    # the head only for the last position
+    nodes += [helper.make_node("Gather", [x, w("last", np.array(-1, np.int64))], ["last_h"], axis=1),
+              helper.make_node("SimplifiedLayerNormalization", ["last_h", w("final_norm", inits["lm.model.norm.weight"])],
+                               ["final_h"], axis=-1, epsilon=eps)]
+    if "lm_head" in lins:
+        nodes.append(helper.make_node("Unsqueeze", ["final_h", w("ax1", np.array([1], np.int64))], ["final_h3"]))
+        head = nbits("final_h3", lins["lm_head"], "lm_head")
+        nodes.append(helper.make_node("Squeeze", [head, "ax1"], ["logits"]))
+    else:
+        wt = inits["lm.lm_head.weight"]  # [V, H]
+        nodes.append(helper.make_node("MatMul", ["final_h", w("lm_head.wT", np.ascontiguousarray(wt.T))], ["logits"]))
+    graph = helper.make_graph(nodes, "edge_vila_fast_llm", ins, outs, weights)
+    fast = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)],
+                             producer_name="edge-vila", ir_version=10)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    data = out.name + ".data"
+    onnx.save_model(fast, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data + ".tmp",
+                    size_threshold=1024)
+    (out.parent / (data + ".tmp")).replace(out.parent / data)
+    # the graph references its data file by name: rewrite the location before the final rename
+    m2 = onnx.load(str(tmp), load_external_data=False)
+    for t in m2.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = data
+    onnx.save_model(m2, str(tmp))
+    tmp.replace(out)
+    log.info("built the fast CPU graph %s", out)
+    return out
+
+
+__all__ = ["build_fast_llm", "read_int4_linears", "pack_matmulnbits", "Int4Linear"]
