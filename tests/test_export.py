@@ -148,3 +148,29 @@ def test_bad_bundles_fail_with_one_line(w4_bundle, tmp_path):
         edge_vila.load(b)
     with pytest.raises(edge_vila.InputError, match="runs on onnxruntime or tensorrt"):
         edge_vila.load(w4_bundle, backend="torch")
+
+
+def test_fast_cpu_graph_matches_bundle_graph_qwen2(tmp_path):
+    """The private CPU graph is derived from the bundle by structure: Qwen2 (q/k/v biases, ties)
+    and norm weights the exporter merged (all ones at random init) must still come out exact."""
+    from edge_vila.testing import make_tiny_checkpoint
+
+    src = make_tiny_checkpoint(tmp_path / "q2", llm="qwen2", llm_hidden=64, intermediate=128, image_size=32)
+    from safetensors.numpy import load_file, save_file
+
+    wf = next((src / "llm").glob("*.safetensors"))
+    sd = load_file(str(wf))
+    rng = np.random.default_rng(1)
+    for k in sd:  # HF initialises biases to zero; real Qwen2 biases are not
+        if k.endswith(".bias"):
+            sd[k] = rng.normal(0, 0.5, sd[k].shape).astype(sd[k].dtype)
+    save_file(sd, str(wf), metadata={"format": "pt"})
+    b = export_bundle(src, tmp_path / "b", ExportOptions(group_size=32, max_context=128, report=False))
+    ref = edge_vila.load(b, exact=True, variant="bundle")
+    fast = edge_vila.load(b, exact=True, variant="fast")
+    assert fast.backend.variant == "fast"
+    assert list((b / "engines" / "ort-cpu").glob("*/llm_fast.onnx"))  # cached beside the bundle
+    res = logit_agreement(ref, fast, PROMPTS * 2, _images(), steps=8)
+    assert res["max_rel_logit_err"] <= 1e-4 and res["greedy_agreement"] == 1.0, res
+    # the bundle stays the contract: its own files are untouched and still verify
+    edge_vila.load(b, variant="bundle")

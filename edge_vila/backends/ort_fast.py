@@ -136,6 +136,36 @@ def _find_rope(model, max_ctx: int, head_dim: int) -> tuple[np.ndarray, np.ndarr
     return np.ascontiguousarray(cos[:max_ctx, :half]), np.ascontiguousarray(sin[:max_ctx, :half])
 
 
+def _norm_weights(model) -> list[np.ndarray]:
+    """RMSNorm weights in graph order (layer 0 input, layer 0 post-attention, ..., final norm).
+
+    Found by structure, not by name: the exporter merges identical initializers (a randomly
+    initialised model has every norm weight equal to ones), so names are not reliable.
+    RMSNorm here is ReduceMean -> Add(eps) -> Sqrt -> Reciprocal -> Mul(x) -> Mul(weight)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    out = []
+    for n in model.graph.node:
+        if n.op_type != "ReduceMean":
+            continue
+        cur = n
+        for op in ("Add", "Sqrt", "Reciprocal", "Mul", "Mul"):
+            nxt = [c for c in consumers.get(cur.output[0], []) if c.op_type == op]
+            if len(nxt) != 1:
+                raise ValueError(f"unexpected RMSNorm pattern after {n.name}")
+            cur = nxt[0]
+        w = [i for i in cur.input if i in inits]
+        if len(w) != 1:
+            raise ValueError(f"RMSNorm weight not found after {n.name}")
+        out.append(numpy_helper.to_array(inits[w[0]]).astype(np.float32))
+    return out
+
+
 def _rms_eps(model) -> float:
     from onnx import numpy_helper
 
@@ -164,7 +194,10 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
     lins = read_int4_linears(model)
     if f"model.layers.0.{PROJ[0]}" not in lins:
         raise ValueError("llm.onnx has no INT4 linears (fp32 bundle): nothing to accelerate")
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name.startswith("lm.")}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name.startswith("lm.lm_head")}
+    norms = _norm_weights(model)
+    if len(norms) != 2 * L + 1:
+        raise ValueError(f"found {len(norms)} RMSNorms in llm.onnx, expected {2 * L + 1}")
     cos, sin = _find_rope(model, max_ctx, hd)
     eps = _rms_eps(model)
     del model
@@ -192,8 +225,8 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
            helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
     outs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, V])]
     normed = f"l0.in_norm"
-    nodes.append(helper.make_node("SimplifiedLayerNormalization", [x, w("l0.in_w", inits[
-        "lm.model.layers.0.input_layernorm.weight"])], [normed], axis=-1, epsilon=eps, name="l0.in_norm"))
+    nodes.append(helper.make_node("SimplifiedLayerNormalization", [x, w("l0.in_w", norms[0])], [normed], axis=-1,
+                                  epsilon=eps, name="l0.in_norm"))
     for i in range(L):
         p = f"model.layers.{i}."
         qkv = nbits(normed, fuse([lins[p + k] for k in PROJ[:3]]), f"l{i}.qkv")
@@ -209,7 +242,7 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
             do_rotary=1, rotary_interleaved=0, scale=float(hd ** -0.5), name=f"l{i}.gqa"))
         o = nbits(f"l{i}.attn", lins[p + PROJ[3]], f"l{i}.o")
         nodes.append(helper.make_node(
-            "SkipSimplifiedLayerNormalization", [o, x, w(f"l{i}.post_w", inits[f"lm.{p}post_attention_layernorm.weight"])],
+            "SkipSimplifiedLayerNormalization", [o, x, w(f"l{i}.post_w", norms[2 * i + 1])],
             [f"l{i}.post_norm", "", "", f"l{i}.resid"], domain=MS, epsilon=eps, name=f"l{i}.post_norm"))
         gu = nbits(f"l{i}.post_norm", fuse([lins[p + PROJ[4]], lins[p + PROJ[5]]]), f"l{i}.gate_up")
         I = lins[p + PROJ[4]].kn[1]
@@ -220,18 +253,17 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
                   helper.make_node("Mul", [f"l{i}.silu", f"l{i}.up"], [f"l{i}.act"])]
         d = nbits(f"l{i}.act", lins[p + PROJ[6]], f"l{i}.down")
         if i + 1 < L:  # the residual add fused with the next layer's input norm
-            nxt = f"model.layers.{i + 1}.input_layernorm.weight"
             normed = f"l{i + 1}.in_norm"
             x = f"l{i + 1}.x"
             nodes.append(helper.make_node("SkipSimplifiedLayerNormalization",
-                                          [d, f"l{i}.resid", w(f"l{i + 1}.in_w", inits["lm." + nxt])],
+                                          [d, f"l{i}.resid", w(f"l{i + 1}.in_w", norms[2 * i + 2])],
                                           [normed, "", "", x], domain=MS, epsilon=eps, name=f"l{i + 1}.in_norm"))
         else:
             x = f"l{i}.out"
             nodes.append(helper.make_node("Add", [d, f"l{i}.resid"], [x]))
     # the head only for the last position
     nodes += [helper.make_node("Gather", [x, w("last", np.array(-1, np.int64))], ["last_h"], axis=1),
-              helper.make_node("SimplifiedLayerNormalization", ["last_h", w("final_norm", inits["lm.model.norm.weight"])],
+              helper.make_node("SimplifiedLayerNormalization", ["last_h", w("final_norm", norms[2 * L])],
                                ["final_h"], axis=-1, epsilon=eps)]
     if "lm_head" in lins:
         nodes.append(helper.make_node("Unsqueeze", ["final_h", w("ax1", np.array([1], np.int64))], ["final_h3"]))
