@@ -1,7 +1,9 @@
 """Decode speed, side by side in one run: the edge-vila bundle (ONNX Runtime backend) vs
-transformers fp32 eager on the same HF model, and onnxruntime-genai when it is installed.
+transformers fp32 eager on the same HF model, onnxruntime-genai's int4 build (--genai) and
+llama.cpp on a Q4 GGUF of the same model (--gguf).
 
-    python benchmarks/decode_speed.py --hf HF_LLM_DIR --bundle BUNDLE [--contexts 64 512 1024] [--runs 5]
+    python benchmarks/decode_speed.py --hf HF_LLM_DIR --bundle BUNDLE [--genai DIR] [--gguf FILE]
+        [--contexts 64 512 1024] [--runs 5]
 
 Reports tokens/s (median of --runs) for a decode of --new tokens after a prompt padded to
 each context length, the ratios, and writes JSON + a PNG next to --out. Not a test: timing
@@ -87,11 +89,32 @@ def bench_genai(folder: Path, hf: Path, ctx: int, new: int, runs: int) -> float:
     return statistics.median(rates[1:])
 
 
+def bench_llamacpp(gguf: Path, hf: Path, ctx: int, new: int, runs: int) -> float:
+    """llama.cpp (llama-cpp-python, built from PyPI's source) on a Q4 GGUF of the same model."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    ids = _ids(AutoTokenizer.from_pretrained(str(hf)), ctx)
+    llm = Llama(model_path=str(gguf), n_ctx=ctx + new + 16, n_threads=os.cpu_count(), n_batch=512, verbose=False)
+    rates = []
+    for _ in range(runs + 1):
+        llm.reset()
+        llm.eval(ids)
+        tok = llm.sample(temp=0.0)
+        t0 = time.perf_counter()
+        for _ in range(new):
+            llm.eval([tok])
+            tok = llm.sample(temp=0.0)
+        rates.append(new / (time.perf_counter() - t0))
+    return statistics.median(rates[1:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hf", required=True, type=Path)
     ap.add_argument("--bundle", required=True, type=Path)
     ap.add_argument("--genai", type=Path, default=None, help="onnxruntime-genai build of the same model")
+    ap.add_argument("--gguf", type=Path, default=None, help="Q4 GGUF of the same model, for llama.cpp")
     ap.add_argument("--contexts", type=int, nargs="+", default=[64, 512, 1024])
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--runs", type=int, default=5)
@@ -108,6 +131,10 @@ def main() -> None:
             row["onnxruntime_genai_int4"] = bench_genai(a.genai, a.hf, ctx, a.new, a.runs)
             row["ratio_vs_genai"] = row["edge_vila_ort"] / row["onnxruntime_genai_int4"]
             extra = f" | genai int4 {row['onnxruntime_genai_int4']:7.1f} tok/s | x{row['ratio_vs_genai']:.2f}"
+        if a.gguf:
+            row["llama_cpp_q4"] = bench_llamacpp(a.gguf, a.hf, ctx, a.new, a.runs)
+            row["ratio_vs_llama_cpp"] = row["edge_vila_ort"] / row["llama_cpp_q4"]
+            extra += f" | llama.cpp {row['llama_cpp_q4']:7.1f} tok/s | x{row['ratio_vs_llama_cpp']:.2f}"
         res["results"][str(ctx)] = row
         print(f"context {ctx:5d}: edge-vila {row['edge_vila_ort']:7.1f} tok/s | transformers fp32 "
               f"{row['transformers_fp32_eager']:7.1f} tok/s | x{row['ratio_vs_transformers']:.2f}{extra}", flush=True)
@@ -128,7 +155,7 @@ def _plot(res: dict, path: Path) -> None:
 
     ctx = list(res["results"])
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    for key in ("edge_vila_ort", "transformers_fp32_eager", "onnxruntime_genai_int4"):
+    for key in ("edge_vila_ort", "transformers_fp32_eager", "onnxruntime_genai_int4", "llama_cpp_q4"):
         if key not in res["results"][ctx[0]]:
             continue
         ax.plot([int(c) for c in ctx], [res["results"][c][key] for c in ctx], marker="o", label=key)

@@ -31,7 +31,7 @@ import numpy as np
 ORIN_GBPS = {"AGX Orin (204.8 GB/s)": 204.8, "Orin NX (102.4 GB/s)": 102.4, "Orin Nano (68 GB/s)": 68.0}
 
 
-def stream_copy_gbps(mb: int = 512, passes: int = 5, threads: int | None = None) -> float:
+def stream_copy_gbps(mb: int = 1024, passes: int = 10, threads: int | None = None) -> float:
     threads = threads or os.cpu_count() or 1
     n = mb * 2 ** 20 // 4 // threads
     srcs = [np.ones(n, np.float32) for _ in range(threads)]
@@ -83,7 +83,10 @@ def weight_bytes(hf: Path, edge: Path | None, genai: Path | None, gguf: Path | N
         emb_bytes = sum(sizes[i] for n in gather for i in n.input if i in sizes)
         out["onnxruntime_genai_int4"] = sum(sizes.values()) - emb_bytes
     if gguf:
-        out["llama_cpp"] = os.path.getsize(gguf)  # the token embedding is a lookup but small next to the rest
+        import gguf as gg
+
+        r = gg.GGUFReader(str(gguf))  # every tensor but the token embedding (a lookup)
+        out["llama_cpp_q4"] = sum(int(t.n_bytes) for t in r.tensors if t.name != "token_embd.weight")
     return out, cfg
 
 
@@ -99,7 +102,7 @@ def main() -> None:
     res = json.loads(a.decode.read_text())
     bw = stream_copy_gbps()
     weights, cfg = weight_bytes(a.hf, a.edge, a.genai, a.gguf)
-    kv_bytes = {"transformers_fp32_eager": 4, "edge_vila_ort": 4, "onnxruntime_genai_int4": 4, "llama_cpp": 2}
+    kv_bytes = {"transformers_fp32_eager": 4, "edge_vila_ort": 4, "onnxruntime_genai_int4": 4, "llama_cpp_q4": 2}
     rows, proj = [], []
     print(f"STREAM-style copy bandwidth: {bw:.1f} GB/s")
     for ctx, row in res["results"].items():

@@ -66,6 +66,8 @@ class TinySpec:
     patch_size: int = 4
     vision_hidden: int = 32
     vision_layers: int = 2
+    vision_heads: int = 2
+    vision_intermediate: int = 0  # 0: twice vision_hidden
     llm_hidden: int = 64
     llm_layers: int = 2
     llm_heads: int = 4
@@ -101,8 +103,8 @@ def build_models(spec: TinySpec):
         llm = Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=1000000.0))
     else:
         raise ValueError(f"tiny llm must be llama or qwen2, got {spec.llm!r}")
-    vkw = dict(hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden,
-               num_hidden_layers=spec.vision_layers, num_attention_heads=2, image_size=spec.image_size,
+    vkw = dict(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
+               num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads, image_size=spec.image_size,
                patch_size=spec.patch_size)
     if spec.vision == "siglip":
         vision = SiglipVisionModel(SiglipVisionConfig(**vkw))

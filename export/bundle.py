@@ -70,12 +70,14 @@ def _ensure_quantized(ckpt: Path, opts: ExportOptions, work: Path) -> Path:
     need_vit = cfg.is_multimodal and opts.vision_quant == "int8" and not (ckpt / INT8_FILE).is_file()
     if not (need_llm or need_vit):
         return ckpt
-    from edge_vila.quant.quantize import QuantizeOptions, quantize_checkpoint
+    from edge_vila.quant.quantize import QuantizeOptions, calibrate_vision_int8, quantize_checkpoint
 
+    q = QuantizeOptions(group_size=opts.group_size, eval=False, method="awq")
+    if not need_llm:  # a float or already-quantized LLM: calibrate the ViT alone
+        log.info("calibrating the INT8 ViT of %s before export", ckpt)
+        calibrate_vision_int8(ckpt, work / "quantized", q)
+        return work / "quantized"
     log.info("quantizing %s (AWQ W4 g%d%s) before export", ckpt, opts.group_size, " + INT8 ViT" if need_vit else "")
-    q = QuantizeOptions(group_size=opts.group_size, eval=False, method="awq" if need_llm else "rtn")
-    if not need_llm:
-        raise InputError(f"{ckpt}: LLM already quantized but the ViT has no INT8 calibration; re-run edge-vila quantize")
     quantize_checkpoint(ckpt, work / "quantized", q, progress=True)
     return work / "quantized"
 

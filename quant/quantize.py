@@ -185,6 +185,25 @@ def int8_calibration_pixels(cfg, n: int, image_dir: str | None) -> list[torch.Te
     return list(px.split(16))
 
 
+def calibrate_vision_int8(ckpt: str | Path, out: str | Path, opts: QuantizeOptions | None = None) -> dict:
+    """INT8 calibration of the ViT + projector only: a copy of `ckpt` with its INT8 table
+    (for a float-LLM bundle with an INT8 ViT: `edge-vila export --llm-quant fp32`)."""
+    from edge_vila.modeling.projector import load_projector
+    from edge_vila.modeling.vision import load_vision_tower
+
+    opts = opts or QuantizeOptions(eval=False)
+    src, out = Path(ckpt), Path(out)
+    cfg = load_config(src)
+    if not cfg.is_multimodal:
+        raise InputError(f"{src}: text-only checkpoint, there is no ViT to calibrate")
+    parts = (load_vision_tower(cfg), load_projector(cfg.projector_dir, cfg.projector))
+    with atomic_dir(out) as tmp:
+        for f in src.iterdir():
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        rep = _int8(parts, cfg, opts, tmp / INT8_FILE)
+    return rep
+
+
 def _int8(parts, cfg, opts: QuantizeOptions, path: Path) -> dict:
     """Calibrate the ViT + projector with each calibrator, keep the requested (or best) one."""
     import copy

@@ -174,3 +174,15 @@ def test_fast_cpu_graph_matches_bundle_graph_qwen2(tmp_path):
     assert res["max_rel_logit_err"] <= 1e-4 and res["greedy_agreement"] == 1.0, res
     # the bundle stays the contract: its own files are untouched and still verify
     edge_vila.load(b, variant="bundle")
+
+
+def test_float_llm_with_int8_vit(qckpt, tmp_path):
+    """--llm-quant fp32 --vision-quant int8 on a float checkpoint calibrates the ViT alone."""
+    src, _ = qckpt
+    b = export_bundle(src, tmp_path / "b", ExportOptions(llm_quant="fp32", vision_quant="int8", max_context=128,
+                                                         report=False))
+    man = json.loads((b / "manifest.json").read_text())
+    assert man["quant"]["llm"] == "fp32" and man["quant"]["vision"] == "int8"
+    ops = {n.op_type for n in onnx.load(str(b / "vision.onnx")).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    assert "DequantizeLinear" not in {n.op_type for n in onnx.load(str(b / "llm.onnx")).graph.node}

@@ -1,0 +1,98 @@
+"""Vision encoder on the CPU (issue #5): fp32 vs the bundle's INT8 (S8 Q/DQ, TensorRT's form)
+vs INT8 with U8 activations (what the ORT backend runs on a CPU), latency and cosine to fp32.
+
+    python benchmarks/vision_speed.py [--out runs/bench/vision]
+
+The ViT is random-weight at SigLIP-B/16's shape (224 px, 16 px patches, 768 wide, 12 layers,
+12 heads, MLP 3072) — speed does not depend on weight values; its INT8 calibration runs on
+synthetic scenes and the cosine is measured on other synthetic scenes and scikit-image photos.
+A random ViT has no trained outliers, so its INT8 cosine is an optimistic proxy; the trained
+tiny recipe's ViT is measured too (`--bundle-int8/--bundle-fp32`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+def _sess(path: Path, s8: bool) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    if s8:
+        so.add_session_config_entry("session.qdqisint8allowed", "1")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _time(s, x, runs=10) -> float:
+    s.run(None, {"pixels": x})
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        s.run(None, {"pixels": x})
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def compare(fp32: Path, int8: Path, images: list) -> dict:
+    from edge_vila.bundle import load_bundle_config
+    from edge_vila.preprocess import preprocess_images
+
+    cfg = load_bundle_config(int8)
+    x = preprocess_images(images, cfg.preprocess)
+    one = x[:1]
+    s_fp, s_s8, s_u8 = _sess(fp32 / "vision.onnx", False), _sess(int8 / "vision.onnx", True), \
+        _sess(int8 / "vision.onnx", False)
+    ref = s_fp.run(None, {"pixels": x})[0]
+    out = {}
+    for name, s in (("fp32", s_fp), ("int8_s8", s_s8), ("int8_u8", s_u8)):
+        o = s.run(None, {"pixels": x})[0]
+        cos = (o * ref).sum(-1) / np.linalg.norm(o, axis=-1) / np.linalg.norm(ref, axis=-1)
+        out[name] = {"ms_per_image": 1000 * _time(s, one), "cosine_mean": float(cos.mean()),
+                     "cosine_min": float(cos.min())}
+    for k in ("int8_s8", "int8_u8"):
+        out[k]["speedup_vs_fp32"] = out["fp32"]["ms_per_image"] / out[k]["ms_per_image"]
+    return out
+
+
+def main() -> None:
+    import skimage
+
+    from edge_vila.export.bundle import ExportOptions, export_bundle
+    from edge_vila.testing import make_tiny_checkpoint
+    from edge_vila.train.world import random_scene, rng_for
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/vision"))
+    ap.add_argument("--bundle-int8", type=Path, default=None)
+    ap.add_argument("--bundle-fp32", type=Path, default=None)
+    a = ap.parse_args()
+    work = a.out / "work"
+    photos = [str(Path(skimage.__file__).parent / "data" / f"{n}.png") for n in ("astronaut", "chelsea", "coffee",
+                                                                                  "ihc", "motorcycle_left")]
+    res = {}
+    if not (work / "int8" / "manifest.json").exists():
+        ck = make_tiny_checkpoint(work / "ckpt", image_size=224, patch_size=16, vision_hidden=768, vision_layers=12,
+                                  vision_heads=12, vision_intermediate=3072, select_feature="patch")
+        export_bundle(ck, work / "fp32", ExportOptions(llm_quant="fp32", vision_quant="fp32", report=False))
+        export_bundle(ck, work / "int8", ExportOptions(llm_quant="fp32", vision_quant="int8", report=False))
+    scenes = [random_scene(rng_for(123, k)).render(224) for k in range(8)]
+    res["siglip_b16_shape_random"] = compare(work / "fp32", work / "int8", scenes + photos)
+    if a.bundle_int8 and a.bundle_fp32:
+        size = json.loads((a.bundle_int8 / "manifest.json").read_text())["preprocess"]["height"]
+        res["tiny_recipe_trained"] = compare(a.bundle_fp32, a.bundle_int8,
+                                             [random_scene(rng_for(123, k)).render(size) for k in range(16)])
+    for name, r in res.items():
+        for k, v in r.items():
+            print(f"{name:26s} {k:8s} {v['ms_per_image']:8.2f} ms/image  cosine mean {v['cosine_mean']:.5f} "
+                  f"min {v['cosine_min']:.5f}" + (f"  x{v['speedup_vs_fp32']:.2f} vs fp32" if "speedup_vs_fp32" in v
+                                                  else ""))
+    (a.out / "vision.json").write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
