@@ -19,6 +19,7 @@ changes, and tests check it against the bundle graph and the torch reference.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,18 +277,19 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
     fast = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)],
                              producer_name="edge-vila", ir_version=10)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    data = out.name + ".data"
-    onnx.save_model(fast, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data + ".tmp",
-                    size_threshold=1024)
-    (out.parent / (data + ".tmp")).replace(out.parent / data)
-    # the graph references its data file by name: rewrite the location before the final rename
+    # unique temporaries: two processes may build the same cache at once; the last rename wins
+    tag = f"{os.getpid()}.tmp"
+    tmp, data = out.with_name(f"{out.name}.{tag}"), out.name + ".data"
+    onnx.save_model(fast, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{data}.{tag}", size_threshold=1024)
+    # point the graph at the final data file name, then rename data first and the graph last
     m2 = onnx.load(str(tmp), load_external_data=False)
     for t in m2.graph.initializer:
         for e in t.external_data:
             if e.key == "location":
                 e.value = data
     onnx.save_model(m2, str(tmp))
+    (out.parent / f"{data}.{tag}").replace(out.parent / data)
     tmp.replace(out)
     log.info("built the fast CPU graph %s", out)
     return out
