@@ -17,6 +17,7 @@ import numpy as np
 
 from ..bundle import BundleConfig
 from ..errors import InputError
+from . import BundleBackend
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +43,12 @@ def _providers(root: Path, want: list[str] | None) -> list:
     return out
 
 
-class OrtBackend:
+class OrtBackend(BundleBackend):
     name = "onnxruntime"
 
     def __init__(self, cfg: BundleConfig, max_context: int | None = None, threads: int | None = None,
                  providers: list[str] | None = None, exact: bool = False, variant: str = "auto"):
         import onnxruntime as ort
-        from safetensors.numpy import load_file
-
         self.cfg = cfg
         root = cfg.root
         self.max_context = min(max_context or cfg.max_context, cfg.max_context)
@@ -79,7 +78,7 @@ class OrtBackend:
             if not cpu_only or exact or variant == "bundle":
                 vso.add_session_config_entry("session.qdqisint8allowed", "1")
             self.vision = ort.InferenceSession(str(root / "vision.onnx"), vso, providers=provs)
-        self.embed_table = load_file(str(root / "embed.safetensors"))["embed_tokens"]
+        self._load_embeddings(root)
         m = cfg.llm
         self._kv_shape = (1, m.num_kv_heads, 0, m.head_dim)
         self._past_names = [i.name for i in self.llm.get_inputs() if i.name.startswith("past_")]
@@ -99,9 +98,6 @@ class OrtBackend:
             self.past = [empty] * len(self._past_names)
         self.length = 0
 
-    def embed(self, token_ids: np.ndarray) -> np.ndarray:
-        return self.embed_table[np.asarray(token_ids, np.int64)].astype(np.float32, copy=False)
-
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         if self.vision is None:
             raise InputError(f"{self.cfg.root}: text-only bundle, it has no vision.onnx")
@@ -109,13 +105,10 @@ class OrtBackend:
 
     def forward(self, embeds: np.ndarray, start: int) -> np.ndarray:
         n = embeds.shape[0]
-        if start + n > self.max_context:
-            raise InputError(f"position {start + n - 1} beyond the context ({self.max_context})")
+        self._check_positions(start, n)
         if start < self.length and self.variant == "bundle":  # prefix reuse: rewind the cache to `start`
             self.past = [np.ascontiguousarray(p[:, :, :start]) if isinstance(p, np.ndarray)
                          else np.ascontiguousarray(p.numpy()[:, :, :start]) for p in self.past]
-        elif start > self.length:
-            raise InputError(f"forward at {start} but the cache holds {self.length} positions")
         if self.variant == "fast":
             return self._forward_fast(embeds, start)
         feeds = {"inputs_embeds": np.ascontiguousarray(embeds[None], np.float32),

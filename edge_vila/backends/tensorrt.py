@@ -27,12 +27,13 @@ import numpy as np
 
 from ..bundle import BundleConfig
 from ..errors import InputError
+from . import BundleBackend
 
 log = logging.getLogger(__name__)
 _NP = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32}
 
 
-class TensorRTBackend:
+class TensorRTBackend(BundleBackend):
     name = "tensorrt"
 
     def __init__(self, cfg: BundleConfig, max_context: int | None = None, cuda_graphs: bool = True,
@@ -42,8 +43,6 @@ class TensorRTBackend:
         except ImportError as e:
             raise InputError(f"TensorRT is not importable here ({e}); on Jetson create the venv with "
                              "--system-site-packages (jetson/setup.sh)") from None
-        from safetensors.numpy import load_file
-
         from ..jetson.detect import detect
         from ..jetson.engines import EngineKey, LLM_PLAN, VISION_PLAN, select_engines
         from .cuda_mem import device_sm, open_runtime
@@ -60,7 +59,7 @@ class TensorRTBackend:
         self.max_prefill = built.max_prefill
         self.hidden_size = cfg.llm.hidden_size
         self.tokens_forwarded = 0
-        self.embed_table = load_file(str(cfg.root / "embed.safetensors"))["embed_tokens"]
+        self._load_embeddings(cfg.root)
         rt = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.llm = rt.deserialize_cuda_engine((folder / LLM_PLAN).read_bytes())
         self.ctx = self.llm.create_execution_context()
@@ -96,9 +95,6 @@ class TensorRTBackend:
     def reset(self) -> None:
         self.length = 0
 
-    def embed(self, token_ids: np.ndarray) -> np.ndarray:
-        return self.embed_table[np.asarray(token_ids, np.int64)].astype(np.float32, copy=False)
-
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         if self.vision is None:
             raise InputError(f"{self.cfg.root}: text-only bundle, it has no vision engine")
@@ -120,10 +116,7 @@ class TensorRTBackend:
 
     def forward(self, embeds: np.ndarray, start: int) -> np.ndarray:
         n = embeds.shape[0]
-        if start + n > self.max_context:
-            raise InputError(f"position {start + n - 1} beyond the context ({self.max_context})")
-        if start > self.length:
-            raise InputError(f"forward at {start} but the cache holds {self.length} positions")
+        self._check_positions(start, n)
         if n > self.max_prefill:  # longer prompts go through in engine-sized chunks
             for i in range(0, n, self.max_prefill):
                 logits = self.forward(embeds[i:i + self.max_prefill], start + i)
