@@ -8,7 +8,6 @@ because it drives the backend interface directly (no tokenizer or sampling in th
 """
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import resource
@@ -192,10 +191,6 @@ def summary(res: BenchResult) -> str:
     if res.power_w:
         rows.append(f"power            {res.power_w:.1f} W, {res.joules_per_token:.3f} J/token")
     return "\n".join(rows)
-
-
-def bench_json(res: BenchResult) -> str:
-    return json.dumps(asdict(res), indent=2)
 
 
 __all__ = ["BenchOptions", "BenchResult", "run_bench", "write_report", "summary"]

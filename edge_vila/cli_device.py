@@ -27,7 +27,8 @@ def cmd_budget(a: argparse.Namespace) -> int:
     from .jetson.memory import BOARD_RAM_GB, BudgetOptions, budget
 
     dims = _budget_dims(a.path, a.model)
-    boards = [a.board] if a.board else ([detect().board] if detect().board else list(BOARD_RAM_GB))
+    here = None if a.board else detect().board
+    boards = [a.board] if a.board else ([here] if here else list(BOARD_RAM_GB))
     o = BudgetOptions(max_context=a.max_context, max_images=a.max_images, workspace_mb=a.workspace)
     results = [budget(dims, b, o) for b in boards]
     if a.json:

@@ -26,17 +26,13 @@ def cmd_camera(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from .server import ServerOptions, serve
+    from .server import ServerOptions, check_bind, serve
 
     opts = ServerOptions(model_id=a.model_id or os.path.basename(os.path.normpath(a.path)),
                          api_key=a.api_key or os.environ.get("EDGE_VILA_API_KEY"),
                          allow_local_files=a.allow_local_files, max_images=a.max_images, max_queue=a.max_queue,
                          max_request_bytes=a.max_request_mb << 20)
-    from .server import is_loopback
-    from .errors import InputError
-
-    if not is_loopback(a.host) and not opts.api_key:  # say it before spending time on loading
-        raise InputError(f"refusing to bind {a.host} without an API key: pass --api-key (or EDGE_VILA_API_KEY)")
+    check_bind(a.host, opts.api_key)  # say it before spending time on loading
     serve(_load(a), a.host, a.port, opts)
     return 0
 

@@ -412,14 +412,19 @@ def create_app(pipe, opts: ServerOptions | None = None):
     return app
 
 
+def check_bind(host: str, api_key: str | None) -> None:
+    """Loopback by default: any other address needs an API key."""
+    if not is_loopback(host) and not api_key:
+        raise InputError(f"refusing to bind {host} without an API key: pass --api-key (or EDGE_VILA_API_KEY), "
+                         "or bind 127.0.0.1")
+
+
 def serve(pipe, host: str = "127.0.0.1", port: int = 8000, opts: ServerOptions | None = None) -> None:
     import uvicorn
 
     opts = opts or ServerOptions()
-    if not is_loopback(host) and not opts.api_key:
-        raise InputError(f"refusing to bind {host} without an API key: pass --api-key (or EDGE_VILA_API_KEY), "
-                         "or bind 127.0.0.1")
+    check_bind(host, opts.api_key)
     uvicorn.run(create_app(pipe, opts), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
 
 
-__all__ = ["ServerOptions", "create_app", "serve", "parse_request", "ApiError", "is_loopback"]
+__all__ = ["ServerOptions", "create_app", "serve", "check_bind", "parse_request", "ApiError", "is_loopback"]
