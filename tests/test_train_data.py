@@ -34,6 +34,10 @@ def test_questions_are_answerable_and_deterministic():
             a, b = (sc.count(shape) for sc in qa.scenes)
             assert qa.answer == ("first" if a > b else "second") and a != b
     assert {world.make_question(world.rng_for(2, i)).qtype for i in range(200)} == set(world.QUESTION_TYPES)
+    for i in range(50):  # a conversation's questions are all about its one scene, none repeated
+        qas = world.conversation(world.rng_for(3, i))
+        assert 1 <= len(qas) <= 4 and len({q.question for q in qas}) == len(qas)
+        assert all(q.scenes == qas[0].scenes for q in qas)
 
 
 def test_normalize_answer():
@@ -44,11 +48,15 @@ def test_normalize_answer():
 
 def test_sft_labels_cover_only_the_answer(tiny_ckpt):
     tok = TextTokenizer(tiny_ckpt / "llm")
-    s = synthetic_sample("vqa", world.rng_for(0), 32)
-    ids, labels = tokenize(s, tok, get_template("edge"), tokens_per_image=16)
-    assert ids.count(IMAGE_SLOT) == 16 * len(s.images)
-    trained = [t for t, lab in zip(ids, labels) if lab != IGNORE]
-    assert tok.decode(trained, skip_special=False) == " " + s.turns[0][1] + "</s>"
+    turns_seen = set()
+    for i in range(12):  # single- and multi-turn conversations about one image
+        s = synthetic_sample("vqa", world.rng_for(0, i), 32)
+        turns_seen.add(len(s.turns))
+        ids, labels = tokenize(s, tok, get_template("edge"), tokens_per_image=16)
+        assert ids.count(IMAGE_SLOT) == 16 * len(s.images) and len(s.images) == 1
+        trained = [t for t, lab in zip(ids, labels) if lab != IGNORE]
+        assert tok.decode(trained, skip_special=False) == "".join(f" {a}</s>" for _, a in s.turns)
+    assert len(turns_seen) > 1
     cap = synthetic_sample("captions", world.rng_for(1), 32)
     ids, labels = tokenize(cap, tok, get_template("plain"), 16)
     assert all(lab == IGNORE for t, lab in zip(ids, labels) if t == IMAGE_SLOT)
@@ -69,6 +77,10 @@ def test_recipe_overrides_and_errors(tmp_path):
         load_recipe(bad)
     with pytest.raises(InputError, match="expected KEY=VALUE"):
         load_recipe("recipes/tiny.yaml", ["seed"])
+    # YAML 1.1 reads 3e-4 (no dot) as a string: it must still arrive as a number
+    assert load_recipe("recipes/tiny.yaml", ["stages.3.lr=3e-4"]).stages[3].lr == pytest.approx(3e-4)
+    with pytest.raises(InputError, match="stage sft: lr must be a number, got 'fast'"):
+        load_recipe("recipes/tiny.yaml", ["stages.3.lr=fast"])
 
 
 def test_lr_warmup_then_cosine():

@@ -22,6 +22,10 @@ class ModelConfig:
     vision_hidden: int = 96
     vision_layers: int = 4
     vision_heads: int = 4
+    # std of the tiny ViT's position-embedding init. SigLIP's 1/sqrt(width) (0.1 at width 96)
+    # leaves position ~8x weaker than patch content: the features then barely say where a
+    # patch is and "where is the red circle?" stays at chance. 1.0 matches the content scale.
+    vision_pos_init_std: float = 1.0
     llm_hidden: int = 128
     llm_layers: int = 4
     llm_heads: int = 4
@@ -35,6 +39,26 @@ class ModelConfig:
     llm: str | None = None  # HF LLM folder (e.g. SmolLM2-135M) instead of the tiny LLM
     vision_tower: str | None = None  # HF SigLIP/CLIP vision folder instead of the tiny ViT
     init: str | None = None  # a VILA checkpoint to continue from (skips the tower set-up)
+
+    def __post_init__(self) -> None:
+        _numbers(self, "model")
+
+
+def _numbers(obj: Any, where: str) -> None:
+    """YAML 1.1 reads `3e-4` (no dot) as a string; accept it, and name the field when a
+    number field holds something that is not a number."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        want = {"float": float, "int": int}.get(str(f.type).split(" |")[0])
+        if want is None or v is None or (isinstance(v, want) and not isinstance(v, bool)):
+            continue
+        try:
+            num = float(v)
+            if want is int and num != int(num):
+                raise ValueError
+            setattr(obj, f.name, want(num))
+        except (TypeError, ValueError):
+            raise InputError(f"{where}: {f.name} must be a{'n integer' if want is int else ' number'}, got {v!r}") from None
 
 
 @dataclass
@@ -55,6 +79,7 @@ class StageConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
+        _numbers(self, f"stage {self.kind}")
         if self.kind not in STAGE_KINDS:
             raise InputError(f"stage kind {self.kind!r} unknown (expected one of {', '.join(STAGE_KINDS)})")
         bad = set(self.train) - set(PARTS)
