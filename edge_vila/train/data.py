@@ -48,13 +48,16 @@ def synthetic_sample(kind: str, rng: np.random.Generator, image_size: int) -> Sa
         return Sample("doc", [s.render(image_size) for s in scenes], text=" ".join(parts))
     if kind == "text":
         return Sample("text", text=textdata.paragraph(rng))
-    if kind in ("vqa", "multi"):
-        qa = world.make_question(rng, "compare" if kind == "multi" else
-                                 str(rng.choice([t for t in world.QUESTION_TYPES if t != "compare"])))
+    if kind == "multi":
+        qa = world.make_question(rng, "compare")
         # no markers: images are placed where the template places them at run time, so
         # training and `edge-vila chat --image ...` see the same prompt
         return Sample("sft", [s.render(image_size) for s in qa.scenes], turns=[(qa.question, qa.answer)],
                       qtype=qa.qtype)
+    if kind == "vqa":  # 1-4 turns about one image, as in LLaVA's instruction data
+        qas = world.conversation(rng)
+        return Sample("sft", [s.render(image_size) for s in qas[0].scenes], turns=[(q.question, q.answer) for q in qas],
+                      qtype=qas[0].qtype)
     raise ValueError(f"unknown data kind {kind!r}")
 
 

@@ -128,42 +128,65 @@ def make_question(rng: np.random.Generator, qtype: str | None = None) -> QA:
                 break
         ans = "first" if a.count(shape) > b.count(shape) else "second"
         return QA(qtype, f"Which image has more {_plural(shape)}?", ans, [a, b])
+    if qtype not in QUESTION_TYPES:
+        raise ValueError(f"unknown question type {qtype!r} (expected one of {QUESTION_TYPES})")
     for _ in range(100):
-        s = random_scene(rng)
-        shapes = [o.shape for o in s.objects]
-        colors = [o.color for o in s.objects]
-        if qtype == "count":
-            if rng.random() < 0.5:
-                return QA(qtype, "How many shapes are there?", str(s.count()), [s])
-            shape = str(rng.choice(SHAPES))
-            return QA(qtype, f"How many {_plural(shape)} are there?", str(s.count(shape)), [s])
-        if qtype == "color":
-            uniq = [o for o in s.objects if shapes.count(o.shape) == 1]
-            if uniq:
-                o = uniq[int(rng.integers(len(uniq)))]
-                return QA(qtype, f"What color is the {o.shape}?", o.color, [s])
-        elif qtype == "shape":
-            uniq = [o for o in s.objects if colors.count(o.color) == 1]
-            if uniq:
-                o = uniq[int(rng.integers(len(uniq)))]
-                return QA(qtype, f"What shape is the {o.color} object?", o.shape, [s])
-        elif qtype == "exists":
-            if rng.random() < 0.5:
-                o = s.objects[int(rng.integers(len(s.objects)))]
-                return QA(qtype, f"Is there a {o.color} {o.shape}?", "yes", [s])
-            present = {(o.color, o.shape) for o in s.objects}
-            while True:
-                c, sh = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
-                if (c, sh) not in present:
-                    return QA(qtype, f"Is there a {c} {sh}?", "no", [s])
-        elif qtype == "where":
-            uniq = [o for o in s.objects if sum(1 for p in s.objects if (p.color, p.shape) == (o.color, o.shape)) == 1]
-            if uniq:
-                o = uniq[int(rng.integers(len(uniq)))]
-                return QA(qtype, f"Where is the {o.color} {o.shape}?", o.region, [s])
-        else:
-            raise ValueError(f"unknown question type {qtype!r} (expected one of {QUESTION_TYPES})")
+        qa = ask(random_scene(rng), rng, qtype)
+        if qa is not None:
+            return qa
     raise RuntimeError(f"could not make a {qtype} question")  # pragma: no cover - probability ~0
+
+
+def ask(s: Scene, rng: np.random.Generator, qtype: str) -> QA | None:
+    """A single-image question of `qtype` about scene `s`, or None when this scene has
+    no unambiguous one (e.g. 'what color is the circle?' with two circles)."""
+    shapes = [o.shape for o in s.objects]
+    colors = [o.color for o in s.objects]
+    if qtype == "count":
+        if rng.random() < 0.5:
+            return QA(qtype, "How many shapes are there?", str(s.count()), [s])
+        shape = str(rng.choice(SHAPES))
+        return QA(qtype, f"How many {_plural(shape)} are there?", str(s.count(shape)), [s])
+    if qtype == "color":
+        uniq = [o for o in s.objects if shapes.count(o.shape) == 1]
+        if uniq:
+            o = uniq[int(rng.integers(len(uniq)))]
+            return QA(qtype, f"What color is the {o.shape}?", o.color, [s])
+    elif qtype == "shape":
+        uniq = [o for o in s.objects if colors.count(o.color) == 1]
+        if uniq:
+            o = uniq[int(rng.integers(len(uniq)))]
+            return QA(qtype, f"What shape is the {o.color} object?", o.shape, [s])
+    elif qtype == "exists":
+        if rng.random() < 0.5:
+            o = s.objects[int(rng.integers(len(s.objects)))]
+            return QA(qtype, f"Is there a {o.color} {o.shape}?", "yes", [s])
+        present = {(o.color, o.shape) for o in s.objects}
+        while True:
+            c, sh = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
+            if (c, sh) not in present:
+                return QA(qtype, f"Is there a {c} {sh}?", "no", [s])
+    elif qtype == "where":
+        uniq = [o for o in s.objects if sum(1 for p in s.objects if (p.color, p.shape) == (o.color, o.shape)) == 1]
+        if uniq:
+            o = uniq[int(rng.integers(len(uniq)))]
+            return QA(qtype, f"Where is the {o.color} {o.shape}?", o.region, [s])
+    elif qtype != "compare":
+        raise ValueError(f"unknown question type {qtype!r} (expected one of {QUESTION_TYPES})")
+    return None
+
+
+def conversation(rng: np.random.Generator, max_turns: int = 4) -> list[QA]:
+    """Several single-image questions about one scene (LLaVA-style multi-turn data):
+    one image's tokens then carry the loss of several answers."""
+    s = random_scene(rng)
+    single = [t for t in QUESTION_TYPES if t != "compare"]
+    qas: list[QA] = []
+    for _ in range(int(rng.integers(1, max_turns + 1))):
+        qa = ask(s, rng, str(rng.choice(single)))
+        if qa is not None and qa.question not in {q.question for q in qas}:
+            qas.append(qa)
+    return qas or [ask(s, rng, "count")]
 
 
 def normalize_answer(text: str) -> str:
