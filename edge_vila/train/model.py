@@ -78,6 +78,7 @@ def build_model(m: ModelConfig, tokenizer_dir: Path, vocab_size: int, bos: int |
         vmodel = vision_model_class("siglip")(SiglipVisionConfig(
             hidden_size=m.vision_hidden, intermediate_size=4 * m.vision_hidden, num_hidden_layers=m.vision_layers,
             num_attention_heads=m.vision_heads, image_size=m.image_size, patch_size=m.patch_size))
+        nn.init.normal_(vmodel.embeddings.position_embedding.weight, 0.0, m.vision_pos_init_std)
         processor, has_cls = _tiny_processor(m.image_size), False
     vision = VisionTower(vmodel, m.select_layer, "patch" if has_cls else "cls_patch", has_cls)
 
@@ -141,12 +142,13 @@ class ClipObjective(nn.Module):
                        max_position_embeddings=256, bos_token_id=None, eos_token_ids=[])
         self.text = DecoderLM(spec)
         _init_decoder(self.text)
+        self.img_norm = nn.LayerNorm(vision.model.config.hidden_size)
         self.img_proj = nn.Linear(vision.model.config.hidden_size, dim, bias=False)
         self.txt_proj = nn.Linear(width, dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
-        img = self.img_proj(self.vision(pixels).mean(dim=1))
+        img = self.img_proj(self.img_norm(self.vision(pixels).mean(dim=1)))
         h = self.text.hidden(self.text.model.embed_tokens(ids), torch.arange(ids.shape[1]))
         txt = self.txt_proj(h[torch.arange(ids.shape[0]), lengths - 1])  # the last (EOS) token
         img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
