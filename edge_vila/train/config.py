@@ -98,6 +98,9 @@ class RecipeConfig:
     stages: list[StageConfig] = field(default_factory=list)
     data: dict[str, str] = field(default_factory=dict)  # optional real data: llava_json, mmc4_jsonl, image_root
 
+    def __post_init__(self) -> None:
+        _numbers(self, "recipe")
+
     @classmethod
     def from_dict(cls, d: dict, src: str = "recipe") -> "RecipeConfig":
         d = dict(d)

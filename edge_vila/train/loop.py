@@ -83,7 +83,9 @@ def param_groups(model: TrainVLM, clip: ClipObjective | None, st: StageConfig) -
 class _ClipHead(torch.nn.Module):
     def __init__(self, clip: ClipObjective):
         super().__init__()
-        self.text, self.img_norm, self.img_proj, self.txt_proj = clip.text, clip.img_norm, clip.img_proj, clip.txt_proj
+        for name, mod in clip.named_children():  # everything but the ViT, whatever the objective holds
+            if name != "vision":
+                setattr(self, name, mod)
         self.logit_scale = clip.logit_scale
 
 
