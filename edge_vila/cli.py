@@ -192,8 +192,12 @@ def _evaluate(path, task: str, n: int, backend: str | None) -> dict:
 
 def _print_eval(res: dict) -> None:
     print(f"shapes-vqa exact match {res['accuracy'] * 100:.1f}% (n={res['n']})")
+    errors = res.get("top_errors", {})
     for k, v in res["per_type"].items():
-        print(f"  {k:8s} {v * 100:5.1f}%")
+        worst = ", ".join(f"{e} ({c}x)" for e, c in errors.get(k, {}).items())
+        print(f"  {k:8s} {v * 100:5.1f}%" + (f"   errors: {worst}" if worst else ""))
+    if res.get("by_objects"):
+        print("  by objects in the image: " + ", ".join(f"{k}: {v * 100:.1f}%" for k, v in res["by_objects"].items()))
 
 
 def cmd_eval(a: argparse.Namespace) -> int:

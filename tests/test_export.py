@@ -120,7 +120,10 @@ def test_bundle_generation_prefix_reuse_and_eval(w4_bundle, variant):
     assert pipe.stats.reused_tokens > pipe.tokens_per_image  # turn 2 reused turn 1 from the ORT cache
     fresh = edge_vila.load(w4_bundle, variant=variant)
     assert fresh.generate("What is this?", images=img, max_new_tokens=6) == a
-    assert 0 <= eval_shapes_vqa(pipe, 6, progress=False)["accuracy"] <= 1
+    res = eval_shapes_vqa(pipe, 12, progress=False)
+    wrong = round((1 - res["accuracy"]) * 12)
+    assert set(res["by_objects"]) <= {"1", "2", "3"} and set(res["top_errors"]) <= set(res["per_type"])
+    assert 0 < sum(sum(v.values()) for v in res["top_errors"].values()) <= wrong  # a random model errs
     assert text_perplexity(pipe, ["A red circle on the left."])["perplexity"] > 1
 
 

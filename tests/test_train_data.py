@@ -40,6 +40,21 @@ def test_questions_are_answerable_and_deterministic():
         assert all(q.scenes == qas[0].scenes for q in qas)
 
 
+def test_clip_hard_negatives_differ_from_their_scene_only_in_objects():
+    kinds = set()
+    for i in range(100):
+        group = world.scene_variants(world.rng_for(4, i))
+        base = group[0]
+        assert len({v.caption() for v in group}) == len(group) == 4
+        for v in group[1:]:
+            assert v.background == base.background and v.jitter == base.jitter
+            assert len(v.objects) == len(base.objects)
+            kinds.add(("shape" if [o.shape for o in v.objects] != [o.shape for o in base.objects] else "")
+                      + ("color" if [o.color for o in v.objects] != [o.color for o in base.objects] else "")
+                      + ("place" if [o.region for o in v.objects] != [o.region for o in base.objects] else ""))
+    assert {"shape", "color", "place"} <= kinds  # each kind of hard negative occurs
+
+
 def test_normalize_answer():
     assert world.normalize_answer(" Two.") == "2"
     assert world.normalize_answer("The left one") == "left"

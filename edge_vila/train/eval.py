@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 from tqdm import tqdm
@@ -21,22 +21,34 @@ EVAL_SEED = 987_654_321  # disjoint from training streams, which are keyed by (s
 
 
 def eval_shapes_vqa(pipe, n: int = 500, seed: int = EVAL_SEED, progress: bool = True) -> dict:
+    """Exact match per question type, plus what a diagnosis needs: accuracy by number of
+    objects in the (first) image, and the most common wrong answers per type — e.g. "circle
+    named square" or "right when one object, wrong with three" point at different causes."""
     size = pipe.cfg.preprocess.height
     per = defaultdict(lambda: [0, 0])
+    by_objects = defaultdict(lambda: [0, 0])
+    confusions: dict[str, Counter] = defaultdict(Counter)
     examples = []
     for i in tqdm(range(n), desc="shapes-vqa", disable=not progress):
         rng = world.rng_for(seed, i)
         qa = world.make_question(rng, world.QUESTION_TYPES[i % len(world.QUESTION_TYPES)])
         # no markers: the template places the images as it did in training
         out = pipe.generate(qa.question, images=[s.render(size) for s in qa.scenes], max_new_tokens=6)
-        ok = world.normalize_answer(out) == world.normalize_answer(qa.answer)
-        per[qa.qtype][0] += ok
-        per[qa.qtype][1] += 1
+        got, want = world.normalize_answer(out), world.normalize_answer(qa.answer)
+        ok = got == want
+        for tally in (per[qa.qtype], by_objects[str(len(qa.scenes[0].objects))]):
+            tally[0] += ok
+            tally[1] += 1
+        if not ok:
+            confusions[qa.qtype][f"{want} -> {got or '(empty)'}"] += 1
         if len(examples) < 12:
             examples.append({"type": qa.qtype, "question": qa.question, "answer": qa.answer, "output": out, "ok": ok})
     acc = {k: c / t for k, (c, t) in sorted(per.items())}
     total = sum(c for c, _ in per.values()) / max(1, sum(t for _, t in per.values()))
-    return {"task": "shapes-vqa", "n": n, "accuracy": total, "per_type": acc, "examples": examples}
+    return {"task": "shapes-vqa", "n": n, "accuracy": total, "per_type": acc,
+            "by_objects": {k: c / t for k, (c, t) in sorted(by_objects.items())},
+            "top_errors": {k: dict(v.most_common(3)) for k, v in sorted(confusions.items())},
+            "examples": examples}
 
 
 def text_perplexity(pipe, texts: list[str] | None = None, max_tokens: int = 4000) -> dict:
