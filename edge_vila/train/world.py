@@ -81,12 +81,17 @@ def scene_variants(rng: np.random.Generator, k: int = 4) -> list[Scene]:
     """A scene and k-1 hard negatives with the same background: objects moved to other
     regions, colours swapped between objects, or a shape changed. In a CLIP batch these
     force the pooled image feature to encode *where* and *which colour goes with which
-    shape*, not just which colours and shapes are present."""
+    shape*, not just which colours and shapes are present.
+
+    Shape changes are weighted up (58% of negatives, was 47% with a third per kind): the
+    ViT had learned colour and place but barely told circles from squares (linear shape
+    probe on its pooled features 75% after 1000 CLIP steps; 88% with this weighting), and
+    the recipe over seeds went from 77.3/60.6/57.3% to 71.6/72.3% VQA (README)."""
     base = random_scene(rng)
     out = [base]
     while len(out) < k:
         objs = list(base.objects)
-        kind = rng.integers(3)
+        kind = rng.choice(3, p=[0.25, 0.25, 0.5])  # move, swap colours, change a shape
         if kind == 0:
             free = [r for r in REGIONS]
             regs = rng.choice(free, size=len(objs), replace=False)
