@@ -31,11 +31,11 @@ def main() -> int:
     rows = []
     for seed in a.seeds:
         run = out / f"seed{seed}"
-        cmd = [sys.executable, "-m", "edge_vila.cli", "train", a.recipe, "--out", str(run), "--set", f"seed={seed}"]
-        for o in a.overrides:
-            cmd += ["--set", o]
         done = run / "wall_s.txt"  # a finished seed is not retrained (its wall time is kept)
         if not done.is_file():
+            cmd = [sys.executable, "-m", "edge_vila.cli", "train", a.recipe, "--out", str(run), "--set", f"seed={seed}"]
+            for o in a.overrides:
+                cmd += ["--set", o]
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True)
             done.write_text(f"{time.perf_counter() - t0:.1f}\n")  # a resumed run's wall counts only its last part
