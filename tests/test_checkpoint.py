@@ -70,6 +70,25 @@ def _copy(ckpt, tmp_path):
     return dst
 
 
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+@pytest.mark.parametrize("select_layer", [-2, -1, 1])
+def test_vision_tower_runs_only_up_to_the_selected_layer(kind, select_layer):
+    """The truncated forward must equal HF's own hidden_states[select_layer]."""
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    from edge_vila.modeling.vision import VisionTower, vision_model_class
+
+    cfg = {"siglip": SiglipVisionConfig, "clip": CLIPVisionConfig}[kind](
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    model = vision_model_class(kind)(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    want = model(pixel_values=x, output_hidden_states=True).hidden_states[select_layer]
+    want = want[:, 1:] if kind == "clip" else want
+    got = VisionTower(model, select_layer, "patch", kind == "clip")(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 def test_missing_folder(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint folder"):
         load_config(tmp_path / "nope")
