@@ -24,16 +24,18 @@ class VisionTower(nn.Module):
         self.select_layer = select_layer
         self.select_feature = select_feature
         self.has_cls = has_cls
+        # resolved once, off the per-batch path; a plain tuple, so the submodules are not
+        # registered a second time (state_dict keys stay the HF model's)
+        self._parts = _tower_parts(model)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        parts = _tower_parts(self.model)
-        if parts is None:  # an unfamiliar layout: run it whole and pick the layer
+        if self._parts is None:  # an unfamiliar layout: run it whole and pick the layer
             feats = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[self.select_layer]
         else:
             # Only the layers up to the selected one run: VILA selects layer -2, so the last
             # layer, post-LayerNorm and SigLIP's pooling head would be computed and thrown
             # away (a quarter of the tiny ViT's time in training, and in vision.onnx).
-            embeddings, pre_norm, layers = parts
+            embeddings, pre_norm, layers = self._parts
             stop = self.select_layer % (len(layers) + 1)  # hidden_states index: 0 = embeddings
             feats = embeddings(pixels)
             if pre_norm is not None:
