@@ -3,7 +3,7 @@ transformers fp32 eager on the same HF model, onnxruntime-genai's int4 build (--
 llama.cpp on a Q4 GGUF of the same model (--gguf).
 
     python benchmarks/decode_speed.py --hf HF_LLM_DIR --bundle BUNDLE [--genai DIR] [--gguf FILE]
-        [--contexts 64 512 1024] [--runs 5]
+        [--contexts 64 512 1024] [--runs 5] [--compare-kv]
 
 Reports tokens/s (median of --runs) for a decode of --new tokens after a prompt padded to
 each context length, the ratios, and writes JSON + a PNG next to --out. Not a test: timing
@@ -27,10 +27,10 @@ def _ids(tok, n: int) -> list[int]:
     return tok.encode(text)[:n]
 
 
-def bench_edge(bundle: Path, ctx: int, new: int, runs: int) -> float:
+def bench_edge(bundle: Path, ctx: int, new: int, runs: int, kv_cache: str = "auto") -> float:
     import edge_vila
 
-    pipe = edge_vila.load(bundle, max_context=max(ctx + new + 8, 128))
+    pipe = edge_vila.load(bundle, max_context=max(ctx + new + 8, 128), kv_cache=kv_cache)
     be = pipe.backend
     ids = _ids(pipe.tokenizer, ctx)
     rates = []
@@ -118,15 +118,24 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[64, 512, 1024])
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--compare-kv", action="store_true",
+                    help="also run edge-vila with an FP32 KV cache (the default CPU graph's is INT8)")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers (no ratio vs it)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/decode_speed.json"))
     a = ap.parse_args()
     res = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "python": platform.python_version()}, "new_tokens": a.new, "runs": a.runs, "results": {}}
     for ctx in a.contexts:
-        row = {"edge_vila_ort": bench_edge(a.bundle, ctx, a.new, a.runs),
-               "transformers_fp32_eager": bench_hf(a.hf, ctx, a.new, a.runs)}
-        row["ratio_vs_transformers"] = row["edge_vila_ort"] / row["transformers_fp32_eager"]
+        row = {"edge_vila_ort": bench_edge(a.bundle, ctx, a.new, a.runs)}
         extra = ""
+        if a.compare_kv:
+            row["edge_vila_ort_fp32_kv"] = bench_edge(a.bundle, ctx, a.new, a.runs, kv_cache="fp32")
+            extra += f" | edge-vila fp32 KV {row['edge_vila_ort_fp32_kv']:7.1f} tok/s"
+        if not a.no_hf:
+            row["transformers_fp32_eager"] = bench_hf(a.hf, ctx, a.new, a.runs)
+            row["ratio_vs_transformers"] = row["edge_vila_ort"] / row["transformers_fp32_eager"]
+            extra += (f" | transformers fp32 {row['transformers_fp32_eager']:7.1f} tok/s"
+                      f" | x{row['ratio_vs_transformers']:.2f}")
         if a.genai:
             row["onnxruntime_genai_int4"] = bench_genai(a.genai, a.hf, ctx, a.new, a.runs)
             row["ratio_vs_genai"] = row["edge_vila_ort"] / row["onnxruntime_genai_int4"]
@@ -136,12 +145,14 @@ def main() -> None:
             row["ratio_vs_llama_cpp"] = row["edge_vila_ort"] / row["llama_cpp_q4"]
             extra += f" | llama.cpp {row['llama_cpp_q4']:7.1f} tok/s | x{row['ratio_vs_llama_cpp']:.2f}"
         res["results"][str(ctx)] = row
-        print(f"context {ctx:5d}: edge-vila {row['edge_vila_ort']:7.1f} tok/s | transformers fp32 "
-              f"{row['transformers_fp32_eager']:7.1f} tok/s | x{row['ratio_vs_transformers']:.2f}{extra}", flush=True)
+        print(f"context {ctx:5d}: edge-vila {row['edge_vila_ort']:7.1f} tok/s{extra}", flush=True)
     r = res["results"]
     lo, hi = str(min(a.contexts)), str(max(a.contexts))
     res["edge_vila_long_vs_short"] = r[hi]["edge_vila_ort"] / r[lo]["edge_vila_ort"]
     print(f"edge-vila decode at {hi} / at {lo}: {res['edge_vila_long_vs_short']:.2f}")
+    if a.compare_kv:
+        res["edge_vila_fp32_kv_long_vs_short"] = r[hi]["edge_vila_ort_fp32_kv"] / r[lo]["edge_vila_ort_fp32_kv"]
+        print(f"  with the FP32 KV cache: {res['edge_vila_fp32_kv_long_vs_short']:.2f}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2))
     _plot(res, a.out.with_suffix(".png"))
@@ -155,7 +166,7 @@ def _plot(res: dict, path: Path) -> None:
 
     ctx = list(res["results"])
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    for key in ("edge_vila_ort", "transformers_fp32_eager", "onnxruntime_genai_int4", "llama_cpp_q4"):
+    for key in ("edge_vila_ort", "edge_vila_ort_fp32_kv", "transformers_fp32_eager", "onnxruntime_genai_int4", "llama_cpp_q4"):
         if key not in res["results"][ctx[0]]:
             continue
         ax.plot([int(c) for c in ctx], [res["results"][c][key] for c in ctx], marker="o", label=key)

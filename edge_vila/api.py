@@ -31,18 +31,23 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 def load(path: str | Path, backend: str = "auto", max_context: int | None = None, dtype: str = "float32",
          template: str | None = None, system: str | None = None, threads: int | None = None,
-         exact: bool = False, variant: str = "auto") -> "Pipeline":
+         exact: bool = False, variant: str = "auto", kv_cache: str = "auto") -> "Pipeline":
     """Load a bundle (ONNX Runtime; TensorRT on the device), a VILA checkpoint (torch
-    reference) or a plain HF LLM folder (text-only)."""
+    reference) or a plain HF LLM folder (text-only).
+
+    On the CPU an INT4 bundle runs ORT's fast graph; `kv_cache="auto"` gives it an INT8 KV
+    cache unless `exact` (then FP32, as with `kv_cache="fp32"`)."""
     if backend not in ("auto",) + BACKENDS:
         raise InputError(f"backend {backend!r} unknown (expected auto, {', '.join(BACKENDS)})")
     from .bundle import is_bundle
 
     if is_bundle(path):
-        return _load_bundle(Path(path), backend, max_context, template, system, threads, exact, variant)
+        return _load_bundle(Path(path), backend, max_context, template, system, threads, exact, variant, kv_cache)
     cfg = load_config(path)
     if backend not in ("auto", "torch"):
         raise InputError(f"{path}: a checkpoint runs on the torch backend; export a bundle for {backend}")
+    if kv_cache == "int8":
+        raise InputError(f"{path}: an INT8 KV cache is a bundle feature (ONNX Runtime CPU); export a bundle")
     ctx = max_context or min(cfg.llm.max_position_embeddings, 2048)
     if ctx < 2:
         raise InputError(f"max_context must be >= 2, got {ctx}")
@@ -60,7 +65,7 @@ def _tensorrt_ready(path: Path) -> bool:
 
 
 def _load_bundle(path: Path, backend: str, max_context: int | None, template: str | None, system: str | None,
-                 threads: int | None, exact: bool, variant: str = "auto") -> "Pipeline":
+                 threads: int | None, exact: bool, variant: str = "auto", kv_cache: str = "auto") -> "Pipeline":
     from .bundle import load_bundle_config
 
     cfg = load_bundle_config(path)
@@ -78,7 +83,7 @@ def _load_bundle(path: Path, backend: str, max_context: int | None, template: st
     else:
         from .backends.onnxruntime import OrtBackend
 
-        be = OrtBackend(cfg, max_context, threads=threads, exact=exact, variant=variant)
+        be = OrtBackend(cfg, max_context, threads=threads, exact=exact, variant=variant, kv_cache=kv_cache)
     return Pipeline(cfg, be, TextTokenizer(path), template=template,
                     system=system if system is not None else (cfg.system if not template else None))
 

@@ -89,7 +89,8 @@ def _print_stats(pipe) -> None:
 def cmd_chat(a: argparse.Namespace) -> int:
     from .api import load
 
-    pipe = load(a.path, backend=a.backend, max_context=a.max_context, template=a.template, system=a.system)
+    pipe = load(a.path, backend=a.backend, max_context=a.max_context, template=a.template, system=a.system,
+                kv_cache=a.kv_cache)
     chat = pipe.chat()
     params = _params(a)
     images = list(a.image)
@@ -257,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--template", default=None, help="chat template (vicuna_v1, llama_3, hermes-2, chatml, plain)")
     s.add_argument("--backend", default="auto")
     s.add_argument("--max-context", type=int, default=None)
+    s.add_argument("--kv-cache", default="auto", choices=["auto", "int8", "fp32"],
+                   help="KV cache of the CPU fast graph (auto: INT8)")
     _sampling_args(s)
     s.set_defaults(fn=cmd_chat)
 
@@ -268,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--template", default=None)
     s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"])
     s.add_argument("--max-context", type=int, default=None)
+    s.add_argument("--kv-cache", default="auto", choices=["auto", "int8", "fp32"],
+                   help="KV cache of the CPU fast graph (auto: INT8)")
     _sampling_args(s)
     s.set_defaults(fn=cmd_chat)
 

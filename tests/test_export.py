@@ -127,6 +127,36 @@ def test_bundle_generation_prefix_reuse_and_eval(w4_bundle, variant):
     assert text_perplexity(pipe, ["A red circle on the left."])["perplexity"] > 1
 
 
+def test_int8_kv_cache_scales_and_agreement(w4_bundle):
+    """The fast graph's INT8 KV cache: each channel's calibrated scale maps the largest value
+    seen in calibration to 127/margin (pins the [kv_heads, head_dim] scale layout ORT reads),
+    and it decodes like the FP32 cache."""
+    fp = edge_vila.load(w4_bundle, variant="fast", kv_cache="fp32")
+    q8 = edge_vila.load(w4_bundle, variant="fast")  # auto: INT8 when not exact
+    assert (fp.backend.kv_cache, q8.backend.kv_cache) == ("fp32", "int8")
+    assert q8.backend.past[0].numpy().dtype == np.int8
+    assert list((w4_bundle / "engines" / "ort-cpu").glob("*-kv8/llm_fast.onnx"))
+    assert edge_vila.load(w4_bundle, exact=True).backend.kv_cache == "fp32"
+    be = q8.backend
+    m = be.cfg.llm
+    top = np.zeros((len(be.past), m.num_kv_heads, m.head_dim), np.int32)
+    for emb in be._kv_calibration_sequences():
+        be.reset()
+        be.forward(emb, 0)
+        for j, buf in enumerate(be.past):
+            top[j] = np.maximum(top[j], np.abs(buf.numpy()[0, :, :len(emb)].astype(np.int32)).max(axis=1))
+    want = round(127 / 1.25)
+    values, keys = top[1::2], top[0::2]
+    assert np.abs(values - want).max() <= 1  # every value channel reaches its calibrated range
+    half = m.head_dim // 2  # keys: a rotated pair shares one scale, set by the pair's norm
+    pair = np.maximum(keys[..., :half], keys[..., half:])
+    assert pair.max() <= want + 1 and pair.min() >= want * 0.7
+    res = logit_agreement(fp, q8, PROMPTS * 4, _images(), steps=10)
+    assert res["greedy_agreement"] >= 0.97 and res["max_rel_logit_err"] <= 0.05, res
+    with pytest.raises(edge_vila.errors.InputError, match="kv_cache"):
+        edge_vila.load(w4_bundle, kv_cache="int4")
+
+
 def test_bad_bundles_fail_with_one_line(w4_bundle, tmp_path):
     def copy(name):
         d = tmp_path / name

@@ -47,7 +47,8 @@ class OrtBackend(BundleBackend):
     name = "onnxruntime"
 
     def __init__(self, cfg: BundleConfig, max_context: int | None = None, threads: int | None = None,
-                 providers: list[str] | None = None, exact: bool = False, variant: str = "auto"):
+                 providers: list[str] | None = None, exact: bool = False, variant: str = "auto",
+                 kv_cache: str = "auto"):
         import onnxruntime as ort
         self.cfg = cfg
         root = cfg.root
@@ -62,12 +63,9 @@ class OrtBackend(BundleBackend):
         provs = _providers(root, providers)
         if variant not in ("auto", "fast", "bundle"):
             raise InputError(f"variant {variant!r} unknown (expected auto, fast or bundle)")
+        if kv_cache not in ("auto", "int8", "fp32"):
+            raise InputError(f"kv_cache {kv_cache!r} unknown (expected auto, int8 or fp32)")
         cpu_only = all((p if isinstance(p, str) else p[0]) == "CPUExecutionProvider" for p in provs)
-        fast = None
-        if variant == "fast" or (variant == "auto" and cpu_only and (cfg.manifest.get("quant") or {}).get("llm") == "awq-w4"):
-            fast = _fast_graph(cfg, accuracy_level=0 if exact else 4, required=variant == "fast")
-        self.variant = "fast" if fast else "bundle"
-        self.llm = ort.InferenceSession(str(fast or root / "llm.onnx"), so, providers=provs)
         self.vision = None
         if cfg.is_multimodal:
             vso = ort.SessionOptions()
@@ -79,11 +77,69 @@ class OrtBackend(BundleBackend):
                 vso.add_session_config_entry("session.qdqisint8allowed", "1")
             self.vision = ort.InferenceSession(str(root / "vision.onnx"), vso, providers=provs)
         self._load_embeddings(root)
+        fast = None
+        if variant == "fast" or (variant == "auto" and cpu_only and (cfg.manifest.get("quant") or {}).get("llm") == "awq-w4"):
+            fast = _fast_graph(cfg, accuracy_level=0 if exact else 4, required=variant == "fast")
+        if kv_cache == "int8" and not fast:
+            raise InputError(f"{root}: an INT8 KV cache needs the fast CPU graph (INT4 bundle, CPU provider)")
+        self.kv_cache = "fp32"
+        if fast and (kv_cache == "int8" or (kv_cache == "auto" and not exact)):
+            fast = self._kv8_graph(fast, so)
+            self.kv_cache = "int8"
+        self.variant = "fast" if fast else "bundle"
+        self.llm = ort.InferenceSession(str(fast or root / "llm.onnx"), so, providers=provs)
         m = cfg.llm
         self._kv_shape = (1, m.num_kv_heads, 0, m.head_dim)
         self._past_names = [i.name for i in self.llm.get_inputs() if i.name.startswith("past_")]
         self._present_names = [o.name for o in self.llm.get_outputs() if o.name.startswith("present_")]
         self.reset()
+
+    def _kv8_graph(self, fp32_graph: Path, so) -> Path:
+        """The fast graph with an INT8 KV cache, cached beside the FP32-cache one; its scales are
+        calibrated once, by running the FP32-cache graph on the bundle's own embeddings."""
+        import onnxruntime as ort
+
+        from .ort_fast import build_fast_llm, calibrate_kv_scales
+
+        out = fp32_graph.parent.with_name(fp32_graph.parent.name + "-kv8") / "llm_fast.onnx"
+        if out.is_file() and out.with_name(out.name + ".data").is_file():
+            return out
+        m = self.cfg.llm
+        ref = ort.InferenceSession(str(fp32_graph), so, providers=["CPUExecutionProvider"])
+        scales = calibrate_kv_scales(ref, self._kv_calibration_sequences(), m.num_layers, m.num_kv_heads, m.head_dim)
+        del ref
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return build_fast_llm(self.cfg.root / "llm.onnx", self.cfg.manifest, out,
+                              accuracy_level=int(fp32_graph.parent.name.split("-acc")[1]), kv_scales=scales)
+
+    def _kv_calibration_sequences(self) -> list[np.ndarray]:
+        """Prompts the way the runtime sends them: chat-formatted text and, for a VLM, image
+        embeddings from vision.onnx (synthetic scenes and a photo-like gradient) inside them."""
+        from ..prompt import TextTokenizer
+        from .ort_fast import KV_CALIBRATION_TEXT
+
+        tok = TextTokenizer(self.cfg.root)
+        img = None
+        if self.vision is not None:
+            from PIL import Image
+
+            from ..preprocess import preprocess_images
+            from ..train import world
+
+            pre = self.cfg.preprocess
+            side = max(pre.height, pre.width)
+            pics = [world.random_scene(world.rng_for(5, i)).render(side) for i in range(3)]
+            yy, xx = np.mgrid[0:side, 0:side] / max(side - 1, 1)
+            pics.append(Image.fromarray((np.stack([xx, yy, 1 - xx * yy], -1) * 255).astype(np.uint8)))
+            img = self.encode_images(preprocess_images(pics, pre))  # [n_images, tokens, hidden]
+        seqs = []
+        for j, text in enumerate(KV_CALIBRATION_TEXT):
+            ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(text)
+            emb = self.embed(np.asarray(ids[: self.max_context // 2]))
+            if img is not None:
+                emb = np.concatenate([emb[:1], img[j % len(img)], emb[1:]])
+            seqs.append(emb[: self.max_context])
+        return seqs
 
     def reset(self) -> None:
         if self.variant == "fast":
@@ -91,7 +147,8 @@ class OrtBackend(BundleBackend):
 
             if not getattr(self, "past", None):  # allocated once, for the whole context
                 shape = (1, self.cfg.llm.num_kv_heads, self.max_context, self.cfg.llm.head_dim)
-                self.past = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+                dtype = np.int8 if self.kv_cache == "int8" else np.float32
+                self.past = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype))
                              for _ in self._past_names]
         else:
             empty = np.zeros(self._kv_shape, np.float32)

@@ -11,7 +11,11 @@ the bundle and caches it (`engines/ort-cpu/`, keyed by llm.onnx's sha256):
 - attention -> GroupQueryAttention with RoPE inside (cos/sin from the bundle's tables) and
   past/present sharing one preallocated buffer: a decode step writes one position in place,
   a prefix rewind is free (the next step simply says where the sequence ends);
-- RMSNorm -> (Skip)SimplifiedLayerNormalization; the LM head runs on the last position only.
+- RMSNorm -> (Skip)SimplifiedLayerNormalization; the LM head runs on the last position only;
+- optionally an INT8 KV cache (GroupQueryAttention's `kv_cache_bit_width=8`, static
+  per-channel scales calibrated on the bundle's own embeddings, `calibrate_kv_scales`):
+  decode reads the whole cache every step, so at long context the cache, not the INT4
+  weights, dominates the bytes per token; INT8 reads a quarter of FP32's.
 
 The bundle's files stay the contract: this graph is only a cache, rebuilt when llm.onnx
 changes, and tests check it against the bundle graph and the torch reference.
@@ -30,6 +34,21 @@ log = logging.getLogger(__name__)
 MS = "com.microsoft"
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
         "mlp.up_proj", "mlp.down_proj")
+
+
+# What the KV-cache calibration feeds the model (with image embeddings spliced in for a
+# VLM): chat turns, questions about a scene, plain prose, numbers and code, so the scales
+# cover the activations that templates, answers and odd tokens produce.
+KV_CALIBRATION_TEXT = (
+    "USER: What is in front of the robot? Describe the objects, their colours and where they are.\n"
+    "ASSISTANT: There is a red cube on the left, a blue bottle in the middle and a person on the right.",
+    "USER: How many circles are there? ASSISTANT: Two. USER: What color is the square? ASSISTANT: green. "
+    "USER: Is there a yellow triangle? ASSISTANT: no. USER: Where is the purple circle? ASSISTANT: top.",
+    "The warehouse robot stopped at the loading dock, scanned the pallets and reported three damaged "
+    "boxes. Its battery was at 43 percent, so it planned a route back to the charger before noon.",
+    "def plan(path, speed=0.5):\n    for x, y in path:\n        move(x, y, speed)  # metres, m/s\n"
+    "    return {'ok': True, 'steps': len(path)}\n1 2 3 4 5 6 7 8 9 10 100 1000 3.14159 -42 #@!?",
+)
 
 
 @dataclass
@@ -182,8 +201,11 @@ def _rms_eps(model) -> float:
     raise ValueError("RMSNorm epsilon not found in llm.onnx")
 
 
-def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int = 4) -> Path:
-    """Write the fast graph for `bundle_llm` (the bundle's llm.onnx) to `out` (atomically)."""
+def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int = 4,
+                   kv_scales: np.ndarray | None = None) -> Path:
+    """Write the fast graph for `bundle_llm` (the bundle's llm.onnx) to `out` (atomically).
+    `kv_scales` ([layers, 2 (key, value), kv_heads, head_dim], from `calibrate_kv_scales`)
+    makes the KV cache INT8."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -200,6 +222,9 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
     if len(norms) != 2 * L + 1:
         raise ValueError(f"found {len(norms)} RMSNorms in llm.onnx, expected {2 * L + 1}")
     cos, sin = _find_rope(model, max_ctx, hd)
+    if kv_scales is not None and kv_scales.shape != (L, 2, nkv, hd):
+        raise ValueError(f"kv_scales has shape {kv_scales.shape}, expected {(L, 2, nkv, hd)}")
+    kv_type = TensorProto.FLOAT if kv_scales is None else TensorProto.INT8
     eps = _rms_eps(model)
     del model
     nodes, weights = [], []
@@ -232,15 +257,19 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
         p = f"model.layers.{i}."
         qkv = nbits(normed, fuse([lins[p + k] for k in PROJ[:3]]), f"l{i}.qkv")
         for kind in ("key", "value"):
-            ins.append(helper.make_tensor_value_info(f"past_{kind}.{i}", TensorProto.FLOAT,
-                                                     [1, nkv, "max_seq", hd]))
-            outs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", TensorProto.FLOAT,
-                                                      [1, nkv, "max_seq", hd]))
+            ins.append(helper.make_tensor_value_info(f"past_{kind}.{i}", kv_type, [1, nkv, "max_seq", hd]))
+            outs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", kv_type, [1, nkv, "max_seq", hd]))
+        gqa_in = [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length",
+                  "cos_cache", "sin_cache"]
+        quant = {}
+        if kv_scales is not None:  # inputs 9-11 (position_ids, attention_bias, head_sink) unused
+            gqa_in += ["", "", "", w(f"l{i}.k_scale", kv_scales[i, 0][None, :, None, :].astype(np.float32)),
+                       w(f"l{i}.v_scale", kv_scales[i, 1][None, :, None, :].astype(np.float32))]
+            quant = dict(kv_cache_bit_width=8, k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL")
         nodes.append(helper.make_node(
-            "GroupQueryAttention", [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k",
-                                    "total_sequence_length", "cos_cache", "sin_cache"],
+            "GroupQueryAttention", gqa_in,
             [f"l{i}.attn", f"present_key.{i}", f"present_value.{i}"], domain=MS, num_heads=nh, kv_num_heads=nkv,
-            do_rotary=1, rotary_interleaved=0, scale=float(hd ** -0.5), name=f"l{i}.gqa"))
+            do_rotary=1, rotary_interleaved=0, scale=float(hd ** -0.5), name=f"l{i}.gqa", **quant))
         o = nbits(f"l{i}.attn", lins[p + PROJ[3]], f"l{i}.o")
         nodes.append(helper.make_node(
             "SkipSimplifiedLayerNormalization", [o, x, w(f"l{i}.post_w", norms[2 * i + 1])],
@@ -295,4 +324,31 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
     return out
 
 
-__all__ = ["build_fast_llm", "read_int4_linears", "pack_matmulnbits", "Int4Linear"]
+def calibrate_kv_scales(session, sequences: list[np.ndarray], num_layers: int, num_kv_heads: int, head_dim: int,
+                        margin: float = 1.25) -> np.ndarray:
+    """Per-channel INT8 scales for the KV cache, from the FP32-cache fast graph run on
+    `sequences` (each [tokens, hidden] input embeddings: text and image tokens alike).
+
+    Keys are cached after RoPE, which rotates channel c with channel c + head_dim/2 by a
+    position-dependent angle; each pair's scale is therefore set from the pair's norm (the
+    largest value either channel can take at any position), so positions beyond the
+    calibration text are covered. `margin` leaves room for activations larger than seen."""
+    amax = np.zeros((num_layers, 2, num_kv_heads, head_dim), np.float32)
+    half = head_dim // 2
+    for emb in sequences:
+        n = emb.shape[0]
+        feeds = {"inputs_embeds": np.ascontiguousarray(emb[None], np.float32),
+                 "seqlens_k": np.array([n - 1], np.int32), "total_sequence_length": np.array(n, np.int32)}
+        for i in range(num_layers):
+            for kind in ("key", "value"):
+                feeds[f"past_{kind}.{i}"] = np.zeros((1, num_kv_heads, n, head_dim), np.float32)
+        outs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+        for i in range(num_layers):
+            k = outs[f"present_key.{i}"][0, :, :n]  # [kv_heads, n, head_dim]
+            pair = np.sqrt(k[..., :half] ** 2 + k[..., half:] ** 2).max(axis=1)
+            amax[i, 0] = np.maximum(amax[i, 0], np.concatenate([pair, pair], axis=-1))
+            amax[i, 1] = np.maximum(amax[i, 1], np.abs(outs[f"present_value.{i}"][0, :, :n]).max(axis=1))
+    return (np.maximum(amax, 1e-4) * margin / 127.0).astype(np.float32)
+
+
+__all__ = ["build_fast_llm", "calibrate_kv_scales", "read_int4_linears", "pack_matmulnbits", "Int4Linear"]
