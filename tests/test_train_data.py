@@ -155,3 +155,15 @@ def test_training_on_llava_data(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "o" / "stage0-sft" / "config.json").is_file()
+
+
+def test_scene_text_puts_the_description_where_the_image_would_be():
+    """`scene_text`: the VQA conversation, text-only, the scene's caption in the image's place
+    (after the first question, as the edge template places images), answers unchanged."""
+    for i in range(20):
+        rng = world.rng_for(3, i)
+        s = synthetic_sample("scene_text", rng, 32)
+        qas = world.conversation(world.rng_for(3, i))  # the same draw
+        assert s.kind == "sft" and s.images == []
+        assert s.turns[0] == (f"{qas[0].question}\n{qas[0].scenes[0].caption()}", qas[0].answer)
+        assert s.turns[1:] == [(q.question, q.answer) for q in qas[1:]]

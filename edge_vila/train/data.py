@@ -19,7 +19,7 @@ from . import textdata, world
 
 IMAGE_SLOT = -1
 IGNORE = -100
-MIX_KINDS = ("captions", "captions_hard", "interleaved", "text", "vqa", "multi", "llava", "mmc4")
+MIX_KINDS = ("captions", "captions_hard", "interleaved", "text", "vqa", "scene_text", "multi", "llava", "mmc4")
 
 
 @dataclass
@@ -58,6 +58,11 @@ def synthetic_sample(kind: str, rng: np.random.Generator, image_size: int) -> Sa
         qas = world.conversation(rng)
         return Sample("sft", [s.render(image_size) for s in qas[0].scenes], turns=[(q.question, q.answer) for q in qas],
                       qtype=qas[0].qtype)
+    if kind == "scene_text":  # the VQA conversation with the scene described in words where the image would be
+        qas = world.conversation(rng)
+        desc = qas[0].scenes[0].caption()
+        return Sample("sft", [], turns=[(f"{qas[0].question}\n{desc}", qas[0].answer)]
+                      + [(q.question, q.answer) for q in qas[1:]], qtype=qas[0].qtype)
     raise ValueError(f"unknown data kind {kind!r}")
 
 
