@@ -77,14 +77,14 @@ class OrtBackend(BundleBackend):
                 vso.add_session_config_entry("session.qdqisint8allowed", "1")
             self.vision = ort.InferenceSession(str(root / "vision.onnx"), vso, providers=provs)
         self._load_embeddings(root)
-        fast = None
+        fast, level = None, 0 if exact else 4
         if variant == "fast" or (variant == "auto" and cpu_only and (cfg.manifest.get("quant") or {}).get("llm") == "awq-w4"):
-            fast = _fast_graph(cfg, accuracy_level=0 if exact else 4, required=variant == "fast")
+            fast = _fast_graph(cfg, accuracy_level=level, required=variant == "fast")
         if kv_cache == "int8" and not fast:
             raise InputError(f"{root}: an INT8 KV cache needs the fast CPU graph (INT4 bundle, CPU provider)")
         self.kv_cache = "fp32"
         if fast and (kv_cache == "int8" or (kv_cache == "auto" and not exact)):
-            fast = self._kv8_graph(fast, so)
+            fast = self._kv8_graph(fast, level, so)
             self.kv_cache = "int8"
         self.variant = "fast" if fast else "bundle"
         self.llm = ort.InferenceSession(str(fast or root / "llm.onnx"), so, providers=provs)
@@ -94,9 +94,10 @@ class OrtBackend(BundleBackend):
         self._present_names = [o.name for o in self.llm.get_outputs() if o.name.startswith("present_")]
         self.reset()
 
-    def _kv8_graph(self, fp32_graph: Path, so) -> Path:
+    def _kv8_graph(self, fp32_graph: Path, accuracy_level: int, so) -> Path:
         """The fast graph with an INT8 KV cache, cached beside the FP32-cache one; its scales are
-        calibrated once, by running the FP32-cache graph on the bundle's own embeddings."""
+        calibrated once, by running the FP32-cache graph on the bundle's own embeddings (the
+        cache is keyed by llm.onnx's hash like the FP32 one; a re-export rewrites all files)."""
         import onnxruntime as ort
 
         from .ort_fast import build_fast_llm, calibrate_kv_scales
@@ -110,7 +111,7 @@ class OrtBackend(BundleBackend):
         del ref
         out.parent.mkdir(parents=True, exist_ok=True)
         return build_fast_llm(self.cfg.root / "llm.onnx", self.cfg.manifest, out,
-                              accuracy_level=int(fp32_graph.parent.name.split("-acc")[1]), kv_scales=scales)
+                              accuracy_level=accuracy_level, kv_scales=scales)
 
     def _kv_calibration_sequences(self) -> list[np.ndarray]:
         """Prompts the way the runtime sends them: chat-formatted text and, for a VLM, image
