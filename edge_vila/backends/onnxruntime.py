@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -84,8 +85,11 @@ class OrtBackend(BundleBackend):
             raise InputError(f"{root}: an INT8 KV cache needs the fast CPU graph (INT4 bundle, CPU provider)")
         self.kv_cache = "fp32"
         if fast and (kv_cache == "int8" or (kv_cache == "auto" and not exact)):
-            fast = self._kv8_graph(fast, level, so)
-            self.kv_cache = "int8"
+            fp32_graph = fast
+            kv8 = _fast_graph(cfg, accuracy_level=level, required=kv_cache == "int8",
+                              kv_scales=lambda: self._calibrate_kv(fp32_graph, so))
+            if kv8:
+                fast, self.kv_cache = kv8, "int8"
         self.variant = "fast" if fast else "bundle"
         self.llm = ort.InferenceSession(str(fast or root / "llm.onnx"), so, providers=provs)
         m = cfg.llm
@@ -94,24 +98,15 @@ class OrtBackend(BundleBackend):
         self._present_names = [o.name for o in self.llm.get_outputs() if o.name.startswith("present_")]
         self.reset()
 
-    def _kv8_graph(self, fp32_graph: Path, accuracy_level: int, so) -> Path:
-        """The fast graph with an INT8 KV cache, cached beside the FP32-cache one; its scales are
-        calibrated once, by running the FP32-cache graph on the bundle's own embeddings (the
-        cache is keyed by llm.onnx's hash like the FP32 one; a re-export rewrites all files)."""
+    def _calibrate_kv(self, fp32_graph: Path, so) -> np.ndarray:
+        """INT8 KV scales, from the FP32-cache fast graph run on the bundle's own embeddings."""
         import onnxruntime as ort
 
-        from .ort_fast import build_fast_llm, calibrate_kv_scales
+        from .ort_fast import calibrate_kv_scales
 
-        out = fp32_graph.parent.with_name(fp32_graph.parent.name + "-kv8") / "llm_fast.onnx"
-        if out.is_file() and out.with_name(out.name + ".data").is_file():
-            return out
         m = self.cfg.llm
         ref = ort.InferenceSession(str(fp32_graph), so, providers=["CPUExecutionProvider"])
-        scales = calibrate_kv_scales(ref, self._kv_calibration_sequences(), m.num_layers, m.num_kv_heads, m.head_dim)
-        del ref
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return build_fast_llm(self.cfg.root / "llm.onnx", self.cfg.manifest, out,
-                              accuracy_level=accuracy_level, kv_scales=scales)
+        return calibrate_kv_scales(ref, self._kv_calibration_sequences(), m.num_layers, m.num_kv_heads, m.head_dim)
 
     def _kv_calibration_sequences(self) -> list[np.ndarray]:
         """Prompts the way the runtime sends them: chat-formatted text and, for a VLM, image
@@ -206,8 +201,11 @@ class OrtBackend(BundleBackend):
         return io.get_outputs()[0].numpy()[0]
 
 
-def _fast_graph(cfg: BundleConfig, accuracy_level: int, required: bool) -> Path | None:
-    """The cached fast CPU graph for this bundle (built on first use); None if unavailable."""
+def _fast_graph(cfg: BundleConfig, accuracy_level: int, required: bool,
+                kv_scales: Callable[[], np.ndarray] | None = None) -> Path | None:
+    """The cached fast CPU graph for this bundle (built on first use); None if unavailable.
+    With `kv_scales` (called only when the graph must be built) its KV cache is INT8; that
+    graph is cached as `<sha>-acc<level>-kv8`, keyed by llm.onnx's hash like the FP32 one."""
     try:
         from .ort_fast import build_fast_llm
     except ImportError as e:  # the onnx package is needed to build it
@@ -215,17 +213,19 @@ def _fast_graph(cfg: BundleConfig, accuracy_level: int, required: bool) -> Path 
             raise InputError(f"the fast CPU graph needs the onnx package ({e})") from None
         return None
     digest = cfg.manifest["files"]["llm.onnx"][:16]
-    name = f"{digest}-acc{accuracy_level}"
+    name = f"{digest}-acc{accuracy_level}" + ("-kv8" if kv_scales else "")
     candidates = [cfg.root / "engines" / "ort-cpu" / name,
                   Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-vila" / "ort-cpu" / name]
     for folder in candidates:
         path = folder / "llm_fast.onnx"
         if path.is_file() and (folder / "llm_fast.onnx.data").is_file():
             return path
+    scales = kv_scales() if kv_scales else None
     for folder in candidates:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            return build_fast_llm(cfg.root / "llm.onnx", cfg.manifest, folder / "llm_fast.onnx", accuracy_level)
+            return build_fast_llm(cfg.root / "llm.onnx", cfg.manifest, folder / "llm_fast.onnx", accuracy_level,
+                                  kv_scales=scales)
         except PermissionError:
             continue
         except (ValueError, KeyError) as e:  # a graph this builder does not know: run the bundle's own
