@@ -19,11 +19,11 @@ from . import textdata, world
 
 IMAGE_SLOT = -1
 IGNORE = -100
-# Share of "is there ...?"-no questions in training that cross a colour and a shape of two
-# different objects in the scene (world.ask). At the eval's rate (most negatives name a colour
-# or shape that is absent) the tiny model learned "yes if both words are present": 39 of its
-# 43 "exists" errors on the eval were no -> yes.
-BINDING_NEGATIVES = 0.5
+# Share of "is there ...?"-no questions in training that name a scene object with its colour
+# or its shape changed (world.ask). At the eval's rate (most negatives name a colour or shape
+# that is absent) the tiny model learned "yes if both words are present": 39 of its 43
+# "exists" errors on the eval were no -> yes, with one object in the image as well.
+HARD_NEGATIVES = 0.5
 MIX_KINDS = ("captions", "captions_hard", "interleaved", "text", "vqa", "scene_text", "multi", "llava", "mmc4")
 
 
@@ -60,11 +60,11 @@ def synthetic_sample(kind: str, rng: np.random.Generator, image_size: int) -> Sa
         return Sample("sft", [s.render(image_size) for s in qa.scenes], turns=[(qa.question, qa.answer)],
                       qtype=qa.qtype)
     if kind == "vqa":  # 1-4 turns about one image, as in LLaVA's instruction data
-        qas = world.conversation(rng, binding_negatives=BINDING_NEGATIVES)
+        qas = world.conversation(rng, hard_negatives=HARD_NEGATIVES)
         return Sample("sft", [s.render(image_size) for s in qas[0].scenes], turns=[(q.question, q.answer) for q in qas],
                       qtype=qas[0].qtype)
     if kind == "scene_text":  # the VQA conversation with the scene described in words where the image would be
-        qas = world.conversation(rng, binding_negatives=BINDING_NEGATIVES)
+        qas = world.conversation(rng, hard_negatives=HARD_NEGATIVES)
         desc = qas[0].scenes[0].caption()
         return Sample("sft", [], turns=[(f"{qas[0].question}\n{desc}", qas[0].answer)]
                       + [(q.question, q.answer) for q in qas[1:]], qtype=qas[0].qtype)

@@ -141,14 +141,15 @@ def make_question(rng: np.random.Generator, qtype: str | None = None) -> QA:
     raise RuntimeError(f"could not make a {qtype} question")  # pragma: no cover - probability ~0
 
 
-def ask(s: Scene, rng: np.random.Generator, qtype: str, binding_negatives: float = 0.0) -> QA | None:
+def ask(s: Scene, rng: np.random.Generator, qtype: str, hard_negatives: float = 0.0) -> QA | None:
     """A single-image question of `qtype` about scene `s`, or None when this scene has
     no unambiguous one (e.g. 'what color is the circle?' with two circles).
 
-    `binding_negatives`: the share of "is there a <colour> <shape>?"-is-no questions that
-    pair a colour and a shape which are both in the scene, on different objects. Training
-    data asks more of them than the eval (0): a model that answers "yes" whenever both words
-    are present (not checking they belong to one object) is then corrected often."""
+    `hard_negatives`: the share of "is there a <colour> <shape>?"-is-no questions that name
+    an object of the scene with one attribute changed (its colour or, as often, its shape), so
+    the colour, the shape or both are in the scene but not on one object. Training asks more of
+    them than the eval (0): a model that answers "yes" when the words are present, without
+    checking they belong to one object, is then corrected often."""
     shapes = [o.shape for o in s.objects]
     colors = [o.color for o in s.objects]
     if qtype == "count":
@@ -171,9 +172,12 @@ def ask(s: Scene, rng: np.random.Generator, qtype: str, binding_negatives: float
             o = s.objects[int(rng.integers(len(s.objects)))]
             return QA(qtype, f"Is there a {o.color} {o.shape}?", "yes", [s])
         present = {(o.color, o.shape) for o in s.objects}
-        crossed = sorted({(o.color, p.shape) for o in s.objects for p in s.objects} - present)
-        if crossed and binding_negatives > 0 and rng.random() < binding_negatives:  # eval (0) draws as before
-            c, sh = crossed[int(rng.integers(len(crossed)))]
+        if hard_negatives > 0 and rng.random() < hard_negatives:  # the eval (0) draws as it always did
+            o = s.objects[int(rng.integers(len(s.objects)))]
+            other_shape = [(o.color, sh) for sh in SHAPES if (o.color, sh) not in present]
+            other_color = [(c, o.shape) for c in COLORS if (c, o.shape) not in present]
+            near = other_shape if other_shape and rng.random() < 0.5 else other_color  # never both empty
+            c, sh = near[int(rng.integers(len(near)))]
             return QA(qtype, f"Is there a {c} {sh}?", "no", [s])
         while True:
             c, sh = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
@@ -189,14 +193,14 @@ def ask(s: Scene, rng: np.random.Generator, qtype: str, binding_negatives: float
     return None
 
 
-def conversation(rng: np.random.Generator, max_turns: int = 4, binding_negatives: float = 0.0) -> list[QA]:
+def conversation(rng: np.random.Generator, max_turns: int = 4, hard_negatives: float = 0.0) -> list[QA]:
     """Several single-image questions about one scene (LLaVA-style multi-turn data):
     one image's tokens then carry the loss of several answers."""
     s = random_scene(rng)
     single = [t for t in QUESTION_TYPES if t != "compare"]
     qas: list[QA] = []
     for _ in range(int(rng.integers(1, max_turns + 1))):
-        qa = ask(s, rng, str(rng.choice(single)), binding_negatives)
+        qa = ask(s, rng, str(rng.choice(single)), hard_negatives)
         if qa is not None and qa.question not in {q.question for q in qas}:
             qas.append(qa)
     return qas or [ask(s, rng, "count")]
