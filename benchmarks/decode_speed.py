@@ -27,7 +27,8 @@ def _ids(tok, n: int) -> list[int]:
     return tok.encode(text)[:n]
 
 
-def bench_edge(bundle: Path, ctx: int, new: int, runs: int, kv_cache: str = "auto") -> float:
+def bench_edge(bundle: Path, ctx: int, new: int, runs: int, kv_cache: str = "auto") -> tuple[float, str]:
+    """Median decode tokens/s, and the KV cache type the backend chose ("int8" / "fp32")."""
     import edge_vila
 
     pipe = edge_vila.load(bundle, max_context=max(ctx + new + 8, 128), kv_cache=kv_cache)
@@ -44,7 +45,7 @@ def bench_edge(bundle: Path, ctx: int, new: int, runs: int, kv_cache: str = "aut
             logits = be.forward(be.embed(np.asarray([tok])), pos)
             pos += 1
         rates.append(new / (time.perf_counter() - t0))
-    return statistics.median(rates[1:])
+    return statistics.median(rates[1:]), getattr(be, "kv_cache", "fp32")
 
 
 def bench_hf(hf: Path, ctx: int, new: int, runs: int) -> float:
@@ -126,10 +127,11 @@ def main() -> None:
     res = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "python": platform.python_version()}, "new_tokens": a.new, "runs": a.runs, "results": {}}
     for ctx in a.contexts:
-        row = {"edge_vila_ort": bench_edge(a.bundle, ctx, a.new, a.runs)}
+        row = {}
+        row["edge_vila_ort"], res["edge_vila_kv_cache"] = bench_edge(a.bundle, ctx, a.new, a.runs)
         extra = ""
         if a.compare_kv:
-            row["edge_vila_ort_fp32_kv"] = bench_edge(a.bundle, ctx, a.new, a.runs, kv_cache="fp32")
+            row["edge_vila_ort_fp32_kv"], _ = bench_edge(a.bundle, ctx, a.new, a.runs, kv_cache="fp32")
             extra += f" | edge-vila fp32 KV {row['edge_vila_ort_fp32_kv']:7.1f} tok/s"
         if not a.no_hf:
             row["transformers_fp32_eager"] = bench_hf(a.hf, ctx, a.new, a.runs)

@@ -97,14 +97,13 @@ def main() -> None:
     ap.add_argument("--edge", type=Path)
     ap.add_argument("--genai", type=Path)
     ap.add_argument("--gguf", type=Path)
-    ap.add_argument("--edge-fp32-kv", action="store_true", help="the decode JSON was measured with an FP32 KV cache")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/roofline"))
     a = ap.parse_args()
     res = json.loads(a.decode.read_text())
     bw = stream_copy_gbps()
     weights, cfg = weight_bytes(a.hf, a.edge, a.genai, a.gguf)
-    # edge-vila's CPU fast graph keeps an INT8 cache unless it was run with kv_cache="fp32"
-    edge_kv = 4 if a.edge_fp32_kv or not (a.edge and glob.glob(str(a.edge / "engines" / "ort-cpu" / "*-kv8"))) else 1
+    # the cache type edge-vila's backend chose is in the decode JSON (JSONs from before it was recorded: FP32)
+    edge_kv = 1 if res.get("edge_vila_kv_cache") == "int8" else 4
     kv_bytes = {"transformers_fp32_eager": 4, "edge_vila_ort": edge_kv, "onnxruntime_genai_int4": 4, "llama_cpp_q4": 2}
     rows, proj = [], []
     print(f"STREAM-style copy bandwidth: {bw:.1f} GB/s")
