@@ -90,7 +90,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
     from .api import load
 
     pipe = load(a.path, backend=a.backend, max_context=a.max_context, template=a.template, system=a.system,
-                kv_cache=a.kv_cache)
+                kv_cache=a.kv_cache, attention=a.attention)
     chat = pipe.chat()
     params = _params(a)
     images = list(a.image)
@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-context", type=int, default=None)
     s.add_argument("--kv-cache", default="auto", choices=["auto", "int8", "fp32"],
                    help="KV cache of the CPU fast graph (auto: INT8)")
+    s.add_argument("--attention", default="auto", choices=["auto", "edge", "gqa"],
+                   help="attention over the INT8 cache: our op (edge; auto when a C compiler builds it) or ORT's gqa")
     _sampling_args(s)
     s.set_defaults(fn=cmd_chat)
 
@@ -273,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-context", type=int, default=None)
     s.add_argument("--kv-cache", default="auto", choices=["auto", "int8", "fp32"],
                    help="KV cache of the CPU fast graph (auto: INT8)")
+    s.add_argument("--attention", default="auto", choices=["auto", "edge", "gqa"],
+                   help="attention over the INT8 cache: our op (edge; auto when a C compiler builds it) or ORT's gqa")
     _sampling_args(s)
     s.set_defaults(fn=cmd_chat)
 

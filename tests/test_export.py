@@ -135,7 +135,8 @@ def test_int8_kv_cache_scales_and_agreement(w4_bundle):
     q8 = edge_vila.load(w4_bundle, variant="fast")  # auto: INT8 when not exact
     assert (fp.backend.kv_cache, q8.backend.kv_cache) == ("fp32", "int8")
     assert q8.backend.past[0].numpy().dtype == np.int8
-    assert list((w4_bundle / "engines" / "ort-cpu").glob("*-kv8/llm_fast.onnx"))
+    assert q8.backend.attention == "edge"  # our attention op (a C compiler is there)
+    assert list((w4_bundle / "engines" / "ort-cpu").glob("*-kv8-edgeattn/llm_fast.onnx"))
     assert edge_vila.load(w4_bundle, exact=True).backend.kv_cache == "fp32"
     be = q8.backend
     m = be.cfg.llm
@@ -143,8 +144,8 @@ def test_int8_kv_cache_scales_and_agreement(w4_bundle):
     for emb in be._kv_calibration_sequences():
         be.reset()
         be.forward(emb, 0)
-        for j, buf in enumerate(be.past):
-            top[j] = np.maximum(top[j], np.abs(buf.numpy()[0, :, :len(emb)].astype(np.int32)).max(axis=1))
+        for j in range(len(be.past)):
+            top[j] = np.maximum(top[j], np.abs(be.cache_view(j)[:, :len(emb)].astype(np.int32)).max(axis=1))
     want = round(127 / 1.25)
     values, keys = top[1::2], top[0::2]
     assert np.abs(values - want).max() <= 1  # every value channel reaches its calibrated range
@@ -153,8 +154,17 @@ def test_int8_kv_cache_scales_and_agreement(w4_bundle):
     assert pair.max() <= want + 1 and pair.min() >= want * 0.7
     res = logit_agreement(fp, q8, PROMPTS * 4, _images(), steps=10)
     assert res["greedy_agreement"] >= 0.97 and res["max_rel_logit_err"] <= 0.05, res
+    # ORT's GroupQueryAttention over the same INT8 cache (same scales) decodes alike
+    gq = edge_vila.load(w4_bundle, attention="gqa")
+    assert (gq.backend.attention, gq.backend.kv_cache) == ("gqa", "int8")
+    res = logit_agreement(gq, q8, PROMPTS * 4, _images(), steps=10)
+    assert res["greedy_agreement"] >= 0.97 and res["max_rel_logit_err"] <= 0.05, res
     with pytest.raises(edge_vila.errors.InputError, match="kv_cache"):
         edge_vila.load(w4_bundle, kv_cache="int4")
+    with pytest.raises(edge_vila.errors.InputError, match="attention"):
+        edge_vila.load(w4_bundle, attention="flash")
+    with pytest.raises(edge_vila.errors.InputError, match="INT8 KV cache"):
+        edge_vila.load(w4_bundle, kv_cache="fp32", attention="edge")
 
 
 def test_bad_bundles_fail_with_one_line(w4_bundle, tmp_path):

@@ -2,8 +2,9 @@
 
 Providers are tried in order TensorRT EP (engine cache inside the bundle) -> CUDA EP ->
 CPU. On the CPU the backend runs a private, faster graph derived from the bundle's
-llm.onnx (ort_fast.py: MatMulNBits + GroupQueryAttention over one preallocated KV buffer
-that decode steps write in place; rewinds are free). `variant="bundle"` runs the bundle's
+llm.onnx (ort_fast.py: MatMulNBits + attention over one preallocated KV buffer that decode
+steps write in place; rewinds are free). Over the default INT8 cache, attention is our own
+custom op (decode_attention.py) when a C compiler can build it, else GroupQueryAttention. `variant="bundle"` runs the bundle's
 own graph instead: there each step's `present` outputs are bound as the next step's
 `past` inputs (IO binding), so the host never copies the cache; a rewind slices it once.
 """
@@ -49,7 +50,7 @@ class OrtBackend(BundleBackend):
 
     def __init__(self, cfg: BundleConfig, max_context: int | None = None, threads: int | None = None,
                  providers: list[str] | None = None, exact: bool = False, variant: str = "auto",
-                 kv_cache: str = "auto"):
+                 kv_cache: str = "auto", attention: str = "auto"):
         import onnxruntime as ort
         self.cfg = cfg
         root = cfg.root
@@ -66,6 +67,8 @@ class OrtBackend(BundleBackend):
             raise InputError(f"variant {variant!r} unknown (expected auto, fast or bundle)")
         if kv_cache not in ("auto", "int8", "fp32"):
             raise InputError(f"kv_cache {kv_cache!r} unknown (expected auto, int8 or fp32)")
+        if attention not in ("auto", "edge", "gqa"):
+            raise InputError(f"attention {attention!r} unknown (expected auto, edge or gqa)")
         cpu_only = all((p if isinstance(p, str) else p[0]) == "CPUExecutionProvider" for p in provs)
         self.vision = None
         if cfg.is_multimodal:
@@ -83,13 +86,23 @@ class OrtBackend(BundleBackend):
             fast = _fast_graph(cfg, accuracy_level=level, required=variant == "fast")
         if kv_cache == "int8" and not fast:
             raise InputError(f"{root}: an INT8 KV cache needs the fast CPU graph (INT4 bundle, CPU provider)")
-        self.kv_cache = "fp32"
+        self.kv_cache, self.attention = "fp32", "gqa" if fast else None
         if fast and (kv_cache == "int8" or (kv_cache == "auto" and not exact)):
             fp32_graph = fast
+            lib = None
+            if attention != "gqa":  # our INT8 attention op (decode_attention.py), else GroupQueryAttention
+                from .decode_attention import build_library, try_build_library
+                lib = build_library() if attention == "edge" else try_build_library()
             kv8 = _fast_graph(cfg, accuracy_level=level, required=kv_cache == "int8",
-                              kv_scales=lambda: self._calibrate_kv(fp32_graph, so))
+                              kv_scales=lambda: self._calibrate_kv(fp32_graph, so),
+                              attention="edge" if lib else "gqa")
             if kv8:
                 fast, self.kv_cache = kv8, "int8"
+                if lib:
+                    so.register_custom_ops_library(str(lib))
+                    self.attention = "edge"
+        elif attention == "edge":
+            raise InputError(f"{root}: the edge attention op needs the INT8 KV cache of the fast CPU graph")
         self.variant = "fast" if fast else "bundle"
         self.llm = ort.InferenceSession(str(fast or root / "llm.onnx"), so, providers=provs)
         m = cfg.llm
@@ -142,14 +155,25 @@ class OrtBackend(BundleBackend):
             import onnxruntime as ort
 
             if not getattr(self, "past", None):  # allocated once, for the whole context
-                shape = (1, self.cfg.llm.num_kv_heads, self.max_context, self.cfg.llm.head_dim)
                 dtype = np.int8 if self.kv_cache == "int8" else np.float32
-                self.past = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype))
-                             for _ in self._past_names]
+                # each buffer as the graph declares it: [1, kv_heads, max_seq, head_dim], except the
+                # edge attention op's keys, [1, kv_heads, key_blocks, head_dim, 64]
+                sym = {"max_seq": self.max_context, "key_blocks": -(-self.max_context // 64)}
+                shapes = {i.name: [d if isinstance(d, int) else sym[d] for d in i.shape]
+                          for i in self.llm.get_inputs() if i.name in self._past_names}
+                self.past = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shapes[n], dtype)) for n in self._past_names]
         else:
             empty = np.zeros(self._kv_shape, np.float32)
             self.past = [empty] * len(self._past_names)
         self.length = 0
+
+    def cache_view(self, j: int) -> np.ndarray:
+        """KV buffer j of the fast graph as [kv_heads, positions, head_dim], whatever its layout
+        (the edge attention op keeps keys in blocks of 64 positions)."""
+        a = self.past[j].numpy()[0]
+        if a.ndim == 4:  # [kv_heads, blocks, head_dim, 64]
+            a = a.transpose(0, 1, 3, 2).reshape(a.shape[0], -1, a.shape[2])
+        return a
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         if self.vision is None:
@@ -202,7 +226,7 @@ class OrtBackend(BundleBackend):
 
 
 def _fast_graph(cfg: BundleConfig, accuracy_level: int, required: bool,
-                kv_scales: Callable[[], np.ndarray] | None = None) -> Path | None:
+                kv_scales: Callable[[], np.ndarray] | None = None, attention: str = "gqa") -> Path | None:
     """The cached fast CPU graph for this bundle (built on first use); None if unavailable.
     With `kv_scales` (called only when the graph must be built) its KV cache is INT8; that
     graph is cached as `<sha>-acc<level>-kv8`, keyed by llm.onnx's hash like the FP32 one."""
@@ -213,7 +237,7 @@ def _fast_graph(cfg: BundleConfig, accuracy_level: int, required: bool,
             raise InputError(f"the fast CPU graph needs the onnx package ({e})") from None
         return None
     digest = cfg.manifest["files"]["llm.onnx"][:16]
-    name = f"{digest}-acc{accuracy_level}" + ("-kv8" if kv_scales else "")
+    name = f"{digest}-acc{accuracy_level}" + ("-kv8" if kv_scales else "") + ("-edgeattn" if attention == "edge" else "")
     candidates = [cfg.root / "engines" / "ort-cpu" / name,
                   Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-vila" / "ort-cpu" / name]
     for folder in candidates:
@@ -225,7 +249,7 @@ def _fast_graph(cfg: BundleConfig, accuracy_level: int, required: bool,
         try:
             folder.mkdir(parents=True, exist_ok=True)
             return build_fast_llm(cfg.root / "llm.onnx", cfg.manifest, folder / "llm_fast.onnx", accuracy_level,
-                                  kv_scales=scales)
+                                  kv_scales=scales, attention=attention)
         except PermissionError:
             continue
         except (ValueError, KeyError) as e:  # a graph this builder does not know: run the bundle's own

@@ -1,0 +1,453 @@
+/* edge_vila.DecodeAttention: causal GQA attention over an INT8 KV cache, as an ONNX Runtime
+ * custom op for the fast CPU graph (ort_fast.py). It replaces GroupQueryAttention there because
+ * ORT's CPU kernel spends 60-80 us per layer at 1024 cached positions, which kept decode at
+ * 1024 context well under 0.8x of decode at 64 (issue #5).
+ *
+ * Inputs (the GroupQueryAttention inputs the fast graph already feeds, K cache transposed):
+ *   0 qkv        float [1, S, (num_heads + 2 kv_heads) * head_dim]   q | k | v, before RoPE
+ *   1 past_key   int8  [1, kv_heads, blocks, head_dim, 64]   blocks of 64 positions, channel-major
+ *                inside a block: the scores of 16 positions are one vector op, and a block's keys
+ *                are one contiguous 64 x head_dim run (one stream for the prefetcher; a plain
+ *                transposed cache has head_dim strided streams and decode waited on memory)
+ *   2 past_value int8  [1, kv_heads, max_seq, head_dim]
+ *   3 seqlens_k  int32 [1]      total length - 1 (the S new tokens are its last S positions)
+ *   4 total_sequence_length int32 scalar
+ *   5 cos_cache, 6 sin_cache  float [rows, head_dim / 2]   RoPE, rotate-half (not interleaved)
+ *   7 k_scale, 8 v_scale      float [1, kv_heads, 1, head_dim]   static per-channel INT8 scales
+ * Outputs: 0 attn float [1, S, num_heads * head_dim]; 1 present_key, 2 present_value: the same
+ * buffers as past_* when the caller binds them so (the backend does): the new positions are
+ * written in place, nothing else is copied.
+ * Attributes: num_heads, kv_num_heads (int), scale (float).
+ *
+ * ORT's pip wheel ships libonnxruntime but no C headers, so the few C-API entries used here are
+ * called through their slot numbers in the OrtApi function table. These are all version-1 slots;
+ * the C API is append-only, so they are the same in every ORT release since 1.0.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtKernelInfo OrtKernelInfo;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtValue OrtValue;
+typedef struct OrtTypeShape OrtTypeShape;
+typedef struct OrtCustomOpDomain OrtCustomOpDomain;
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef void *const *OrtApiTable;
+#define KB 64 /* positions per key-cache block */
+
+typedef struct {
+  OrtApiTable (*GetApi)(uint32_t version);
+  const char *(*GetVersionString)(void);
+} OrtApiBase;
+
+/* OrtApi slots (version 1 part of the table) */
+enum {
+  SLOT_CreateStatus = 0, SLOT_CreateCustomOpDomain = 26, SLOT_CustomOpDomain_Add = 27, SLOT_AddCustomOpDomain = 28,
+  SLOT_GetTensorMutableData = 51, SLOT_GetTensorElementType = 60, SLOT_GetDimensionsCount = 61,
+  SLOT_GetDimensions = 62, SLOT_GetTensorTypeAndShape = 65, SLOT_KernelInfoGetAttribute_float = 85,
+  SLOT_KernelInfoGetAttribute_int64 = 86, SLOT_KernelContext_GetInput = 90, SLOT_KernelContext_GetOutput = 91,
+  SLOT_ReleaseStatus = 93, SLOT_ReleaseTensorTypeAndShapeInfo = 99,
+};
+enum { ORT_INVALID_ARGUMENT = 2, T_FLOAT = 1, T_INT8 = 3, T_INT32 = 6 };
+
+static OrtApiTable api;
+#define CALL(slot, type) ((type)api[slot])
+
+static OrtStatus *error(const char *msg) {
+  return CALL(SLOT_CreateStatus, OrtStatus *(*)(int, const char *))(ORT_INVALID_ARGUMENT, msg);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* OrtCustomOp, field for field (version 16 layout: V2 create/compute return a status). */
+typedef struct OrtCustomOp {
+  uint32_t version;
+  void *(*CreateKernel)(const struct OrtCustomOp *, OrtApiTable, const OrtKernelInfo *);
+  const char *(*GetName)(const struct OrtCustomOp *);
+  const char *(*GetExecutionProviderType)(const struct OrtCustomOp *);
+  int (*GetInputType)(const struct OrtCustomOp *, size_t);
+  size_t (*GetInputTypeCount)(const struct OrtCustomOp *);
+  int (*GetOutputType)(const struct OrtCustomOp *, size_t);
+  size_t (*GetOutputTypeCount)(const struct OrtCustomOp *);
+  void (*KernelCompute)(void *, OrtKernelContext *);
+  void (*KernelDestroy)(void *);
+  int (*GetInputCharacteristic)(const struct OrtCustomOp *, size_t);
+  int (*GetOutputCharacteristic)(const struct OrtCustomOp *, size_t);
+  int (*GetInputMemoryType)(const struct OrtCustomOp *, size_t);
+  int (*GetVariadicInputMinArity)(const struct OrtCustomOp *);
+  int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp *);
+  int (*GetVariadicOutputMinArity)(const struct OrtCustomOp *);
+  int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp *);
+  OrtStatus *(*CreateKernelV2)(const struct OrtCustomOp *, OrtApiTable, const OrtKernelInfo *, void **);
+  OrtStatus *(*KernelComputeV2)(void *, OrtKernelContext *);
+} OrtCustomOp;
+
+typedef struct {
+  int64_t num_heads, kv_heads;
+  float scale;
+} Kernel;
+
+/* ------------------------------------------------------------------------------------------ */
+/* exp for x <= 0 (softmax after subtracting the max), vectorizable: 2^x = 2^floor * poly(frac),
+ * degree-5 fit, relative error < 1e-7 */
+static inline float exp_neg(float x) {
+  float t = fmaxf(x, -87.0f) * 1.44269504f;
+  float fl = floorf(t), f = t - fl;
+  float p = 0.0018762329f;
+  p = p * f + 0.0089925844f;
+  p = p * f + 0.0558236055f;
+  p = p * f + 0.2401545346f;
+  p = p * f + 0.6931529641f;
+  p = p * f + 0.9999999404f;
+  int32_t bits = ((int32_t)fl + 127) << 23;
+  float two;
+  memcpy(&two, &bits, 4);
+  return p * two;
+}
+
+static void rope(float *x, const float *cos, const float *sin, int half) {
+  for (int i = 0; i < half; i++) {
+    float a = x[i], b = x[i + half];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + half] = b * cos[i] + a * sin[i];
+  }
+}
+
+/* One query token at position `pos` for the `G` query heads of one KV head: scores over
+ * positions 0..pos, softmax, weighted sum of values. `qs` holds each head's query already
+ * multiplied by the softmax scale and the key channel scales, so INT8 keys are used as they are. */
+static void attend_portable(const float *qs, int G, int hd, const int8_t *Kt, const int8_t *V, int64_t pos, const float *vscale, float *scores, float *acc, float *out) {
+  const int64_t T = pos + 1;
+  memset(scores, 0, sizeof(float) * G * T);
+  for (int64_t j0 = 0; j0 < T; j0 += KB) {
+    const int64_t n = T - j0 < KB ? T - j0 : KB;
+    for (int d = 0; d < hd; d++) {
+      const int8_t *krow = Kt + j0 * hd + d * KB;
+      for (int h = 0; h < G; h++) {
+        const float q = qs[h * hd + d];
+        float *s = scores + h * T + j0;
+        for (int64_t j = 0; j < n; j++) s[j] += q * (float)krow[j];
+      }
+    }
+  }
+  for (int h = 0; h < G; h++) {
+    float *s = scores + h * T;
+    float m = s[0];
+    for (int64_t j = 1; j < T; j++) m = s[j] > m ? s[j] : m;
+    float sum = 0.f;
+    for (int64_t j = 0; j < T; j++) {
+      s[j] = exp_neg(s[j] - m);
+      sum += s[j];
+    }
+    float *a = acc + h * hd;
+    memset(a, 0, sizeof(float) * hd);
+    for (int64_t j = 0; j < T; j++) {
+      const int8_t *vrow = V + j * hd;
+      float p = s[j];
+      for (int d = 0; d < hd; d++) a[d] += p * (float)vrow[d];
+    }
+    float *o = out + h * hd;
+    float inv = 1.f / sum;
+    for (int d = 0; d < hd; d++) o[d] = a[d] * vscale[d] * inv;
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+/* The same maths with AVX-512, register-blocked: 64 positions x up to 4 heads of scores stay in
+ * 16 registers while all channels stream through, and each INT8 load is widened once for all
+ * the heads of the group (the portable loops reload and re-widen it per head). */
+/* software prefetch distances: decode streams the whole cache from DRAM every token (the INT4
+ * weights in between evict it), and one core's hardware prefetch alone kept ~5 GB/s */
+#ifndef PF_BLOCKS
+#define PF_BLOCKS 2
+#endif
+#ifndef PF_ROWS
+#define PF_ROWS 32
+#endif
+#define WIDEN(raw, i) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(raw, i)))
+
+static inline __attribute__((always_inline)) void scores_block(int HN, const float *qs, int hd, const int8_t *Kt,
+                                                               int64_t j, __mmask64 m, float *s,
+                                                               int64_t Tp) {
+  __m512 acc[4][4];
+  for (int h = 0; h < HN; h++)
+    for (int i = 0; i < 4; i++) acc[h][i] = _mm512_setzero_ps();
+  for (int d = 0; d < hd; d++) {
+    _mm_prefetch((const char *)(Kt + (j + PF_BLOCKS * KB) * hd + d * KB), _MM_HINT_T0);  /* the block after next */
+    __m512i raw = _mm512_maskz_loadu_epi8(m, Kt + j * hd + d * KB);
+    __m512 k[4] = {WIDEN(raw, 0), WIDEN(raw, 1), WIDEN(raw, 2), WIDEN(raw, 3)};
+    for (int h = 0; h < HN; h++) {
+      __m512 q = _mm512_set1_ps(qs[h * hd + d]);
+      for (int i = 0; i < 4; i++) acc[h][i] = _mm512_fmadd_ps(q, k[i], acc[h][i]);
+    }
+  }
+  for (int h = 0; h < HN; h++)
+    for (int i = 0; i < 4; i++) _mm512_storeu_ps(s + h * Tp + j + 16 * i, acc[h][i]);
+}
+
+static inline __attribute__((always_inline)) void values_block(int HN, const float *p, int64_t Tp, int64_t T,
+                                                               const int8_t *V, int hd, int dc, __mmask64 m,
+                                                               const float *vscale, const float *inv, float *out) {
+  __m512 acc[4][4];
+  for (int h = 0; h < HN; h++)
+    for (int i = 0; i < 4; i++) acc[h][i] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < T; j++) {
+    _mm_prefetch((const char *)(V + (j + PF_ROWS) * hd + dc), _MM_HINT_T0);
+    __m512i raw = _mm512_maskz_loadu_epi8(m, V + j * hd + dc);
+    __m512 v[4] = {WIDEN(raw, 0), WIDEN(raw, 1), WIDEN(raw, 2), WIDEN(raw, 3)};
+    for (int h = 0; h < HN; h++) {
+      __m512 w = _mm512_set1_ps(p[h * Tp + j]);
+      for (int i = 0; i < 4; i++) acc[h][i] = _mm512_fmadd_ps(w, v[i], acc[h][i]);
+    }
+  }
+  for (int h = 0; h < HN; h++)
+    for (int i = 0; i < 4 && dc + 16 * i < hd; i++) {
+      __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(vscale + dc + 16 * i), _mm512_set1_ps(inv[h]));
+      _mm512_storeu_ps(out + h * hd + dc + 16 * i, _mm512_mul_ps(acc[h][i], sc));
+    }
+}
+
+static inline __m512 exp512(__m512 x) { /* exp_neg, 16 lanes; scalef applies the 2^floor */
+  __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504f));
+  __m512 fl = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(t, fl);
+  __m512 p = _mm512_set1_ps(0.0018762329f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0089925844f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0558236055f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2401545346f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931529641f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999999404f));
+  return _mm512_scalef_ps(p, fl);
+}
+
+/* softmax numerators in place over s[0..T) (the padding up to a multiple of 16 becomes 0); returns 1 / sum */
+static float softmax512(float *s, int64_t T) {
+  __m512 mx = _mm512_set1_ps(-3.0e38f);
+  for (int64_t j = 0; j < T; j += 16) {
+    __mmask16 m = T - j >= 16 ? 0xffff : (__mmask16)((1u << (T - j)) - 1);
+    mx = _mm512_mask_max_ps(mx, m, mx, _mm512_loadu_ps(s + j));
+  }
+  __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx)), sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < T; j += 16) {
+    __mmask16 m = T - j >= 16 ? 0xffff : (__mmask16)((1u << (T - j)) - 1);
+    __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmax)));
+    _mm512_storeu_ps(s + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return 1.f / _mm512_reduce_add_ps(sum);
+}
+
+#define BY_HEADS(HN, call) switch (HN) { case 1: call(1); break; case 2: call(2); break; case 3: call(3); break; default: call(4); }
+
+static void attend_avx512(const float *qs, int G, int hd, const int8_t *Kt, const int8_t *V, int64_t pos, const float *vscale, float *scores, float *out) {
+  const int64_t T = pos + 1, Tp = (T + 63) / 64 * 64;  /* scores rows padded to whole blocks */
+  float inv[4];
+  for (int h0 = 0; h0 < G; h0 += 4) {
+    const int hn = G - h0 < 4 ? G - h0 : 4;
+    const float *q = qs + h0 * hd;
+    for (int64_t j = 0; j < T; j += 64) {
+      const __mmask64 m = T - j >= 64 ? ~0ULL : (1ULL << (T - j)) - 1;
+#define SCORES(HN) scores_block(HN, q, hd, Kt, j, m, scores, Tp)
+      BY_HEADS(hn, SCORES)
+    }
+    for (int h = 0; h < hn; h++) inv[h] = softmax512(scores + h * Tp, T);
+    for (int dc = 0; dc < hd; dc += 64) {
+      const __mmask64 m = hd - dc >= 64 ? ~0ULL : (1ULL << (hd - dc)) - 1;
+#define VALUES(HN) values_block(HN, scores, Tp, T, V, hd, dc, m, vscale, inv, out + h0 * hd)
+      BY_HEADS(hn, VALUES)
+    }
+  }
+}
+#endif
+
+static void attend(const float *qs, int G, int hd, const int8_t *Kt, const int8_t *V, int64_t pos,
+                   const float *vscale, float *scores, float *acc, float *out) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (hd % 16 == 0) {
+    (void)acc;
+    attend_avx512(qs, G, hd, Kt, V, pos, vscale, scores, out);
+    return;
+  }
+#endif
+  attend_portable(qs, G, hd, Kt, V, pos, vscale, scores, acc, out);
+}
+
+static int8_t quant(float x, float inv_scale) {
+  float q = nearbyintf(x * inv_scale);
+  return (int8_t)(q > 127.f ? 127.f : (q < -127.f ? -127.f : q));
+}
+
+/* ------------------------------------------------------------------------------------------ */
+typedef struct {
+  const OrtValue *v;
+  void *data;
+  int type;
+  size_t rank;
+  int64_t dims[8];
+} Tensor;
+
+static OrtStatus *tensor_info(const OrtValue *v, Tensor *t, const char *name, int want_type, size_t want_rank) {
+  static char msg[256];
+  OrtTypeShape *info = NULL;
+  OrtStatus *st = CALL(SLOT_GetTensorTypeAndShape, OrtStatus *(*)(const OrtValue *, OrtTypeShape **))(v, &info);
+  if (st) return st;
+  CALL(SLOT_GetTensorElementType, OrtStatus *(*)(const OrtTypeShape *, int *))(info, &t->type);
+  CALL(SLOT_GetDimensionsCount, OrtStatus *(*)(const OrtTypeShape *, size_t *))(info, &t->rank);
+  if (t->rank <= 8) CALL(SLOT_GetDimensions, OrtStatus *(*)(const OrtTypeShape *, int64_t *, size_t))(info, t->dims, t->rank);
+  CALL(SLOT_ReleaseTensorTypeAndShapeInfo, void (*)(OrtTypeShape *))(info);
+  if (t->type != want_type || t->rank != want_rank) {
+    snprintf(msg, sizeof msg, "DecodeAttention: input %s has element type %d and rank %zu, expected %d and %zu",
+             name, t->type, t->rank, want_type, want_rank);
+    return error(msg);
+  }
+  t->v = v;
+  return CALL(SLOT_GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)v, &t->data);
+}
+
+static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
+  static const char *names[] = {"qkv", "past_key", "past_value", "seqlens_k", "total_sequence_length",
+                                "cos_cache", "sin_cache", "k_scale", "v_scale"};
+  static const int types[] = {T_FLOAT, T_INT8, T_INT8, T_INT32, T_INT32, T_FLOAT, T_FLOAT, T_FLOAT, T_FLOAT};
+  static const size_t ranks[] = {3, 5, 4, 1, 0, 2, 2, 4, 4};
+  static char msg[256];
+  const Kernel *k = kernel;
+  Tensor in[9];
+  OrtStatus *st;
+  for (int i = 0; i < 9; i++) {
+    const OrtValue *v = NULL;
+    st = CALL(SLOT_KernelContext_GetInput, OrtStatus *(*)(OrtKernelContext *, size_t, const OrtValue **))(ctx, i, &v);
+    if (st) return st;
+    if (!v) return error("DecodeAttention: a required input is missing");
+    if ((st = tensor_info(v, &in[i], names[i], types[i], ranks[i]))) return st;
+  }
+  const int64_t nh = k->num_heads, nkv = k->kv_heads, G = nh / nkv;
+  const int64_t S = in[0].dims[1], hd = in[1].dims[3], max_seq = in[2].dims[2], half = hd / 2;
+  const int64_t total = ((const int32_t *)in[4].data)[0], past = total - S;
+  if (in[0].dims[0] != 1 || in[0].dims[2] != (nh + 2 * nkv) * hd || in[1].dims[1] != nkv ||
+      in[1].dims[4] != KB || in[1].dims[2] * KB < max_seq || in[2].dims[1] != nkv || in[2].dims[3] != hd || in[5].dims[1] != half ||
+      in[6].dims[1] != half || in[7].dims[1] != nkv || in[7].dims[3] != hd || in[8].dims[1] != nkv ||
+      in[8].dims[3] != hd || hd % 2) {
+    snprintf(msg, sizeof msg, "DecodeAttention: shapes do not fit num_heads=%lld kv_num_heads=%lld "
+             "(qkv last dim %lld, key cache [1, %lld, %lld, %lld, %lld], value cache [1, %lld, %lld, %lld])",
+             (long long)nh, (long long)nkv, (long long)in[0].dims[2], (long long)in[1].dims[1],
+             (long long)in[1].dims[2], (long long)in[1].dims[3], (long long)in[1].dims[4], (long long)in[2].dims[1],
+             (long long)in[2].dims[2], (long long)in[2].dims[3]);
+    return error(msg);
+  }
+  if (((const int32_t *)in[3].data)[0] != total - 1 || past < 0 || total > max_seq || total > in[5].dims[0]) {
+    snprintf(msg, sizeof msg, "DecodeAttention: total length %lld (seqlens_k %d) with %lld new tokens does not fit "
+             "the cache (%lld positions) or the RoPE table (%lld rows)", (long long)total,
+             ((const int32_t *)in[3].data)[0], (long long)S, (long long)max_seq, (long long)in[5].dims[0]);
+    return error(msg);
+  }
+  OrtValue *out[3];
+  int64_t odims[3] = {1, S, nh * hd};
+  typedef OrtStatus *(*GetOutput)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **);
+  if ((st = CALL(SLOT_KernelContext_GetOutput, GetOutput)(ctx, 0, odims, 3, &out[0]))) return st;
+  void *optr[3];
+  const size_t cache_bytes[3] = {0, (size_t)(nkv * in[1].dims[2] * hd * KB), (size_t)(nkv * max_seq * hd)};
+  for (int i = 1; i < 3; i++)
+    if ((st = CALL(SLOT_KernelContext_GetOutput, GetOutput)(ctx, i, in[i].dims, in[i].rank, &out[i]))) return st;
+  for (int i = 0; i < 3; i++)
+    if ((st = CALL(SLOT_GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))(out[i], &optr[i]))) return st;
+  for (int i = 1; i < 3; i++)  /* not bound to the same buffer: carry the cache over (slow path) */
+    if (optr[i] != in[i].data) memcpy(optr[i], in[i].data, cache_bytes[i]);
+  int8_t *Kt = optr[1], *V = optr[2];
+  const int64_t kstride = in[1].dims[2] * hd * KB;  /* one KV head's key blocks */
+  const float *qkv = in[0].data, *cosc = in[5].data, *sinc = in[6].data, *ks = in[7].data, *vs = in[8].data;
+  float *attn = optr[0];
+  const int64_t W = (nh + 2 * nkv) * hd;
+  const int64_t Tp = (total + 63) / 64 * 64;  /* score rows padded to whole 64-position blocks */
+  float *work = malloc(sizeof(float) * (size_t)(G * Tp + G * hd + G * hd + hd));
+  if (!work) return error("DecodeAttention: out of memory");
+  float *scores = work, *acc = scores + G * Tp, *qs = acc + G * hd, *kv = qs + G * hd;
+  /* write the S new keys/values first (RoPE on keys, INT8), then attend token by token */
+  for (int64_t t = 0; t < S; t++) {
+    const int64_t pos = past + t;
+    const float *row = qkv + t * W;
+    for (int64_t g = 0; g < nkv; g++) {
+      memcpy(kv, row + (nh + g) * hd, sizeof(float) * hd);
+      rope(kv, cosc + pos * half, sinc + pos * half, (int)half);
+      int8_t *kb = Kt + g * kstride + (pos / KB) * hd * KB + pos % KB;
+      for (int64_t d = 0; d < hd; d++) kb[d * KB] = quant(kv[d], 1.f / ks[g * hd + d]);
+      const float *v = row + (nh + nkv + g) * hd;
+      int8_t *vg = V + (g * max_seq + pos) * hd;
+      for (int64_t d = 0; d < hd; d++) vg[d] = quant(v[d], 1.f / vs[g * hd + d]);
+    }
+  }
+  for (int64_t t = 0; t < S; t++) {
+    const int64_t pos = past + t;
+    const float *row = qkv + t * W;
+    for (int64_t g = 0; g < nkv; g++) {
+      for (int64_t h = 0; h < G; h++) {
+        float *q = qs + h * hd;
+        memcpy(q, row + (g * G + h) * hd, sizeof(float) * hd);
+        rope(q, cosc + pos * half, sinc + pos * half, (int)half);
+        for (int64_t d = 0; d < hd; d++) q[d] *= k->scale * ks[g * hd + d];
+      }
+      attend(qs, (int)G, (int)hd, Kt + g * kstride, V + g * max_seq * hd, pos, vs + g * hd,
+             scores, acc, attn + t * nh * hd + g * G * hd);
+    }
+  }
+  free(work);
+  return NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelInfo *info, void **out) {
+  (void)op;
+  (void)a;
+  Kernel *k = calloc(1, sizeof(Kernel));
+  if (!k) return error("DecodeAttention: out of memory");
+  typedef OrtStatus *(*GetInt)(const OrtKernelInfo *, const char *, int64_t *);
+  typedef OrtStatus *(*GetFloat)(const OrtKernelInfo *, const char *, float *);
+  OrtStatus *st = CALL(SLOT_KernelInfoGetAttribute_int64, GetInt)(info, "num_heads", &k->num_heads);
+  if (!st) st = CALL(SLOT_KernelInfoGetAttribute_int64, GetInt)(info, "kv_num_heads", &k->kv_heads);
+  if (!st) st = CALL(SLOT_KernelInfoGetAttribute_float, GetFloat)(info, "scale", &k->scale);
+  if (!st && (k->kv_heads <= 0 || k->num_heads % k->kv_heads))
+    st = error("DecodeAttention: num_heads must be a positive multiple of kv_num_heads");
+  if (st) {
+    free(k);
+    return st;
+  }
+  *out = k;
+  return NULL;
+}
+
+static void destroy(void *k) { free(k); }
+static const char *op_name(const OrtCustomOp *op) { (void)op; return "DecodeAttention"; }
+static const char *op_ep(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static int in_type(const OrtCustomOp *op, size_t i) {
+  (void)op;
+  static const int t[] = {T_FLOAT, T_INT8, T_INT8, T_INT32, T_INT32, T_FLOAT, T_FLOAT, T_FLOAT, T_FLOAT};
+  return t[i];
+}
+static size_t in_count(const OrtCustomOp *op) { (void)op; return 9; }
+static int out_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 0 ? T_FLOAT : T_INT8; }
+static size_t out_count(const OrtCustomOp *op) { (void)op; return 3; }
+static int required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
+static int mem_default(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
+static int one(const OrtCustomOp *op) { (void)op; return 1; }
+
+static OrtCustomOp decode_attention = {
+    .version = 16, .CreateKernel = NULL, .GetName = op_name, .GetExecutionProviderType = op_ep,
+    .GetInputType = in_type, .GetInputTypeCount = in_count, .GetOutputType = out_type,
+    .GetOutputTypeCount = out_count, .KernelCompute = NULL, .KernelDestroy = destroy,
+    .GetInputCharacteristic = required, .GetOutputCharacteristic = required, .GetInputMemoryType = mem_default,
+    .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one, .GetVariadicOutputMinArity = one,
+    .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = create, .KernelComputeV2 = compute,
+};
+
+/* The entry point ORT looks up in a custom-op library (SessionOptions.register_custom_ops_library). */
+__attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+  api = base->GetApi(16);
+  if (!api) return NULL;  /* an ORT older than 1.16: no status can be made; session creation then fails on the op */
+  OrtCustomOpDomain *domain = NULL;
+  OrtStatus *st = CALL(SLOT_CreateCustomOpDomain, OrtStatus *(*)(const char *, OrtCustomOpDomain **))("edge_vila", &domain);
+  if (!st) st = CALL(SLOT_CustomOpDomain_Add, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *))(domain, &decode_attention);
+  if (!st) st = CALL(SLOT_AddCustomOpDomain, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);
+  return st;
+}

@@ -1,0 +1,152 @@
+"""Our ONNX Runtime attention op (backends/csrc/decode_attention.c) against a numpy reference
+of the same maths, one node at a time, and through the fast graph against GroupQueryAttention."""
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import pytest
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper  # noqa: E402
+
+from edge_vila.backends.decode_attention import build_library  # noqa: E402
+
+NH, NKV, HD, MAXC = 6, 2, 32, 150  # 150: the last key block is partly beyond max_seq
+
+
+@pytest.fixture(scope="module", params=["native", "portable"])
+def session(request, tmp_path_factory):
+    """The op built for this CPU (AVX-512 here) and without AVX-512 (the C loops ARM builds)."""
+    if request.param == "portable" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("-mno-avx512f is an x86 flag; elsewhere the native build is the portable one")
+    lib = build_library(tmp_path_factory.mktemp("ops"), portable=request.param == "portable")
+    ins = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [1, "S", (NH + 2 * NKV) * HD]),
+           helper.make_tensor_value_info("past_key", TensorProto.INT8, [1, NKV, "kb", HD, 64]),
+           helper.make_tensor_value_info("past_value", TensorProto.INT8, [1, NKV, "max_seq", HD]),
+           helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+           helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+           helper.make_tensor_value_info("cos_cache", TensorProto.FLOAT, [MAXC, HD // 2]),
+           helper.make_tensor_value_info("sin_cache", TensorProto.FLOAT, [MAXC, HD // 2]),
+           helper.make_tensor_value_info("k_scale", TensorProto.FLOAT, [1, NKV, 1, HD]),
+           helper.make_tensor_value_info("v_scale", TensorProto.FLOAT, [1, NKV, 1, HD])]
+    outs = [helper.make_tensor_value_info("attn", TensorProto.FLOAT, [1, "S", NH * HD]),
+            helper.make_tensor_value_info("present_key", TensorProto.INT8, [1, NKV, "kb", HD, 64]),
+            helper.make_tensor_value_info("present_value", TensorProto.INT8, [1, NKV, "max_seq", HD])]
+    node = helper.make_node("DecodeAttention", [i.name for i in ins], [o.name for o in outs], domain="edge_vila",
+                            num_heads=NH, kv_num_heads=NKV, scale=HD ** -0.5)
+    model = helper.make_model(helper.make_graph([node], "t", ins, outs),
+                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("edge_vila", 1)])
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(lib))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _rope_tables():
+    inv = 1.0 / 10000 ** (np.arange(0, HD, 2) / HD)
+    ang = np.arange(MAXC)[:, None] * inv[None]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def _rope(x, cos, sin):  # x [..., HD] at one position; rotate-half
+    a, b = x[..., : HD // 2], x[..., HD // 2:]
+    return np.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
+
+
+class Reference:
+    """The op's maths in numpy: RoPE, symmetric per-channel INT8 K/V, causal GQA softmax."""
+
+    def __init__(self, ks, vs):
+        self.ks, self.vs = ks[0, :, 0], vs[0, :, 0]  # [NKV, HD]
+        self.k = np.zeros((NKV, MAXC, HD), np.float32)  # dequantized cache
+        self.v = np.zeros((NKV, MAXC, HD), np.float32)
+
+    def step(self, qkv, past, cos, sin):
+        S = qkv.shape[0]
+        q = qkv[:, : NH * HD].reshape(S, NH, HD)
+        k = qkv[:, NH * HD:(NH + NKV) * HD].reshape(S, NKV, HD)
+        v = qkv[:, (NH + NKV) * HD:].reshape(S, NKV, HD)
+        for t in range(S):
+            p = past + t
+            kr = _rope(k[t], cos[p], sin[p])
+            self.k[:, p] = np.clip(np.round(kr / self.ks), -127, 127) * self.ks
+            self.v[:, p] = np.clip(np.round(v[t] / self.vs), -127, 127) * self.vs
+        out = np.zeros((S, NH, HD), np.float32)
+        for t in range(S):
+            p = past + t
+            for h in range(NH):
+                g = h // (NH // NKV)
+                s = self.k[g, : p + 1] @ _rope(q[t, h], cos[p], sin[p]) * HD ** -0.5
+                w = np.exp(s - s.max())
+                out[t, h] = (w / w.sum()) @ self.v[g, : p + 1]
+        return out.reshape(S, NH * HD)
+
+
+def test_matches_reference_over_prefill_decode_and_rewind(session):
+    rng = np.random.default_rng(0)
+    cos, sin = _rope_tables()
+    ks = rng.uniform(0.02, 0.05, (1, NKV, 1, HD)).astype(np.float32)
+    vs = rng.uniform(0.01, 0.03, (1, NKV, 1, HD)).astype(np.float32)
+    ref = Reference(ks, vs)
+    kbuf = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, NKV, -(-MAXC // 64), HD, 64), np.int8))
+    vbuf = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, NKV, MAXC, HD), np.int8))
+
+    def run(qkv, past):
+        S = qkv.shape[0]
+        io = session.io_binding()
+        for name, val in [("qkv", qkv[None]), ("seqlens_k", np.array([past + S - 1], np.int32)),
+                          ("total_sequence_length", np.array(past + S, np.int32)), ("cos_cache", cos),
+                          ("sin_cache", sin), ("k_scale", ks), ("v_scale", vs)]:
+            io.bind_cpu_input(name, val if val.ndim == 0 else np.ascontiguousarray(val))
+        io.bind_output("attn")
+        io.bind_ortvalue_input("past_key", kbuf)
+        io.bind_ortvalue_output("present_key", kbuf)  # one buffer in and out: written in place
+        io.bind_ortvalue_input("past_value", vbuf)
+        io.bind_ortvalue_output("present_value", vbuf)
+        session.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()[0]
+
+    def qkv(n):
+        return rng.normal(0, 2, (n, (NH + 2 * NKV) * HD)).astype(np.float32)
+
+    schedule = [(0, 70)] + [(70 + i, 1) for i in range(60)] + [(40, 5), (45, 1)] + [(46 + i, 1) for i in range(104)]
+    worst = 0.0
+    for past, n in schedule:  # prefill across a key block, decode to the end of the cache, a rewind to 40
+        x = qkv(n)
+        got, want = run(x, past), ref.step(x, past, cos, sin)
+        worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
+    assert past + n == MAXC
+    assert worst < 1e-4, worst
+    vcache = vbuf.numpy()[0]  # the value cache is the reference's, byte for byte
+    np.testing.assert_array_equal(vcache[:, :MAXC].astype(np.float32) * ref.vs[:, None], ref.v)
+
+
+def test_bad_shapes_and_lengths_fail_with_the_ops_message(session):
+    cos, sin = _rope_tables()
+    feeds = {"qkv": np.zeros((1, 1, (NH + 2 * NKV) * HD), np.float32),
+             "past_key": np.zeros((1, NKV, 3, HD, 64), np.int8), "past_value": np.zeros((1, NKV, MAXC, HD), np.int8),
+             "seqlens_k": np.array([MAXC], np.int32), "total_sequence_length": np.array(MAXC + 1, np.int32),
+             "cos_cache": cos, "sin_cache": sin, "k_scale": np.ones((1, NKV, 1, HD), np.float32),
+             "v_scale": np.ones((1, NKV, 1, HD), np.float32)}
+    with pytest.raises(Exception, match="DecodeAttention: total length 151"):
+        session.run(None, feeds)
+    feeds.update(seqlens_k=np.array([0], np.int32), total_sequence_length=np.array(1, np.int32),
+                 past_key=np.zeros((1, NKV, 2, HD, 64), np.int8))  # 128 key positions for 150 values
+    with pytest.raises(Exception, match="DecodeAttention: shapes do not fit num_heads=6 kv_num_heads=2"):
+        session.run(None, feeds)
+
+
+def test_without_a_compiler_the_backend_keeps_group_query_attention(monkeypatch, tmp_path, caplog):
+    from edge_vila.backends import decode_attention
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(decode_attention, "_compiler", lambda: None)
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        decode_attention.build_library()
+    assert decode_attention.try_build_library() is None
+    assert "keeping GroupQueryAttention" in caplog.text
+    monkeypatch.setattr(decode_attention, "_compiler", lambda: "false")  # a "compiler" that fails
+    with pytest.raises(RuntimeError, match="false could not build decode_attention.c"):
+        decode_attention.build_library()
+    assert not list(tmp_path.rglob("*.so*"))  # nothing half-written is left to load
