@@ -3,9 +3,10 @@ transformers fp32 eager on the same HF model, onnxruntime-genai's int4 build (--
 llama.cpp on a Q4 GGUF of the same model (--gguf).
 
     python benchmarks/decode_speed.py --hf HF_LLM_DIR --bundle BUNDLE [--genai DIR] [--gguf FILE]
-        [--contexts 64 512 1024] [--runs 5] [--compare-kv]
+        [--contexts 64 512 1024] [--runs 5] [--compare-kv] [--compare-attention]
 
-Reports tokens/s (median of --runs) for a decode of --new tokens after a prompt padded to
+Reports tokens/s (median of --runs; edge-vila's runs interleaved across contexts and variants)
+for a decode of --new tokens after a prompt padded to
 each context length, the ratios, and writes JSON + a PNG next to --out. Not a test: timing
 depends on the machine; the machine is recorded in the JSON.
 """
@@ -27,25 +28,37 @@ def _ids(tok, n: int) -> list[int]:
     return tok.encode(text)[:n]
 
 
-def bench_edge(bundle: Path, ctx: int, new: int, runs: int, kv_cache: str = "auto") -> tuple[float, str]:
-    """Median decode tokens/s, and the KV cache type the backend chose ("int8" / "fp32")."""
+def bench_edge(bundle: Path, contexts: list[int], new: int, runs: int,
+               variants: dict[str, dict]) -> tuple[dict[str, dict[int, float]], dict[str, dict]]:
+    """Median decode tokens/s of each edge-vila variant (name -> `edge_vila.load` options) at
+    each context, and what each variant chose (KV cache type, attention kernel).
+
+    Runs are interleaved (round r: every context, every variant) so a slow spell of this
+    shared machine hits all of them alike instead of one context or one variant; the
+    context ratios and variant ratios are what the figures compare."""
     import edge_vila
 
-    pipe = edge_vila.load(bundle, max_context=max(ctx + new + 8, 128), kv_cache=kv_cache)
-    be = pipe.backend
-    ids = _ids(pipe.tokenizer, ctx)
-    rates = []
-    for _ in range(runs + 1):
-        be.reset() if hasattr(be, "reset") else None
-        logits = be.forward(be.embed(np.asarray(ids)), 0)
-        pos = len(ids)
-        t0 = time.perf_counter()
-        for _ in range(new):
-            tok = int(np.argmax(logits))
-            logits = be.forward(be.embed(np.asarray([tok])), pos)
-            pos += 1
-        rates.append(new / (time.perf_counter() - t0))
-    return statistics.median(rates[1:]), getattr(be, "kv_cache", "fp32")
+    pipes = {name: edge_vila.load(bundle, max_context=max(max(contexts) + new + 8, 128), **opts)
+             for name, opts in variants.items()}
+    chose = {name: {"kv_cache": getattr(p.backend, "kv_cache", "fp32"),
+                    "attention": getattr(p.backend, "attention", None)} for name, p in pipes.items()}
+    rates: dict[str, dict[int, list[float]]] = {name: {c: [] for c in contexts} for name in pipes}
+    for r in range(runs + 1):  # round 0 warms up
+        for ctx in contexts:
+            for name, pipe in pipes.items():
+                be = pipe.backend
+                ids = _ids(pipe.tokenizer, ctx)
+                be.reset()
+                logits = be.forward(be.embed(np.asarray(ids)), 0)
+                pos = len(ids)
+                t0 = time.perf_counter()
+                for _ in range(new):
+                    tok = int(np.argmax(logits))
+                    logits = be.forward(be.embed(np.asarray([tok])), pos)
+                    pos += 1
+                if r:
+                    rates[name][ctx].append(new / (time.perf_counter() - t0))
+    return {n: {c: statistics.median(v) for c, v in per.items()} for n, per in rates.items()}, chose
 
 
 def bench_hf(hf: Path, ctx: int, new: int, runs: int) -> float:
@@ -121,18 +134,25 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--compare-kv", action="store_true",
                     help="also run edge-vila with an FP32 KV cache (the default CPU graph's is INT8)")
+    ap.add_argument("--compare-attention", action="store_true",
+                    help="also run edge-vila with ORT's GroupQueryAttention instead of our attention op")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (no ratio vs it)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/decode_speed.json"))
     a = ap.parse_args()
     res = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "python": platform.python_version()}, "new_tokens": a.new, "runs": a.runs, "results": {}}
+    variants = {"edge_vila_ort": {}}
+    if a.compare_attention:
+        variants["edge_vila_ort_gqa"] = {"attention": "gqa"}
+    if a.compare_kv:
+        variants["edge_vila_ort_fp32_kv"] = {"kv_cache": "fp32"}
+    edge, chose = bench_edge(a.bundle, a.contexts, a.new, a.runs, variants)
+    res["edge_vila_kv_cache"] = chose["edge_vila_ort"]["kv_cache"]
+    res["edge_vila_attention"] = chose["edge_vila_ort"]["attention"]
+    labels = {"edge_vila_ort_gqa": "edge-vila GroupQueryAttention", "edge_vila_ort_fp32_kv": "edge-vila fp32 KV"}
     for ctx in a.contexts:
-        row = {}
-        row["edge_vila_ort"], res["edge_vila_kv_cache"] = bench_edge(a.bundle, ctx, a.new, a.runs)
-        extra = ""
-        if a.compare_kv:
-            row["edge_vila_ort_fp32_kv"], _ = bench_edge(a.bundle, ctx, a.new, a.runs, kv_cache="fp32")
-            extra += f" | edge-vila fp32 KV {row['edge_vila_ort_fp32_kv']:7.1f} tok/s"
+        row = {name: edge[name][ctx] for name in variants}
+        extra = "".join(f" | {labels[n]} {row[n]:7.1f} tok/s" for n in variants if n in labels)
         if not a.no_hf:
             row["transformers_fp32_eager"] = bench_hf(a.hf, ctx, a.new, a.runs)
             row["ratio_vs_transformers"] = row["edge_vila_ort"] / row["transformers_fp32_eager"]
@@ -141,7 +161,7 @@ def main() -> None:
         if a.genai:
             row["onnxruntime_genai_int4"] = bench_genai(a.genai, a.hf, ctx, a.new, a.runs)
             row["ratio_vs_genai"] = row["edge_vila_ort"] / row["onnxruntime_genai_int4"]
-            extra = f" | genai int4 {row['onnxruntime_genai_int4']:7.1f} tok/s | x{row['ratio_vs_genai']:.2f}"
+            extra += f" | genai int4 {row['onnxruntime_genai_int4']:7.1f} tok/s | x{row['ratio_vs_genai']:.2f}"
         if a.gguf:
             row["llama_cpp_q4"] = bench_llamacpp(a.gguf, a.hf, ctx, a.new, a.runs)
             row["ratio_vs_llama_cpp"] = row["edge_vila_ort"] / row["llama_cpp_q4"]
@@ -152,6 +172,9 @@ def main() -> None:
     lo, hi = str(min(a.contexts)), str(max(a.contexts))
     res["edge_vila_long_vs_short"] = r[hi]["edge_vila_ort"] / r[lo]["edge_vila_ort"]
     print(f"edge-vila decode at {hi} / at {lo}: {res['edge_vila_long_vs_short']:.2f}")
+    if a.compare_attention:
+        res["edge_vila_gqa_long_vs_short"] = r[hi]["edge_vila_ort_gqa"] / r[lo]["edge_vila_ort_gqa"]
+        print(f"  with GroupQueryAttention: {res['edge_vila_gqa_long_vs_short']:.2f}")
     if a.compare_kv:
         res["edge_vila_fp32_kv_long_vs_short"] = r[hi]["edge_vila_ort_fp32_kv"] / r[lo]["edge_vila_ort_fp32_kv"]
         print(f"  with the FP32 KV cache: {res['edge_vila_fp32_kv_long_vs_short']:.2f}")
