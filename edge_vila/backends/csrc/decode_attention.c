@@ -290,7 +290,7 @@ typedef struct {
 } Tensor;
 
 static OrtStatus *tensor_info(const OrtValue *v, Tensor *t, const char *name, int want_type, size_t want_rank) {
-  static char msg[256];
+  char msg[256];  /* CreateStatus copies it */
   OrtTypeShape *info = NULL;
   OrtStatus *st = CALL(SLOT_GetTensorTypeAndShape, OrtStatus *(*)(const OrtValue *, OrtTypeShape **))(v, &info);
   if (st) return st;
@@ -312,7 +312,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
                                 "cos_cache", "sin_cache", "k_scale", "v_scale"};
   static const int types[] = {T_FLOAT, T_INT8, T_INT8, T_INT32, T_INT32, T_FLOAT, T_FLOAT, T_FLOAT, T_FLOAT};
   static const size_t ranks[] = {3, 5, 4, 1, 0, 2, 2, 4, 4};
-  static char msg[256];
+  char msg[256];  /* CreateStatus copies it */
   const Kernel *k = kernel;
   Tensor in[9];
   OrtStatus *st;
