@@ -4,7 +4,8 @@ Decode of a small batch is memory bound: every token reads all weights (and the 
 to the current position). So tokens/s <= bandwidth / bytes-per-token. This script
 
 1. measures this machine's bandwidth with a STREAM-style copy (numpy, one thread per core,
-   counting read + write bytes), best of several passes;
+   counting read + write bytes), best of several passes, and the best of --bandwidth-rounds
+   such measurements spread over ~20 s (this host has slow spells that last seconds);
 2. computes bytes read per decoded token for each system from its files (weights actually
    read per token, i.e. without the embedding table, which is a lookup) + its KV cache at
    the context;
@@ -98,15 +99,25 @@ def main() -> None:
     ap.add_argument("--genai", type=Path)
     ap.add_argument("--gguf", type=Path)
     ap.add_argument("--out", type=Path, default=Path("runs/bench/roofline"))
+    ap.add_argument("--bandwidth-rounds", type=int, default=6,
+                    help="bandwidth measurements, 3 s apart; the best is the bound")
     a = ap.parse_args()
     res = json.loads(a.decode.read_text())
-    bw = stream_copy_gbps()
+    # this shared host has slow spells that last seconds: one measurement read 50 GB/s and the
+    # next 70 within a minute (2026-11-29). The bound is what the machine can do, so take the
+    # best of rounds spread in time; a bound read in a slow spell flatters every fraction.
+    rounds = []
+    for i in range(max(1, a.bandwidth_rounds)):
+        if i:
+            time.sleep(3)
+        rounds.append(stream_copy_gbps())
+    bw = max(rounds)
     weights, cfg = weight_bytes(a.hf, a.edge, a.genai, a.gguf)
     # the cache type edge-vila's backend chose is in the decode JSON (JSONs from before it was recorded: FP32)
     edge_kv = 1 if res.get("edge_vila_kv_cache") == "int8" else 4
     kv_bytes = {"transformers_fp32_eager": 4, "edge_vila_ort": edge_kv, "onnxruntime_genai_int4": 4, "llama_cpp_q4": 2}
     rows, proj = [], []
-    print(f"STREAM-style copy bandwidth: {bw:.1f} GB/s")
+    print(f"STREAM-style copy bandwidth: {bw:.1f} GB/s (best of {', '.join(f'{r:.1f}' for r in rounds)})")
     for ctx, row in res["results"].items():
         for sysname, w in weights.items():
             if sysname not in row:
@@ -126,7 +137,7 @@ def main() -> None:
                 proj.append({"board": board, "system": r["system"], "bound_tok_s": gbps * 1e9 / r["bytes_per_token"]})
                 print(f"  {board:24s} {r['system']:26s} <= {gbps * 1e9 / r['bytes_per_token']:7.1f} tok/s")
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "roofline.json").write_text(json.dumps({"bandwidth_gbps": bw, "rows": rows, "orin_projection": proj},
+    (a.out / "roofline.json").write_text(json.dumps({"bandwidth_gbps": bw, "bandwidth_rounds_gbps": rounds, "rows": rows, "orin_projection": proj},
                                                     indent=2))
 
 
