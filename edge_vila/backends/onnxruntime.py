@@ -4,9 +4,10 @@ Providers are tried in order TensorRT EP (engine cache inside the bundle) -> CUD
 CPU. On the CPU the backend runs a private, faster graph derived from the bundle's
 llm.onnx (ort_fast.py: MatMulNBits + attention over one preallocated KV buffer that decode
 steps write in place; rewinds are free). Over the default INT8 cache, attention is our own
-custom op (decode_attention.py) when a C compiler can build it, else GroupQueryAttention. `variant="bundle"` runs the bundle's
-own graph instead: there each step's `present` outputs are bound as the next step's
-`past` inputs (IO binding), so the host never copies the cache; a rewind slices it once.
+custom op (decode_attention.py) when a C compiler can build it, else GroupQueryAttention.
+`variant="bundle"` runs the bundle's own graph instead: there each step's `present` outputs
+are bound as the next step's `past` inputs (IO binding), so the host never copies the cache;
+a rewind slices it once.
 """
 from __future__ import annotations
 
@@ -92,7 +93,10 @@ class OrtBackend(BundleBackend):
             lib = None
             if attention != "gqa":  # our INT8 attention op (decode_attention.py), else GroupQueryAttention
                 from .decode_attention import build_library, try_build_library
-                lib = build_library() if attention == "edge" else try_build_library()
+                try:
+                    lib = build_library() if attention == "edge" else try_build_library()
+                except RuntimeError as e:  # asked for explicitly: say why it cannot be had
+                    raise InputError(f"attention='edge': {e}") from None
             kv8 = _fast_graph(cfg, accuracy_level=level, required=kv_cache == "int8",
                               kv_scales=lambda: self._calibrate_kv(fp32_graph, so),
                               attention="edge" if lib else "gqa")
@@ -229,7 +233,8 @@ def _fast_graph(cfg: BundleConfig, accuracy_level: int, required: bool,
                 kv_scales: Callable[[], np.ndarray] | None = None, attention: str = "gqa") -> Path | None:
     """The cached fast CPU graph for this bundle (built on first use); None if unavailable.
     With `kv_scales` (called only when the graph must be built) its KV cache is INT8; that
-    graph is cached as `<sha>-acc<level>-kv8`, keyed by llm.onnx's hash like the FP32 one."""
+    graph is cached as `<sha>-acc<level>-kv8` (`-kv8-edgeattn` with our attention op), keyed
+    by llm.onnx's hash like the FP32 one."""
     try:
         from .ort_fast import build_fast_llm
     except ImportError as e:  # the onnx package is needed to build it

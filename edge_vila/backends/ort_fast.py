@@ -269,21 +269,20 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
             ins.append(helper.make_tensor_value_info(f"past_{kind}.{i}", kv_type, kv_dims[kind]))
             outs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", kv_type, kv_dims[kind]))
         attn_outs = [f"l{i}.attn", f"present_key.{i}", f"present_value.{i}"]
+        scales = [] if kv_scales is None else [  # [1, kv_heads, 1, head_dim], as both ops read them
+            w(f"l{i}.{k}_scale", kv_scales[i, j][None, :, None, :].astype(np.float32)) for j, k in enumerate("kv")]
         if attention == "edge":
             nodes.append(helper.make_node(
                 "DecodeAttention", [qkv, f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length",
-                                    "cos_cache", "sin_cache",
-                                    w(f"l{i}.k_scale", kv_scales[i, 0][None, :, None, :].astype(np.float32)),
-                                    w(f"l{i}.v_scale", kv_scales[i, 1][None, :, None, :].astype(np.float32))],
+                                    "cos_cache", "sin_cache", *scales],
                 attn_outs, domain=EDGE_DOMAIN, num_heads=nh, kv_num_heads=nkv, scale=float(hd ** -0.5),
                 name=f"l{i}.attention"))
         else:
             gqa_in = [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length",
                       "cos_cache", "sin_cache"]
             quant = {}
-            if kv_scales is not None:  # inputs 9-11 (position_ids, attention_bias, head_sink) unused
-                gqa_in += ["", "", "", w(f"l{i}.k_scale", kv_scales[i, 0][None, :, None, :].astype(np.float32)),
-                           w(f"l{i}.v_scale", kv_scales[i, 1][None, :, None, :].astype(np.float32))]
+            if scales:  # inputs 9-11 (position_ids, attention_bias, head_sink) unused
+                gqa_in += ["", "", "", *scales]
                 quant = dict(kv_cache_bit_width=8, k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL")
             nodes.append(helper.make_node(
                 "GroupQueryAttention", gqa_in, attn_outs, domain=MS, num_heads=nh, kv_num_heads=nkv,
