@@ -95,7 +95,7 @@ class OrtBackend(BundleBackend):
                 from .decode_attention import build_library, try_build_library
                 try:
                     lib = build_library() if attention == "edge" else try_build_library()
-                except RuntimeError as e:  # asked for explicitly: say why it cannot be had
+                except (RuntimeError, OSError) as e:  # asked for explicitly: say why it cannot be had
                     raise InputError(f"attention='edge': {e}") from None
             kv8 = _fast_graph(cfg, accuracy_level=level, required=kv_cache == "int8",
                               kv_scales=lambda: self._calibrate_kv(fp32_graph, so),
