@@ -43,14 +43,15 @@ def bench_edge(bundle: Path, contexts: list[int], new: int, runs: int,
     chose = {name: {"kv_cache": getattr(p.backend, "kv_cache", "fp32"),
                     "attention": getattr(p.backend, "attention", None)} for name, p in pipes.items()}
     rates: dict[str, dict[int, list[float]]] = {name: {c: [] for c in contexts} for name in pipes}
+    tok = next(iter(pipes.values())).tokenizer  # one bundle: the same tokenizer and prompts for all
+    prompts = {ctx: np.asarray(_ids(tok, ctx)) for ctx in contexts}
     for r in range(runs + 1):  # round 0 warms up
         for ctx in contexts:
             for name, pipe in pipes.items():
                 be = pipe.backend
-                ids = _ids(pipe.tokenizer, ctx)
                 be.reset()
-                logits = be.forward(be.embed(np.asarray(ids)), 0)
-                pos = len(ids)
+                logits = be.forward(be.embed(prompts[ctx]), 0)
+                pos = len(prompts[ctx])
                 t0 = time.perf_counter()
                 for _ in range(new):
                     tok = int(np.argmax(logits))

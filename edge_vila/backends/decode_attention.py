@@ -14,6 +14,7 @@ compiler the backend keeps GroupQueryAttention and says so in the log.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -43,6 +44,14 @@ def _compiler() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _build_key(cc: str, flags: tuple[str, ...]) -> str:
+    """Source + flags + compiler version + CPU flags, hashed; once per process (every backend
+    load asks, and it runs the compiler and reads /proc/cpuinfo)."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    return hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(flags), *version, _cpu_key()]).encode()).hexdigest()[:16]
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-vila" / "ops"
 
@@ -54,11 +63,9 @@ def build_library(folder: Path | None = None, portable: bool = False) -> Path:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (set $CC, or install gcc) to build the attention op")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     flags = CFLAGS + (["-mno-avx512f"] if portable else [])
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(flags), *version, _cpu_key()]).encode()).hexdigest()
     folder = folder or cache_dir()
-    lib = folder / f"libedge_vila_ops-{key[:16]}.so"
+    lib = folder / f"libedge_vila_ops-{_build_key(cc, tuple(flags))}.so"
     if lib.is_file():
         return lib
     folder.mkdir(parents=True, exist_ok=True)
