@@ -3,7 +3,7 @@ transformers fp32 eager on the same HF model, onnxruntime-genai's int4 build (--
 llama.cpp on a Q4 GGUF of the same model (--gguf).
 
     python benchmarks/decode_speed.py --hf HF_LLM_DIR --bundle BUNDLE [--genai DIR] [--gguf FILE]
-        [--contexts 64 512 1024] [--runs 5] [--compare-kv] [--compare-attention]
+        [--contexts 64 512 1024] [--runs 5] [--compare-kv] [--compare-attention] [--compare-matmul]
 
 Reports tokens/s (median of --runs; edge-vila's runs interleaved across contexts and variants)
 for a decode of --new tokens after a prompt padded to
@@ -41,7 +41,8 @@ def bench_edge(bundle: Path, contexts: list[int], new: int, runs: int,
     pipes = {name: edge_vila.load(bundle, max_context=max(max(contexts) + new + 8, 128), **opts)
              for name, opts in variants.items()}
     chose = {name: {"kv_cache": getattr(p.backend, "kv_cache", "fp32"),
-                    "attention": getattr(p.backend, "attention", None)} for name, p in pipes.items()}
+                    "attention": getattr(p.backend, "attention", None),
+                    "matmul": getattr(p.backend, "matmul", None)} for name, p in pipes.items()}
     rates: dict[str, dict[int, list[float]]] = {name: {c: [] for c in contexts} for name in pipes}
     tok = next(iter(pipes.values())).tokenizer  # one bundle: the same tokenizer and prompts for all
     prompts = {ctx: np.asarray(_ids(tok, ctx)) for ctx in contexts}
@@ -137,6 +138,8 @@ def main() -> None:
                     help="also run edge-vila with an FP32 KV cache (the default CPU graph's is INT8)")
     ap.add_argument("--compare-attention", action="store_true",
                     help="also run edge-vila with ORT's GroupQueryAttention instead of our attention op")
+    ap.add_argument("--compare-matmul", action="store_true",
+                    help="also run edge-vila with ORT's MatMulNBits instead of our INT4 linear op")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (no ratio vs it)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/decode_speed.json"))
     a = ap.parse_args()
@@ -147,10 +150,14 @@ def main() -> None:
         variants["edge_vila_ort_gqa"] = {"attention": "gqa"}
     if a.compare_kv:
         variants["edge_vila_ort_fp32_kv"] = {"kv_cache": "fp32"}
+    if a.compare_matmul:
+        variants["edge_vila_ort_nbits"] = {"matmul": "nbits"}
     edge, chose = bench_edge(a.bundle, a.contexts, a.new, a.runs, variants)
     res["edge_vila_kv_cache"] = chose["edge_vila_ort"]["kv_cache"]
     res["edge_vila_attention"] = chose["edge_vila_ort"]["attention"]
-    labels = {"edge_vila_ort_gqa": "edge-vila GroupQueryAttention", "edge_vila_ort_fp32_kv": "edge-vila fp32 KV"}
+    res["edge_vila_matmul"] = chose["edge_vila_ort"]["matmul"]
+    labels = {"edge_vila_ort_gqa": "edge-vila GroupQueryAttention", "edge_vila_ort_fp32_kv": "edge-vila fp32 KV",
+              "edge_vila_ort_nbits": "edge-vila MatMulNBits"}
     for ctx in a.contexts:
         row = {name: edge[name][ctx] for name in variants}
         extra = "".join(f" | {labels[n]} {row[n]:7.1f} tok/s" for n in variants if n in labels)
@@ -176,6 +183,9 @@ def main() -> None:
     if a.compare_attention:
         res["edge_vila_gqa_long_vs_short"] = r[hi]["edge_vila_ort_gqa"] / r[lo]["edge_vila_ort_gqa"]
         print(f"  with GroupQueryAttention: {res['edge_vila_gqa_long_vs_short']:.2f}")
+    if a.compare_matmul:
+        res["edge_vila_nbits_vs_edge"] = {c: r[c]["edge_vila_ort_nbits"] / r[c]["edge_vila_ort"] for c in r}
+        print("  MatMulNBits / our linear op: " + " / ".join(f"{v:.2f}" for v in res["edge_vila_nbits_vs_edge"].values()))
     if a.compare_kv:
         res["edge_vila_fp32_kv_long_vs_short"] = r[hi]["edge_vila_ort_fp32_kv"] / r[lo]["edge_vila_ort_fp32_kv"]
         print(f"  with the FP32 KV cache: {res['edge_vila_fp32_kv_long_vs_short']:.2f}")
@@ -192,7 +202,7 @@ def _plot(res: dict, path: Path) -> None:
 
     ctx = list(res["results"])
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    for key in ("edge_vila_ort", "edge_vila_ort_fp32_kv", "transformers_fp32_eager", "onnxruntime_genai_int4", "llama_cpp_q4"):
+    for key in ("edge_vila_ort", "edge_vila_ort_nbits", "edge_vila_ort_fp32_kv", "transformers_fp32_eager", "onnxruntime_genai_int4", "llama_cpp_q4"):
         if key not in res["results"][ctx[0]]:
             continue
         ax.plot([int(c) for c in ctx], [res["results"][c][key] for c in ctx], marker="o", label=key)

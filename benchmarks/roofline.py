@@ -62,7 +62,8 @@ def _kv(cfg: dict, ctx: int, bytes_per: int) -> int:
     return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * hd * ctx * bytes_per
 
 
-def weight_bytes(hf: Path, edge: Path | None, genai: Path | None, gguf: Path | None) -> tuple[dict[str, int], dict]:
+def weight_bytes(hf: Path, edge: Path | None, genai: Path | None, gguf: Path | None,
+                 edge_matmul: str | None = None) -> tuple[dict[str, int], dict]:
     cfg = json.loads((hf / "config.json").read_text())
     V, H = cfg["vocab_size"], cfg["hidden_size"]
     out = {}
@@ -70,7 +71,10 @@ def weight_bytes(hf: Path, edge: Path | None, genai: Path | None, gguf: Path | N
     emb = V * H * 4
     out["transformers_fp32_eager"] = st - (0 if cfg.get("tie_word_embeddings") else emb)
     if edge:
-        data = glob.glob(str(edge / "engines" / "ort-cpu" / "*acc4" / "llm_fast.onnx.data"))
+        # the fast graph the decode run used: our INT4 linear op's layout or MatMulNBits' (the
+        # FP32-cache graph's weights are the INT8-cache one's)
+        folder = "*acc4*-edgemm" if edge_matmul == "edge" else "*acc4"
+        data = glob.glob(str(edge / "engines" / "ort-cpu" / folder / "llm_fast.onnx.data"))
         out["edge_vila_ort"] = os.path.getsize(data[0]) if data else os.path.getsize(edge / "llm.onnx")
     if genai:
         import onnx
@@ -112,7 +116,7 @@ def main() -> None:
             time.sleep(3)
         rounds.append(stream_copy_gbps())
     bw = max(rounds)
-    weights, cfg = weight_bytes(a.hf, a.edge, a.genai, a.gguf)
+    weights, cfg = weight_bytes(a.hf, a.edge, a.genai, a.gguf, res.get("edge_vila_matmul"))
     # the cache type edge-vila's backend chose is in the decode JSON (JSONs from before it was recorded: FP32)
     edge_kv = 1 if res.get("edge_vila_kv_cache") == "int8" else 4
     kv_bytes = {"transformers_fp32_eager": 4, "edge_vila_ort": edge_kv, "onnxruntime_genai_int4": 4, "llama_cpp_q4": 2}

@@ -31,26 +31,29 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 def load(path: str | Path, backend: str = "auto", max_context: int | None = None, dtype: str = "float32",
          template: str | None = None, system: str | None = None, threads: int | None = None,
-         exact: bool = False, variant: str = "auto", kv_cache: str = "auto", attention: str = "auto") -> "Pipeline":
+         exact: bool = False, variant: str = "auto", kv_cache: str = "auto", attention: str = "auto",
+         matmul: str = "auto") -> "Pipeline":
     """Load a bundle (ONNX Runtime; TensorRT on the device), a VILA checkpoint (torch
     reference) or a plain HF LLM folder (text-only).
 
     On the CPU an INT4 bundle runs ORT's fast graph; `kv_cache="auto"` gives it an INT8 KV
     cache unless `exact` (then FP32, as with `kv_cache="fp32"`), and attention over it runs in
     our own ONNX Runtime op when a C compiler can build it (`attention="gqa"`: ORT's
-    GroupQueryAttention; `"edge"`: our op or an error)."""
+    GroupQueryAttention; `"edge"`: our op or an error). The INT4 linears run in our op too where
+    it has its AVX-512 VNNI kernel (`matmul="nbits"`: ORT's MatMulNBits; `"edge"`: ours, even
+    with portable loops; never with `exact`, as it quantizes activations to int8)."""
     if backend not in ("auto",) + BACKENDS:
         raise InputError(f"backend {backend!r} unknown (expected auto, {', '.join(BACKENDS)})")
     from .bundle import is_bundle
 
     if is_bundle(path):
         return _load_bundle(Path(path), backend, max_context, template, system, threads, exact, variant, kv_cache,
-                            attention)
+                            attention, matmul)
     cfg = load_config(path)
     if backend not in ("auto", "torch"):
         raise InputError(f"{path}: a checkpoint runs on the torch backend; export a bundle for {backend}")
-    if kv_cache == "int8" or attention == "edge":
-        raise InputError(f"{path}: the INT8 KV cache and its attention op are a bundle feature (ONNX Runtime CPU); "
+    if kv_cache == "int8" or "edge" in (attention, matmul):
+        raise InputError(f"{path}: the INT8 KV cache and our ops are a bundle feature (ONNX Runtime CPU); "
                          "export a bundle")
     ctx = max_context or min(cfg.llm.max_position_embeddings, 2048)
     if ctx < 2:
@@ -70,7 +73,7 @@ def _tensorrt_ready(path: Path) -> bool:
 
 def _load_bundle(path: Path, backend: str, max_context: int | None, template: str | None, system: str | None,
                  threads: int | None, exact: bool, variant: str = "auto", kv_cache: str = "auto",
-                 attention: str = "auto") -> "Pipeline":
+                 attention: str = "auto", matmul: str = "auto") -> "Pipeline":
     from .bundle import load_bundle_config
 
     cfg = load_bundle_config(path)
@@ -89,7 +92,7 @@ def _load_bundle(path: Path, backend: str, max_context: int | None, template: st
         from .backends.onnxruntime import OrtBackend
 
         be = OrtBackend(cfg, max_context, threads=threads, exact=exact, variant=variant, kv_cache=kv_cache,
-                        attention=attention)
+                        attention=attention, matmul=matmul)
     return Pipeline(cfg, be, TextTokenizer(path), template=template,
                     system=system if system is not None else (cfg.system if not template else None))
 

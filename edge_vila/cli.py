@@ -14,6 +14,15 @@ from .errors import EdgeVilaError
 log = logging.getLogger("edge_vila")
 
 
+def _cpu_graph_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--kv-cache", default="auto", choices=["auto", "int8", "fp32"],
+                   help="KV cache of the CPU fast graph (auto: INT8)")
+    s.add_argument("--attention", default="auto", choices=["auto", "edge", "gqa"],
+                   help="attention over the INT8 cache: our op (edge; auto when a C compiler builds it) or ORT's gqa")
+    s.add_argument("--matmul", default="auto", choices=["auto", "edge", "nbits"],
+                   help="INT4 linears: our op (edge; auto where it has its AVX-512 VNNI kernel) or ORT's MatMulNBits")
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -90,7 +99,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
     from .api import load
 
     pipe = load(a.path, backend=a.backend, max_context=a.max_context, template=a.template, system=a.system,
-                kv_cache=a.kv_cache, attention=a.attention)
+                kv_cache=a.kv_cache, attention=a.attention, matmul=a.matmul)
     chat = pipe.chat()
     params = _params(a)
     images = list(a.image)
@@ -258,10 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--template", default=None, help="chat template (vicuna_v1, llama_3, hermes-2, chatml, plain)")
     s.add_argument("--backend", default="auto")
     s.add_argument("--max-context", type=int, default=None)
-    s.add_argument("--kv-cache", default="auto", choices=["auto", "int8", "fp32"],
-                   help="KV cache of the CPU fast graph (auto: INT8)")
-    s.add_argument("--attention", default="auto", choices=["auto", "edge", "gqa"],
-                   help="attention over the INT8 cache: our op (edge; auto when a C compiler builds it) or ORT's gqa")
+    _cpu_graph_args(s)
     _sampling_args(s)
     s.set_defaults(fn=cmd_chat)
 
@@ -273,10 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--template", default=None)
     s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"])
     s.add_argument("--max-context", type=int, default=None)
-    s.add_argument("--kv-cache", default="auto", choices=["auto", "int8", "fp32"],
-                   help="KV cache of the CPU fast graph (auto: INT8)")
-    s.add_argument("--attention", default="auto", choices=["auto", "edge", "gqa"],
-                   help="attention over the INT8 cache: our op (edge; auto when a C compiler builds it) or ORT's gqa")
+    _cpu_graph_args(s)
     _sampling_args(s)
     s.set_defaults(fn=cmd_chat)
 

@@ -11,14 +11,15 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
-from edge_vila.backends.decode_attention import build_library  # noqa: E402
+from edge_vila.backends.native_ops import build_library  # noqa: E402
 
 NH, NKV, HD, MAXC = 6, 2, 32, 150  # 150: the last key block is partly beyond max_seq
 
 
-@pytest.fixture(scope="module", params=["native", "portable"])
+@pytest.fixture(scope="module", params=["native", "native-parallel", "portable"])
 def session(request, tmp_path_factory):
-    """The op built for this CPU (AVX-512 here) and without AVX-512 (the C loops ARM builds)."""
+    """The op built for this CPU (AVX-512 here), the same splitting the KV heads over our thread
+    pool (parallel=1, as in graphs with our linear op), and without AVX-512 (the C loops ARM builds)."""
     if request.param == "portable" and platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("-mno-avx512f is an x86 flag; elsewhere the native build is the portable one")
     lib = build_library(tmp_path_factory.mktemp("ops"), portable=request.param == "portable")
@@ -35,7 +36,8 @@ def session(request, tmp_path_factory):
             helper.make_tensor_value_info("present_key", TensorProto.INT8, [1, NKV, "kb", HD, 64]),
             helper.make_tensor_value_info("present_value", TensorProto.INT8, [1, NKV, "max_seq", HD])]
     node = helper.make_node("DecodeAttention", [i.name for i in ins], [o.name for o in outs], domain="edge_vila",
-                            num_heads=NH, kv_num_heads=NKV, scale=HD ** -0.5)
+                            num_heads=NH, kv_num_heads=NKV, scale=HD ** -0.5,
+                            parallel=int(request.param == "native-parallel"))
     model = helper.make_model(helper.make_graph([node], "t", ins, outs),
                               opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("edge_vila", 1)])
     so = ort.SessionOptions()
@@ -137,16 +139,16 @@ def test_bad_shapes_and_lengths_fail_with_the_ops_message(session):
         session.run(None, feeds)
 
 
-def test_without_a_compiler_the_backend_keeps_group_query_attention(monkeypatch, tmp_path, caplog):
-    from edge_vila.backends import decode_attention
+def test_without_a_compiler_the_backend_keeps_ort_ops(monkeypatch, tmp_path, caplog):
+    from edge_vila.backends import native_ops
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(decode_attention, "_compiler", lambda: None)
+    monkeypatch.setattr(native_ops, "_compiler", lambda: None)
     with pytest.raises(RuntimeError, match="no C compiler"):
-        decode_attention.build_library()
-    assert decode_attention.try_build_library() is None
-    assert "keeping GroupQueryAttention" in caplog.text
-    monkeypatch.setattr(decode_attention, "_compiler", lambda: "false")  # a "compiler" that fails
-    with pytest.raises(RuntimeError, match="false could not build decode_attention.c"):
-        decode_attention.build_library()
+        native_ops.build_library()
+    assert native_ops.try_build_library() is None
+    assert "keeping ONNX Runtime's GroupQueryAttention and MatMulNBits" in caplog.text
+    monkeypatch.setattr(native_ops, "_compiler", lambda: "false")  # a "compiler" that fails
+    with pytest.raises(RuntimeError, match="false could not build the ops in"):
+        native_ops.build_library()
     assert not list(tmp_path.rglob("*.so*"))  # nothing half-written is left to load

@@ -136,7 +136,10 @@ def test_int8_kv_cache_scales_and_agreement(w4_bundle):
     assert (fp.backend.kv_cache, q8.backend.kv_cache) == ("fp32", "int8")
     assert q8.backend.past[0].numpy().dtype == np.int8
     assert q8.backend.attention == "edge"  # our attention op (a C compiler is there)
-    assert list((w4_bundle / "engines" / "ort-cpu").glob("*-kv8-edgeattn/llm_fast.onnx"))
+    from edge_vila.backends.native_ops import build_library, int4_linear_native
+    vnni = int4_linear_native(build_library())  # our INT4 linear op by default only with its fast kernel
+    assert q8.backend.matmul == ("edge" if vnni else "nbits")
+    assert list((w4_bundle / "engines" / "ort-cpu").glob("*-kv8-edgeattn" + ("-edgemm" if vnni else "") + "/llm_fast.onnx"))
     assert edge_vila.load(w4_bundle, exact=True).backend.kv_cache == "fp32"
     be = q8.backend
     m = be.cfg.llm
@@ -159,6 +162,16 @@ def test_int8_kv_cache_scales_and_agreement(w4_bundle):
     assert (gq.backend.attention, gq.backend.kv_cache) == ("gqa", "int8")
     res = logit_agreement(gq, q8, PROMPTS * 4, _images(), steps=10)
     assert res["greedy_agreement"] >= 0.97 and res["max_rel_logit_err"] <= 0.05, res
+    # our INT4 linear op (forced, so the portable loops run where VNNI is missing) against MatMulNBits
+    mm = edge_vila.load(w4_bundle, matmul="edge")
+    nb = edge_vila.load(w4_bundle, matmul="nbits")
+    assert (mm.backend.matmul, nb.backend.matmul, nb.backend.attention) == ("edge", "nbits", "edge")
+    res = logit_agreement(nb, mm, PROMPTS * 4, _images(), steps=10)
+    assert res["greedy_agreement"] >= 0.97 and res["max_rel_logit_err"] <= 0.05, res
+    with pytest.raises(edge_vila.errors.InputError, match="matmul='edge' quantizes activations"):
+        edge_vila.load(w4_bundle, exact=True, matmul="edge")
+    with pytest.raises(edge_vila.errors.InputError, match="matmul"):
+        edge_vila.load(w4_bundle, matmul="gemm")
     with pytest.raises(edge_vila.errors.InputError, match="kv_cache"):
         edge_vila.load(w4_bundle, kv_cache="int4")
     with pytest.raises(edge_vila.errors.InputError, match="attention"):

@@ -3,8 +3,9 @@
 Providers are tried in order TensorRT EP (engine cache inside the bundle) -> CUDA EP ->
 CPU. On the CPU the backend runs a private, faster graph derived from the bundle's
 llm.onnx (ort_fast.py: MatMulNBits + attention over one preallocated KV buffer that decode
-steps write in place; rewinds are free). Over the default INT8 cache, attention is our own
-custom op (decode_attention.py) when a C compiler can build it, else GroupQueryAttention.
+steps write in place; rewinds are free). Over the default INT8 cache, attention and the INT4
+linears are our own custom ops (native_ops.py) when a C compiler can build them (the linear
+only where it has its AVX-512 VNNI kernel), else GroupQueryAttention and MatMulNBits.
 `variant="bundle"` runs the bundle's own graph instead: there each step's `present` outputs
 are bound as the next step's `past` inputs (IO binding), so the host never copies the cache;
 a rewind slices it once.
@@ -51,7 +52,7 @@ class OrtBackend(BundleBackend):
 
     def __init__(self, cfg: BundleConfig, max_context: int | None = None, threads: int | None = None,
                  providers: list[str] | None = None, exact: bool = False, variant: str = "auto",
-                 kv_cache: str = "auto", attention: str = "auto"):
+                 kv_cache: str = "auto", attention: str = "auto", matmul: str = "auto"):
         import onnxruntime as ort
         self.cfg = cfg
         root = cfg.root
@@ -70,6 +71,10 @@ class OrtBackend(BundleBackend):
             raise InputError(f"kv_cache {kv_cache!r} unknown (expected auto, int8 or fp32)")
         if attention not in ("auto", "edge", "gqa"):
             raise InputError(f"attention {attention!r} unknown (expected auto, edge or gqa)")
+        if matmul not in ("auto", "edge", "nbits"):
+            raise InputError(f"matmul {matmul!r} unknown (expected auto, edge or nbits)")
+        if matmul == "edge" and exact:
+            raise InputError("matmul='edge' quantizes activations to int8 per block; exact=True keeps MatMulNBits")
         cpu_only = all((p if isinstance(p, str) else p[0]) == "CPUExecutionProvider" for p in provs)
         self.vision = None
         if cfg.is_multimodal:
@@ -87,26 +92,34 @@ class OrtBackend(BundleBackend):
             fast = _fast_graph(cfg, accuracy_level=level, required=variant == "fast")
         if kv_cache == "int8" and not fast:
             raise InputError(f"{root}: an INT8 KV cache needs the fast CPU graph (INT4 bundle, CPU provider)")
-        self.kv_cache, self.attention = "fp32", "gqa" if fast else None
+        self.kv_cache, self.attention, self.matmul = "fp32", "gqa" if fast else None, "nbits" if fast else None
         if fast and (kv_cache == "int8" or (kv_cache == "auto" and not exact)):
             fp32_graph = fast
-            lib = None
-            if attention != "gqa":  # our INT8 attention op (decode_attention.py), else GroupQueryAttention
-                from .decode_attention import build_library, try_build_library
+            lib, mm = None, False
+            if attention != "gqa" or (matmul != "nbits" and not exact):  # our ops (native_ops.py)
+                from . import native_ops
+                explicit = "edge" in (attention, matmul)
                 try:
-                    lib = build_library() if attention == "edge" else try_build_library()
+                    lib = native_ops.build_library() if explicit else native_ops.try_build_library()
                 except (RuntimeError, OSError) as e:  # asked for explicitly: say why it cannot be had
-                    raise InputError(f"attention='edge': {e}") from None
+                    raise InputError(f"{'attention' if attention == 'edge' else 'matmul'}='edge': {e}") from None
+                # without AVX-512 VNNI our linear runs portable loops; MatMulNBits is faster there
+                mm = bool(lib) and not exact and (matmul == "edge" or (matmul == "auto" and native_ops.int4_linear_native(lib)))
+            attn = "edge" if lib and attention != "gqa" else "gqa"
             kv8 = _fast_graph(cfg, accuracy_level=level, required=kv_cache == "int8",
                               kv_scales=lambda: self._calibrate_kv(fp32_graph, so),
-                              attention="edge" if lib else "gqa")
+                              attention=attn, matmul="edge" if mm else "nbits")
             if kv8:
                 fast, self.kv_cache = kv8, "int8"
-                if lib:
+                if lib and (attn == "edge" or mm):
                     so.register_custom_ops_library(str(lib))
-                    self.attention = "edge"
-        elif attention == "edge":
-            raise InputError(f"{root}: the edge attention op needs the INT8 KV cache of the fast CPU graph")
+                    self.attention = attn
+                if mm:  # our pool does the parallel work; ORT's would spin against it
+                    self.matmul = "edge"
+                    native_ops.set_threads(lib, so.intra_op_num_threads)
+                    so.intra_op_num_threads = 1
+        elif "edge" in (attention, matmul):
+            raise InputError(f"{root}: the edge ops need the INT8 KV cache of the fast CPU graph")
         self.variant = "fast" if fast else "bundle"
         self.llm = ort.InferenceSession(str(fast or root / "llm.onnx"), so, providers=provs)
         m = cfg.llm
@@ -230,11 +243,12 @@ class OrtBackend(BundleBackend):
 
 
 def _fast_graph(cfg: BundleConfig, accuracy_level: int, required: bool,
-                kv_scales: Callable[[], np.ndarray] | None = None, attention: str = "gqa") -> Path | None:
+                kv_scales: Callable[[], np.ndarray] | None = None, attention: str = "gqa",
+                matmul: str = "nbits") -> Path | None:
     """The cached fast CPU graph for this bundle (built on first use); None if unavailable.
     With `kv_scales` (called only when the graph must be built) its KV cache is INT8; that
-    graph is cached as `<sha>-acc<level>-kv8` (`-kv8-edgeattn` with our attention op), keyed
-    by llm.onnx's hash like the FP32 one."""
+    graph is cached as `<sha>-acc<level>-kv8` (`-edgeattn` with our attention op, `-edgemm`
+    with our INT4 linear op), keyed by llm.onnx's hash like the FP32 one."""
     try:
         from .ort_fast import build_fast_llm
     except ImportError as e:  # the onnx package is needed to build it
@@ -242,7 +256,8 @@ def _fast_graph(cfg: BundleConfig, accuracy_level: int, required: bool,
             raise InputError(f"the fast CPU graph needs the onnx package ({e})") from None
         return None
     digest = cfg.manifest["files"]["llm.onnx"][:16]
-    name = f"{digest}-acc{accuracy_level}" + ("-kv8" if kv_scales else "") + ("-edgeattn" if attention == "edge" else "")
+    name = f"{digest}-acc{accuracy_level}" + ("-kv8" if kv_scales else "") + ("-edgeattn" if attention == "edge" else "") + (
+        "-edgemm" if matmul == "edge" else "")
     candidates = [cfg.root / "engines" / "ort-cpu" / name,
                   Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-vila" / "ort-cpu" / name]
     for folder in candidates:
@@ -254,7 +269,7 @@ def _fast_graph(cfg: BundleConfig, accuracy_level: int, required: bool,
         try:
             folder.mkdir(parents=True, exist_ok=True)
             return build_fast_llm(cfg.root / "llm.onnx", cfg.manifest, folder / "llm_fast.onnx", accuracy_level,
-                                  kv_scales=scales, attention=attention)
+                                  kv_scales=scales, attention=attention, matmul=matmul)
         except PermissionError:
             continue
         except (ValueError, KeyError) as e:  # a graph this builder does not know: run the bundle's own

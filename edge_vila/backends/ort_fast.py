@@ -7,7 +7,8 @@ the bundle and caches it (`engines/ort-cpu/`, keyed by llm.onnx's sha256):
 
 - every decoder linear -> MatMulNBits with its native AWQ zero points (recovered exactly
   from the bundle's symmetric INT4 + zero-point correction); q/k/v and gate/up are fused
-  into one MatMulNBits each;
+  into one MatMulNBits each - or, `matmul="edge"`, into our Int4Linear op (csrc/int4_linear.c,
+  AVX-512 VNNI, our thread pool), which streams the weights faster than MatMulNBits here;
 - attention -> GroupQueryAttention with RoPE inside (cos/sin from the bundle's tables) and
   past/present sharing one preallocated buffer: a decode step writes one position in place,
   a prefix rewind is free (the next step simply says where the sequence ends);
@@ -34,7 +35,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 MS = "com.microsoft"
-EDGE_DOMAIN = "edge_vila"  # our custom ops (csrc/, built by decode_attention.py)
+EDGE_DOMAIN = "edge_vila"  # our custom ops (csrc/, built by native_ops.py)
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
         "mlp.up_proj", "mlp.down_proj")
 
@@ -129,6 +130,29 @@ def pack_matmulnbits(lin: Int4Linear) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return B, scales, zp
 
 
+def pack_int4_tiles(lin: Int4Linear) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Our Int4Linear op's layout (csrc/int4_linear.c): tiles of 16 output rows; per tile and
+    block, 64-byte groups holding 8 input channels of each row (row r's 4 bytes at r*4: channel
+    c in the low nibble, c+4 in the high one). -> W [tiles, n_blocks, block*8] uint8,
+    scales [tiles, n_blocks, 16] float32 (0 past N), zeros [tiles, n_blocks, 16] uint8."""
+    K, N = lin.kn
+    bs = lin.block
+    if bs % 8:
+        raise ValueError(f"block size {bs} is not a multiple of 8")
+    nb, tiles = -(-K // bs), -(-N // 16)
+    q = np.full((nb * bs, tiles * 16), 8, np.uint8)
+    q[:K, :N] = lin.q
+    # [k, n] -> [tile, row, block, group, half, 4] -> [tile, block, group, row, 4, half]
+    q = q.T.reshape(tiles, 16, nb, bs // 8, 2, 4).transpose(0, 2, 3, 1, 5, 4)
+    W = (q[..., 0] | (q[..., 1] << 4)).reshape(tiles, nb, bs * 8)
+    scale = np.zeros((nb, tiles * 16), np.float32)
+    scale[:, :N] = lin.scale
+    zero = np.full((nb, tiles * 16), 8, np.uint8)
+    zero[:, :N] = lin.zero
+    tile = lambda a: np.ascontiguousarray(a.reshape(nb, tiles, 16).transpose(1, 0, 2))
+    return np.ascontiguousarray(W), tile(scale), tile(zero)
+
+
 def fuse(lins: list[Int4Linear]) -> Int4Linear:
     """Concatenate linears that read the same input along N (q|k|v, gate|up)."""
     if len({l.block for l in lins}) != 1:
@@ -205,12 +229,14 @@ def _rms_eps(model) -> float:
 
 
 def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int = 4,
-                   kv_scales: np.ndarray | None = None, attention: str = "gqa") -> Path:
+                   kv_scales: np.ndarray | None = None, attention: str = "gqa", matmul: str = "nbits") -> Path:
     """Write the fast graph for `bundle_llm` (the bundle's llm.onnx) to `out` (atomically).
     `kv_scales` ([layers, 2 (key, value), kv_heads, head_dim], from `calibrate_kv_scales`)
     makes the KV cache INT8. `attention="edge"` (INT8 cache only) runs attention in our own
-    custom op (`decode_attention.py`) instead of GroupQueryAttention; its key cache is stored in
-    blocks of 64 positions, [1, kv_heads, key_blocks = ceil(max_seq / 64), head_dim, 64]."""
+    custom op (`native_ops.py`) instead of GroupQueryAttention; its key cache is stored in
+    blocks of 64 positions, [1, kv_heads, key_blocks = ceil(max_seq / 64), head_dim, 64].
+    `matmul="edge"` runs the INT4 linears in our Int4Linear op (weights in `pack_int4_tiles`'s
+    layout, int8 activations per block) instead of MatMulNBits."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -232,6 +258,8 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
     kv_type = TensorProto.FLOAT if kv_scales is None else TensorProto.INT8
     if attention not in ("gqa", "edge") or (attention == "edge" and kv_scales is None):
         raise ValueError(f"attention {attention!r}: expected 'gqa', or 'edge' with an INT8 cache (kv_scales)")
+    if matmul not in ("nbits", "edge"):
+        raise ValueError(f"matmul {matmul!r}: expected 'nbits' or 'edge'")
     eps = _rms_eps(model)
     del model
     nodes, weights = [], []
@@ -240,8 +268,16 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
         weights.append(numpy_helper.from_array(arr, name))
         return name
 
-    def nbits(x, lin: Int4Linear, name):
+    def nbits(x, lin: Int4Linear, name, **attrs):
         K, N = lin.kn
+        if matmul == "edge":
+            W, sc, zp = pack_int4_tiles(lin)
+            ins = [x, w(f"{name}.W", W), w(f"{name}.scales", sc), w(f"{name}.zeros", zp)]
+            if lin.bias is not None:
+                ins.append(w(f"{name}.bias", lin.bias))
+            nodes.append(helper.make_node("Int4Linear", ins, [f"{name}.out"], domain=EDGE_DOMAIN, K=K, N=N,
+                                          block_size=lin.block, name=name, **attrs))
+            return f"{name}.out"
         B, sc, zp = pack_matmulnbits(lin)
         ins = [x, w(f"{name}.B", B), w(f"{name}.scales", sc), w(f"{name}.zp", zp)]
         if lin.bias is not None:
@@ -276,7 +312,7 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
                 "DecodeAttention", [qkv, f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length",
                                     "cos_cache", "sin_cache", *scales],
                 attn_outs, domain=EDGE_DOMAIN, num_heads=nh, kv_num_heads=nkv, scale=float(hd ** -0.5),
-                name=f"l{i}.attention"))
+                parallel=int(matmul == "edge"), name=f"l{i}.attention"))
         else:
             gqa_in = [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length",
                       "cos_cache", "sin_cache"]
@@ -292,13 +328,16 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
             "SkipSimplifiedLayerNormalization", [o, x, w(f"l{i}.post_w", norms[2 * i + 1])],
             [f"l{i}.post_norm", "", "", f"l{i}.resid"], domain=MS, epsilon=eps, name=f"l{i}.post_norm"))
         gu = nbits(f"l{i}.post_norm", fuse([lins[p + PROJ[4]], lins[p + PROJ[5]]]), f"l{i}.gate_up")
-        I = lins[p + PROJ[4]].kn[1]
-        nodes += [helper.make_node("Split", [gu, w(f"l{i}.split", np.array([I, I], np.int64))],
-                                   [f"l{i}.gate", f"l{i}.up"], axis=-1),
-                  helper.make_node("Sigmoid", [f"l{i}.gate"], [f"l{i}.sig"]),
-                  helper.make_node("Mul", [f"l{i}.gate", f"l{i}.sig"], [f"l{i}.silu"]),
-                  helper.make_node("Mul", [f"l{i}.silu", f"l{i}.up"], [f"l{i}.act"])]
-        d = nbits(f"l{i}.act", lins[p + PROJ[6]], f"l{i}.down")
+        if matmul == "edge":  # the op applies SwiGLU to gate | up as it reads its input
+            d = nbits(gu, lins[p + PROJ[6]], f"l{i}.down", activation=1)
+        else:
+            I = lins[p + PROJ[4]].kn[1]
+            nodes += [helper.make_node("Split", [gu, w(f"l{i}.split", np.array([I, I], np.int64))],
+                                       [f"l{i}.gate", f"l{i}.up"], axis=-1),
+                      helper.make_node("Sigmoid", [f"l{i}.gate"], [f"l{i}.sig"]),
+                      helper.make_node("Mul", [f"l{i}.gate", f"l{i}.sig"], [f"l{i}.silu"]),
+                      helper.make_node("Mul", [f"l{i}.silu", f"l{i}.up"], [f"l{i}.act"])]
+            d = nbits(f"l{i}.act", lins[p + PROJ[6]], f"l{i}.down")
         if i + 1 < L:  # the residual add fused with the next layer's input norm
             normed = f"l{i + 1}.in_norm"
             x = f"l{i + 1}.x"
@@ -321,7 +360,7 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
         nodes.append(helper.make_node("MatMul", ["final_h", w("lm_head.wT", np.ascontiguousarray(wt.T))], ["logits"]))
     graph = helper.make_graph(nodes, "edge_vila_fast_llm", ins, outs, weights)
     fast = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)]
-                             + ([helper.make_opsetid(EDGE_DOMAIN, 1)] if attention == "edge" else []),
+                             + ([helper.make_opsetid(EDGE_DOMAIN, 1)] if "edge" in (attention, matmul) else []),
                              producer_name="edge-vila", ir_version=10)
     out.parent.mkdir(parents=True, exist_ok=True)
     # unique temporaries: two processes may build the same cache at once; the last rename wins

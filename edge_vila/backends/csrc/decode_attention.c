@@ -17,76 +17,16 @@
  * Outputs: 0 attn float [1, S, num_heads * head_dim]; 1 present_key, 2 present_value: the same
  * buffers as past_* when the caller binds them so (the backend does): the new positions are
  * written in place, nothing else is copied.
- * Attributes: num_heads, kv_num_heads (int), scale (float).
- *
- * ORT's pip wheel ships libonnxruntime but no C headers, so the few C-API entries used here are
- * called through their slot numbers in the OrtApi function table. These are all version-1 slots;
- * the C API is append-only, so they are the same in every ORT release since 1.0.
+ * Attributes: num_heads, kv_num_heads (int), scale (float), parallel (int, default 0): 1 splits the
+ * KV heads over our thread pool - set in graphs whose linears are ours too (ORT then runs one
+ * thread); with ORT's own pool spinning on the other cores, ours would fight it.
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
+#include "ort_op.h"
 
-typedef struct OrtStatus OrtStatus;
-typedef struct OrtKernelInfo OrtKernelInfo;
-typedef struct OrtKernelContext OrtKernelContext;
-typedef struct OrtValue OrtValue;
-typedef struct OrtTypeShape OrtTypeShape;
-typedef struct OrtCustomOpDomain OrtCustomOpDomain;
-typedef struct OrtSessionOptions OrtSessionOptions;
-typedef void *const *OrtApiTable;
 #define KB 64 /* positions per key-cache block */
 
 typedef struct {
-  OrtApiTable (*GetApi)(uint32_t version);
-  const char *(*GetVersionString)(void);
-} OrtApiBase;
-
-/* OrtApi slots (version 1 part of the table) */
-enum {
-  SLOT_CreateStatus = 0, SLOT_CreateCustomOpDomain = 26, SLOT_CustomOpDomain_Add = 27, SLOT_AddCustomOpDomain = 28,
-  SLOT_GetTensorMutableData = 51, SLOT_GetTensorElementType = 60, SLOT_GetDimensionsCount = 61,
-  SLOT_GetDimensions = 62, SLOT_GetTensorTypeAndShape = 65, SLOT_KernelInfoGetAttribute_float = 85,
-  SLOT_KernelInfoGetAttribute_int64 = 86, SLOT_KernelContext_GetInput = 90, SLOT_KernelContext_GetOutput = 91,
-  SLOT_ReleaseStatus = 93, SLOT_ReleaseTensorTypeAndShapeInfo = 99,
-};
-enum { ORT_INVALID_ARGUMENT = 2, T_FLOAT = 1, T_INT8 = 3, T_INT32 = 6 };
-
-static OrtApiTable api;
-#define CALL(slot, type) ((type)api[slot])
-
-static OrtStatus *error(const char *msg) {
-  return CALL(SLOT_CreateStatus, OrtStatus *(*)(int, const char *))(ORT_INVALID_ARGUMENT, msg);
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* OrtCustomOp, field for field (version 16 layout: V2 create/compute return a status). */
-typedef struct OrtCustomOp {
-  uint32_t version;
-  void *(*CreateKernel)(const struct OrtCustomOp *, OrtApiTable, const OrtKernelInfo *);
-  const char *(*GetName)(const struct OrtCustomOp *);
-  const char *(*GetExecutionProviderType)(const struct OrtCustomOp *);
-  int (*GetInputType)(const struct OrtCustomOp *, size_t);
-  size_t (*GetInputTypeCount)(const struct OrtCustomOp *);
-  int (*GetOutputType)(const struct OrtCustomOp *, size_t);
-  size_t (*GetOutputTypeCount)(const struct OrtCustomOp *);
-  void (*KernelCompute)(void *, OrtKernelContext *);
-  void (*KernelDestroy)(void *);
-  int (*GetInputCharacteristic)(const struct OrtCustomOp *, size_t);
-  int (*GetOutputCharacteristic)(const struct OrtCustomOp *, size_t);
-  int (*GetInputMemoryType)(const struct OrtCustomOp *, size_t);
-  int (*GetVariadicInputMinArity)(const struct OrtCustomOp *);
-  int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp *);
-  int (*GetVariadicOutputMinArity)(const struct OrtCustomOp *);
-  int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp *);
-  OrtStatus *(*CreateKernelV2)(const struct OrtCustomOp *, OrtApiTable, const OrtKernelInfo *, void **);
-  OrtStatus *(*KernelComputeV2)(void *, OrtKernelContext *);
-} OrtCustomOp;
-
-typedef struct {
-  int64_t num_heads, kv_heads;
+  int64_t num_heads, kv_heads, parallel;
   float scale;
 } Kernel;
 
@@ -282,29 +222,39 @@ static int8_t quant(float x, float inv_scale) {
 
 /* ------------------------------------------------------------------------------------------ */
 typedef struct {
-  const OrtValue *v;
-  void *data;
-  int type;
-  size_t rank;
-  int64_t dims[8];
-} Tensor;
+  const Kernel *k;
+  const float *qkv, *cosc, *sinc, *ks, *vs;
+  const int8_t *Kt, *V;
+  float *attn;
+  int64_t S, past, total, nh, nkv, hd, W, kstride, max_seq;
+  int failed;
+} AttendJob;
 
-static OrtStatus *tensor_info(const OrtValue *v, Tensor *t, const char *name, int want_type, size_t want_rank) {
-  char msg[256];  /* CreateStatus copies it */
-  OrtTypeShape *info = NULL;
-  OrtStatus *st = CALL(SLOT_GetTensorTypeAndShape, OrtStatus *(*)(const OrtValue *, OrtTypeShape **))(v, &info);
-  if (st) return st;
-  CALL(SLOT_GetTensorElementType, OrtStatus *(*)(const OrtTypeShape *, int *))(info, &t->type);
-  CALL(SLOT_GetDimensionsCount, OrtStatus *(*)(const OrtTypeShape *, size_t *))(info, &t->rank);
-  if (t->rank <= 8) CALL(SLOT_GetDimensions, OrtStatus *(*)(const OrtTypeShape *, int64_t *, size_t))(info, t->dims, t->rank);
-  CALL(SLOT_ReleaseTensorTypeAndShapeInfo, void (*)(OrtTypeShape *))(info);
-  if (t->type != want_type || t->rank != want_rank) {
-    snprintf(msg, sizeof msg, "DecodeAttention: input %s has element type %d and rank %zu, expected %d and %zu",
-             name, t->type, t->rank, want_type, want_rank);
-    return error(msg);
+/* KV heads [g0, g1): every new token's queries of those heads against their cache */
+static void attend_heads(void *arg, int64_t g0, int64_t g1) {
+  AttendJob *j = arg;
+  const int64_t G = j->nh / j->nkv, hd = j->hd, half = hd / 2;
+  const int64_t Tp = (j->total + 63) / 64 * 64; /* score rows padded to whole 64-position blocks */
+  float *work = malloc(sizeof(float) * (size_t)(G * Tp + G * hd + G * hd));
+  if (!work) {
+    j->failed = 1;
+    return;
   }
-  t->v = v;
-  return CALL(SLOT_GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)v, &t->data);
+  float *scores = work, *acc = scores + G * Tp, *qs = acc + G * hd;
+  for (int64_t g = g0; g < g1; g++)
+    for (int64_t t = 0; t < j->S; t++) {
+      const int64_t pos = j->past + t;
+      const float *row = j->qkv + t * j->W;
+      for (int64_t h = 0; h < G; h++) {
+        float *q = qs + h * hd;
+        memcpy(q, row + (g * G + h) * hd, sizeof(float) * hd);
+        rope(q, j->cosc + pos * half, j->sinc + pos * half, (int)half);
+        for (int64_t d = 0; d < hd; d++) q[d] *= j->k->scale * j->ks[g * hd + d];
+      }
+      attend(qs, (int)G, (int)hd, j->Kt + g * j->kstride, j->V + g * j->max_seq * hd, pos, j->vs + g * hd, scores, acc,
+             j->attn + t * j->nh * hd + g * G * hd);
+    }
+  free(work);
 }
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
@@ -316,14 +266,9 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   const Kernel *k = kernel;
   Tensor in[9];
   OrtStatus *st;
-  for (int i = 0; i < 9; i++) {
-    const OrtValue *v = NULL;
-    st = CALL(SLOT_KernelContext_GetInput, OrtStatus *(*)(OrtKernelContext *, size_t, const OrtValue **))(ctx, i, &v);
-    if (st) return st;
-    if (!v) return error("DecodeAttention: a required input is missing");
-    if ((st = tensor_info(v, &in[i], names[i], types[i], ranks[i]))) return st;
-  }
-  const int64_t nh = k->num_heads, nkv = k->kv_heads, G = nh / nkv;
+  for (int i = 0; i < 9; i++)
+    if ((st = get_input(ctx, i, &in[i], "DecodeAttention", names[i], types[i], ranks[i], 0))) return st;
+  const int64_t nh = k->num_heads, nkv = k->kv_heads;
   const int64_t S = in[0].dims[1], hd = in[1].dims[3], max_seq = in[2].dims[2], half = hd / 2;
   const int64_t total = ((const int32_t *)in[4].data)[0], past = total - S;
   if (in[0].dims[0] != 1 || in[0].dims[2] != (nh + 2 * nkv) * hd || in[1].dims[1] != nkv ||
@@ -343,16 +288,12 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
              ((const int32_t *)in[3].data)[0], (long long)S, (long long)max_seq, (long long)in[5].dims[0]);
     return error(msg);
   }
-  OrtValue *out[3];
-  int64_t odims[3] = {1, S, nh * hd};
-  typedef OrtStatus *(*GetOutput)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **);
-  if ((st = CALL(SLOT_KernelContext_GetOutput, GetOutput)(ctx, 0, odims, 3, &out[0]))) return st;
   void *optr[3];
+  const int64_t odims[3] = {1, S, nh * hd};
   const size_t cache_bytes[3] = {0, (size_t)(nkv * in[1].dims[2] * hd * KB), (size_t)(nkv * max_seq * hd)};
+  if ((st = get_output(ctx, 0, odims, 3, &optr[0]))) return st;
   for (int i = 1; i < 3; i++)
-    if ((st = CALL(SLOT_KernelContext_GetOutput, GetOutput)(ctx, i, in[i].dims, in[i].rank, &out[i]))) return st;
-  for (int i = 0; i < 3; i++)
-    if ((st = CALL(SLOT_GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))(out[i], &optr[i]))) return st;
+    if ((st = get_output(ctx, i, in[i].dims, in[i].rank, &optr[i]))) return st;
   for (int i = 1; i < 3; i++)  /* not bound to the same buffer: carry the cache over (slow path) */
     if (optr[i] != in[i].data) memcpy(optr[i], in[i].data, cache_bytes[i]);
   int8_t *Kt = optr[1], *V = optr[2];
@@ -360,11 +301,9 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   const float *qkv = in[0].data, *cosc = in[5].data, *sinc = in[6].data, *ks = in[7].data, *vs = in[8].data;
   float *attn = optr[0];
   const int64_t W = (nh + 2 * nkv) * hd;
-  const int64_t Tp = (total + 63) / 64 * 64;  /* score rows padded to whole 64-position blocks */
-  float *work = malloc(sizeof(float) * (size_t)(G * Tp + G * hd + G * hd + hd));
-  if (!work) return error("DecodeAttention: out of memory");
-  float *scores = work, *acc = scores + G * Tp, *qs = acc + G * hd, *kv = qs + G * hd;
-  /* write the S new keys/values first (RoPE on keys, INT8), then attend token by token */
+  float kv[1024];
+  if (hd > 1024) return error("DecodeAttention: head_dim above 1024");
+  /* write the S new keys/values first (RoPE on keys, INT8), then attend */
   for (int64_t t = 0; t < S; t++) {
     const int64_t pos = past + t;
     const float *row = qkv + t * W;
@@ -378,21 +317,13 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
       for (int64_t d = 0; d < hd; d++) vg[d] = quant(v[d], 1.f / vs[g * hd + d]);
     }
   }
-  for (int64_t t = 0; t < S; t++) {
-    const int64_t pos = past + t;
-    const float *row = qkv + t * W;
-    for (int64_t g = 0; g < nkv; g++) {
-      for (int64_t h = 0; h < G; h++) {
-        float *q = qs + h * hd;
-        memcpy(q, row + (g * G + h) * hd, sizeof(float) * hd);
-        rope(q, cosc + pos * half, sinc + pos * half, (int)half);
-        for (int64_t d = 0; d < hd; d++) q[d] *= k->scale * ks[g * hd + d];
-      }
-      attend(qs, (int)G, (int)hd, Kt + g * kstride, V + g * max_seq * hd, pos, vs + g * hd,
-             scores, acc, attn + t * nh * hd + g * G * hd);
-    }
-  }
-  free(work);
+  /* the KV heads in parallel (each reads only its own cache) */
+  AttendJob job = {k, qkv, cosc, sinc, ks, vs, Kt, V, attn, S, past, total, nh, nkv, hd, W, kstride, max_seq, 0};
+  if (k->parallel)
+    parallel_for(nkv, 1, attend_heads, &job);
+  else
+    attend_heads(&job, 0, nkv);
+  if (job.failed) return error("DecodeAttention: out of memory");
   return NULL;
 }
 
@@ -407,6 +338,10 @@ static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelIn
   OrtStatus *st = CALL(SLOT_KernelInfoGetAttribute_int64, GetInt)(info, "num_heads", &k->num_heads);
   if (!st) st = CALL(SLOT_KernelInfoGetAttribute_int64, GetInt)(info, "kv_num_heads", &k->kv_heads);
   if (!st) st = CALL(SLOT_KernelInfoGetAttribute_float, GetFloat)(info, "scale", &k->scale);
+  if (!st) { /* optional attribute: absent means 0 */
+    OrtStatus *missing = CALL(SLOT_KernelInfoGetAttribute_int64, GetInt)(info, "parallel", &k->parallel);
+    if (missing) CALL(SLOT_ReleaseStatus, void (*)(OrtStatus *))(missing), k->parallel = 0;
+  }
   if (!st && (k->kv_heads <= 0 || k->num_heads % k->kv_heads))
     st = error("DecodeAttention: num_heads must be a positive multiple of kv_num_heads");
   if (st) {
@@ -432,7 +367,7 @@ static int required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return
 static int mem_default(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
 static int one(const OrtCustomOp *op) { (void)op; return 1; }
 
-static OrtCustomOp decode_attention = {
+OrtCustomOp edge_vila_decode_attention_op = {
     .version = 16, .CreateKernel = NULL, .GetName = op_name, .GetExecutionProviderType = op_ep,
     .GetInputType = in_type, .GetInputTypeCount = in_count, .GetOutputType = out_type,
     .GetOutputTypeCount = out_count, .KernelCompute = NULL, .KernelDestroy = destroy,
@@ -440,14 +375,3 @@ static OrtCustomOp decode_attention = {
     .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one, .GetVariadicOutputMinArity = one,
     .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = create, .KernelComputeV2 = compute,
 };
-
-/* The entry point ORT looks up in a custom-op library (SessionOptions.register_custom_ops_library). */
-__attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
-  api = base->GetApi(16);
-  if (!api) return NULL;  /* an ORT older than 1.16: no status can be made; session creation then fails on the op */
-  OrtCustomOpDomain *domain = NULL;
-  OrtStatus *st = CALL(SLOT_CreateCustomOpDomain, OrtStatus *(*)(const char *, OrtCustomOpDomain **))("edge_vila", &domain);
-  if (!st) st = CALL(SLOT_CustomOpDomain_Add, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *))(domain, &decode_attention);
-  if (!st) st = CALL(SLOT_AddCustomOpDomain, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);
-  return st;
-}

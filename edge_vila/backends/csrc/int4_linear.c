@@ -1,0 +1,315 @@
+/* edge_vila.Int4Linear: Y = X W^T (+ bias), W in 4 bits with a scale and a zero point per block
+ * of `block_size` input channels (AWQ / RTN weights as the bundle stores them). It replaces
+ * MatMulNBits in the fast CPU graph, where decode is 86% MatMulNBits and streamed the weights at
+ * ~27 GB/s on two cores of a host whose copy bandwidth is ~70 GB/s (issue #8).
+ *
+ * The weights are packed for AVX-512 VNNI (ort_fast.pack_int4_tiles): 16 output rows form a
+ * tile, one lane per row; a 64-byte load holds 8 input channels of each of the 16 rows (low
+ * nibbles channels 0-3, high nibbles 4-7), so one load feeds two VPDPBUSD (unsigned 4-bit
+ * weights x signed 8-bit activations, 4 channels per lane) with no shuffles and no horizontal
+ * sums. Activations are quantized per block to int8 (as MatMulNBits' accuracy level 4 does);
+ * per block the integer dot is corrected for the zero point (dot - z * sum(x_q)) and scaled.
+ *
+ * Inputs: 0 X float [..., K] ([..., 2K] with activation=1); 1 W uint8 [tiles, blocks, block_size * 8];
+ *         2 scales float [tiles, blocks, 16]; 3 zeros uint8 [tiles, blocks, 16];
+ *         4 bias float [N] (optional)
+ * Output: Y float [..., N].  Attributes: K, N, block_size (a multiple of 8, at most 1024),
+ * activation (0: none; 1: SwiGLU, the input is gate | up and the linear reads silu(gate) * up -
+ * Llama's down projection reading the fused gate/up output without three elementwise nodes).
+ * Rows past N (the last tile) have scale 0; channels past K meet zero activations.
+ */
+#include "ort_op.h"
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define INT4_AVX512 1
+#endif
+/* software prefetch distance in the decode loop, bytes of weights ahead: one core's hardware
+ * prefetch alone kept ~30 GB/s; 2-4 KB ahead read 35-39 GB/s on one core, 47-59 on two (Zen 4) */
+#ifndef PF_W
+#define PF_W 4096
+#endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T0
+#endif
+
+typedef struct {
+  int64_t K, N, bs, activation;
+} Kernel;
+
+typedef struct {
+  const uint8_t *w;
+  const float *scales;
+  const uint8_t *zeros;
+  const float *bias;
+  const int8_t *xq; /* [M, Kp] */
+  const float *xs;  /* [M, nb] activation scale per block */
+  const int32_t *xsum; /* [M, nb] sum of the int8 activations per block */
+  const float *x;
+  float *y;
+  int64_t M, K, N, Kp, nb, bs, activation;
+} Job;
+
+static void quantize_rows(void *arg, int64_t begin, int64_t end) {
+  const Job *j = arg;
+  float a[1024]; /* one block of activations */
+  for (int64_t m = begin; m < end; m++) {
+    const float *x = j->x + m * j->K * (j->activation ? 2 : 1);
+    int8_t *q = (int8_t *)j->xq + m * j->Kp;
+    for (int64_t b = 0; b < j->nb; b++) {
+      const int64_t k0 = b * j->bs, k1 = k0 + j->bs < j->K ? k0 + j->bs : j->K;
+      if (j->activation) /* SwiGLU: silu(gate) * up */
+        for (int64_t k = k0; k < k1; k++) a[k - k0] = x[k] / (1.f + expf(-x[k])) * x[j->K + k];
+      else
+        memcpy(a, x + k0, sizeof(float) * (size_t)(k1 - k0));
+      float amax = 0.f;
+      for (int64_t k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(a[k - k0]));
+      const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t sum = 0;
+      for (int64_t k = k0; k < k1; k++) {
+        const int32_t v = (int32_t)nearbyintf(a[k - k0] * inv);
+        q[k] = (int8_t)(v > 127 ? 127 : (v < -127 ? -127 : v));
+        sum += q[k];
+      }
+      for (int64_t k = k1; k < k0 + j->bs; k++) q[k] = 0;
+      ((float *)j->xs)[m * j->nb + b] = s;
+      ((int32_t *)j->xsum)[m * j->nb + b] = sum;
+    }
+  }
+}
+
+/* tiles [begin, end) for every row of X, plain C (ARM, older x86, and the reference the AVX-512
+ * path is tested against) */
+static void tiles_portable(void *arg, int64_t begin, int64_t end) {
+  const Job *j = arg;
+  const int64_t G = j->bs / 8;
+  for (int64_t t = begin; t < end; t++) {
+    for (int64_t m = 0; m < j->M; m++) {
+      const int8_t *x = j->xq + m * j->Kp;
+      float acc[16] = {0};
+      for (int64_t b = 0; b < j->nb; b++) {
+        const uint8_t *w = j->w + (t * j->nb + b) * G * 64;
+        const float *sc = j->scales + (t * j->nb + b) * 16;
+        const uint8_t *zp = j->zeros + (t * j->nb + b) * 16;
+        int32_t dot[16] = {0};
+        for (int64_t g = 0; g < G; g++)
+          for (int r = 0; r < 16; r++)
+            for (int i = 0; i < 4; i++) {
+              const uint8_t v = w[g * 64 + r * 4 + i];
+              dot[r] += (v & 15) * x[b * j->bs + g * 8 + i] + (v >> 4) * x[b * j->bs + g * 8 + 4 + i];
+            }
+        const float xs = j->xs[m * j->nb + b];
+        const int32_t xsum = j->xsum[m * j->nb + b];
+        for (int r = 0; r < 16; r++) acc[r] += (float)(dot[r] - (int32_t)zp[r] * xsum) * (sc[r] * xs);
+      }
+      for (int r = 0; r < 16 && t * 16 + r < j->N; r++)
+        j->y[m * j->N + t * 16 + r] = acc[r] + (j->bias ? j->bias[t * 16 + r] : 0.f);
+    }
+  }
+}
+
+#ifdef INT4_AVX512
+static inline void store_tile(const Job *j, int64_t m, int64_t t, __m512 acc) {
+  const __mmask16 mask = j->N - t * 16 >= 16 ? 0xFFFF : (__mmask16)((1u << (j->N - t * 16)) - 1);
+  if (j->bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, j->bias + t * 16));
+  _mm512_mask_storeu_ps(j->y + m * j->N + t * 16, mask, acc);
+}
+
+/* Decode (one row of X): four independent accumulators, since VPDPBUSD's latency would
+ * otherwise bound the loop, not memory. */
+static void tiles_avx512_m1(const Job *j, int64_t begin, int64_t end) {
+  const int64_t G = j->bs / 8;
+  const __m512i lo4 = _mm512_set1_epi8(0x0F);
+  const int32_t *x32 = (const int32_t *)j->xq;
+  for (int64_t t = begin; t < end; t++) {
+    __m512 acc = _mm512_setzero_ps();
+    const uint8_t *w = j->w + t * j->nb * G * 64;
+    for (int64_t b = 0; b < j->nb; b++) {
+      __m512i d0 = _mm512_setzero_si512(), d1 = d0, d2 = d0, d3 = d0;
+      const int32_t *xb = x32 + b * j->bs / 4;
+      int64_t g = 0;
+      for (; g + 2 <= G; g += 2, w += 128) {
+#if PF_W
+        _mm_prefetch((const char *)w + PF_W, PF_HINT);
+        _mm_prefetch((const char *)w + PF_W + 64, PF_HINT);
+#endif
+        const __m512i v0 = _mm512_loadu_si512(w), v1 = _mm512_loadu_si512(w + 64);
+        d0 = _mm512_dpbusd_epi32(d0, _mm512_and_si512(v0, lo4), _mm512_set1_epi32(xb[2 * g]));
+        d1 = _mm512_dpbusd_epi32(d1, _mm512_and_si512(_mm512_srli_epi16(v0, 4), lo4), _mm512_set1_epi32(xb[2 * g + 1]));
+        d2 = _mm512_dpbusd_epi32(d2, _mm512_and_si512(v1, lo4), _mm512_set1_epi32(xb[2 * g + 2]));
+        d3 = _mm512_dpbusd_epi32(d3, _mm512_and_si512(_mm512_srli_epi16(v1, 4), lo4), _mm512_set1_epi32(xb[2 * g + 3]));
+      }
+      for (; g < G; g++, w += 64) {
+        const __m512i v0 = _mm512_loadu_si512(w);
+        d0 = _mm512_dpbusd_epi32(d0, _mm512_and_si512(v0, lo4), _mm512_set1_epi32(xb[2 * g]));
+        d1 = _mm512_dpbusd_epi32(d1, _mm512_and_si512(_mm512_srli_epi16(v0, 4), lo4), _mm512_set1_epi32(xb[2 * g + 1]));
+      }
+      const __m512i dot = _mm512_add_epi32(_mm512_add_epi32(d0, d1), _mm512_add_epi32(d2, d3));
+      const int64_t sb = t * j->nb + b;
+      const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(j->zeros + sb * 16)));
+      const __m512i d = _mm512_sub_epi32(dot, _mm512_mullo_epi32(z, _mm512_set1_epi32(j->xsum[b])));
+      const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(j->scales + sb * 16), _mm512_set1_ps(j->xs[b]));
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc);
+    }
+    store_tile(j, 0, t, acc);
+  }
+}
+
+/* Prefill: MT rows of X share each weight load (the tile's weights stay in L1/L2 while all row
+ * groups pass over them, so prefill is bound by VPDPBUSD, not memory). */
+static inline __attribute__((always_inline)) void rows_avx512(const Job *j, int64_t t, int64_t m0, const int MT) {
+  const int64_t G = j->bs / 8;
+  const __m512i lo4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[8];
+#pragma GCC unroll 8
+  for (int r = 0; r < MT; r++) acc[r] = _mm512_setzero_ps();
+  const uint8_t *w = j->w + t * j->nb * G * 64;
+  for (int64_t b = 0; b < j->nb; b++) {
+    __m512i dot[8];
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; r++) dot[r] = _mm512_setzero_si512();
+    for (int64_t g = 0; g < G; g++, w += 64) {
+      const __m512i v = _mm512_loadu_si512(w);
+      const __m512i lo = _mm512_and_si512(v, lo4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
+#pragma GCC unroll 8
+      for (int r = 0; r < MT; r++) {
+        const int32_t *xb = (const int32_t *)(j->xq + (m0 + r) * j->Kp + b * j->bs) + 2 * g;
+        dot[r] = _mm512_dpbusd_epi32(dot[r], lo, _mm512_set1_epi32(xb[0]));
+        dot[r] = _mm512_dpbusd_epi32(dot[r], hi, _mm512_set1_epi32(xb[1]));
+      }
+    }
+    const int64_t sb = t * j->nb + b;
+    const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(j->zeros + sb * 16)));
+    const __m512 sc = _mm512_loadu_ps(j->scales + sb * 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; r++) {
+      const int64_t mb = (m0 + r) * j->nb + b;
+      const __m512i d = _mm512_sub_epi32(dot[r], _mm512_mullo_epi32(z, _mm512_set1_epi32(j->xsum[mb])));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sc, _mm512_set1_ps(j->xs[mb])), acc[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MT; r++) store_tile(j, m0 + r, t, acc[r]);
+}
+
+static void tiles_avx512(void *arg, int64_t begin, int64_t end) {
+  const Job *j = arg;
+  if (j->M == 1) {
+    tiles_avx512_m1(j, begin, end);
+    return;
+  }
+  for (int64_t t = begin; t < end; t++) {
+    int64_t m = 0;
+    for (; m + 8 <= j->M; m += 8) rows_avx512(j, t, m, 8);
+    for (; m + 4 <= j->M; m += 4) rows_avx512(j, t, m, 4);
+    for (; m < j->M; m++) rows_avx512(j, t, m, 1);
+  }
+}
+#endif
+
+/* Exported for tests and benchmarks (ctypes, no ORT): y[M, N] = x[M, K] W^T with the packed
+ * weights (x [M, 2K] with activation 1); `portable` forces the plain C loops. */
+__attribute__((visibility("default"))) int edge_vila_int4_linear(const float *x, int64_t M, int64_t K, int64_t N,
+                                                                 int64_t bs, const uint8_t *w, const float *scales,
+                                                                 const uint8_t *zeros, const float *bias, float *y,
+                                                                 int activation, int portable) {
+  if (bs <= 0 || bs % 8 || bs > 1024 || K <= 0 || N <= 0 || M < 0 || activation < 0 || activation > 1) return -1;
+  const int64_t nb = (K + bs - 1) / bs, Kp = nb * bs, tiles = (N + 15) / 16;
+  if (M == 0) return 0;
+  int8_t *xq = aligned_alloc(64, (size_t)((M * Kp + 63) / 64 * 64));
+  float *xs = malloc(sizeof(float) * (size_t)(M * nb));
+  int32_t *xsum = malloc(sizeof(int32_t) * (size_t)(M * nb));
+  if (!xq || !xs || !xsum) {
+    free(xq), free(xs), free(xsum);
+    return -2;
+  }
+  Job j = {w, scales, zeros, bias, xq, xs, xsum, x, y, M, K, N, Kp, nb, bs, activation};
+  parallel_for(M, 16, quantize_rows, &j);
+  /* chunks of >= ~32 KB of weights: smaller ones cost more in hand-off than they balance */
+  const int64_t grain = 1 + 32768 / (Kp * 8);
+  parallel_fn fn = tiles_portable;
+#ifdef INT4_AVX512
+  if (!portable) fn = tiles_avx512;
+#endif
+  (void)portable;
+  parallel_for(tiles, grain, fn, &j);
+  free(xq), free(xs), free(xsum);
+  return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
+  static const char *names[] = {"X", "W", "scales", "zeros", "bias"};
+  static const int types[] = {T_FLOAT, T_UINT8, T_FLOAT, T_UINT8, T_FLOAT};
+  const Kernel *k = kernel;
+  char msg[256];
+  Tensor in[5];
+  OrtStatus *st;
+  if ((st = get_input(ctx, 0, &in[0], "Int4Linear", "X", T_FLOAT, ANY_RANK, 0))) return st;
+  if (in[0].rank < 1 || in[0].rank > 8) return error("Int4Linear: input X must have rank 1 to 8");
+  for (int i = 1; i < 5; i++)
+    if ((st = get_input(ctx, i, &in[i], "Int4Linear", names[i], types[i], i == 4 ? 1 : 3, i == 4))) return st;
+  const int64_t nb = (k->K + k->bs - 1) / k->bs, tiles = (k->N + 15) / 16;
+  if (in[0].dims[in[0].rank - 1] != k->K * (k->activation ? 2 : 1) || in[1].dims[0] != tiles || in[1].dims[1] != nb || in[1].dims[2] != k->bs * 8 ||
+      in[2].dims[0] != tiles || in[2].dims[1] != nb || in[2].dims[2] != 16 || in[3].dims[0] != tiles ||
+      in[3].dims[1] != nb || in[3].dims[2] != 16 || (in[4].v && in[4].dims[0] != k->N)) {
+    snprintf(msg, sizeof msg, "Int4Linear: shapes do not fit K=%lld N=%lld block_size=%lld activation=%lld (X last dim "
+             "%lld, W [%lld, %lld, %lld])", (long long)k->K, (long long)k->N, (long long)k->bs, (long long)k->activation,
+             (long long)in[0].dims[in[0].rank - 1],
+             (long long)in[1].dims[0], (long long)in[1].dims[1], (long long)in[1].dims[2]);
+    return error(msg);
+  }
+  int64_t odims[8], M = 1;
+  for (size_t i = 0; i + 1 < in[0].rank; i++) M *= (odims[i] = in[0].dims[i]);
+  odims[in[0].rank - 1] = k->N;
+  void *y;
+  if ((st = get_output(ctx, 0, odims, in[0].rank, &y))) return st;
+  int rc = edge_vila_int4_linear(in[0].data, M, k->K, k->N, k->bs, in[1].data, in[2].data, in[3].data,
+                                 in[4].v ? in[4].data : NULL, y, (int)k->activation, 0);
+  return rc ? error("Int4Linear: out of memory") : NULL;
+}
+
+static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelInfo *info, void **out) {
+  (void)op, (void)a;
+  Kernel *k = calloc(1, sizeof(Kernel));
+  if (!k) return error("Int4Linear: out of memory");
+  typedef OrtStatus *(*GetInt)(const OrtKernelInfo *, const char *, int64_t *);
+  OrtStatus *st = CALL(SLOT_KernelInfoGetAttribute_int64, GetInt)(info, "K", &k->K);
+  if (!st) st = CALL(SLOT_KernelInfoGetAttribute_int64, GetInt)(info, "N", &k->N);
+  if (!st) st = CALL(SLOT_KernelInfoGetAttribute_int64, GetInt)(info, "block_size", &k->bs);
+  if (!st) { /* optional attribute: absent means none */
+    OrtStatus *missing = CALL(SLOT_KernelInfoGetAttribute_int64, GetInt)(info, "activation", &k->activation);
+    if (missing) CALL(SLOT_ReleaseStatus, void (*)(OrtStatus *))(missing), k->activation = 0;
+  }
+  if (!st && (k->K <= 0 || k->N <= 0 || k->bs <= 0 || k->bs % 8 || k->bs > 1024 || k->activation < 0 || k->activation > 1))
+    st = error("Int4Linear: K and N must be positive, block_size a multiple of 8 up to 1024, activation 0 or 1");
+  if (st) {
+    free(k);
+    return st;
+  }
+  *out = k;
+  return NULL;
+}
+static void destroy(void *k) { free(k); }
+static const char *op_name(const OrtCustomOp *op) { (void)op; return "Int4Linear"; }
+static const char *op_ep(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static int in_type(const OrtCustomOp *op, size_t i) {
+  (void)op;
+  static const int t[] = {T_FLOAT, T_UINT8, T_FLOAT, T_UINT8, T_FLOAT};
+  return t[i];
+}
+static size_t in_count(const OrtCustomOp *op) { (void)op; return 5; }
+static int out_type(const OrtCustomOp *op, size_t i) { (void)op, (void)i; return T_FLOAT; }
+static size_t out_count(const OrtCustomOp *op) { (void)op; return 1; }
+static int in_characteristic(const OrtCustomOp *op, size_t i) { (void)op; return i == 4; /* bias optional */ }
+static int required(const OrtCustomOp *op, size_t i) { (void)op, (void)i; return 0; }
+static int mem_default(const OrtCustomOp *op, size_t i) { (void)op, (void)i; return 0; }
+static int one(const OrtCustomOp *op) { (void)op; return 1; }
+OrtCustomOp edge_vila_int4_linear_op = {
+    .version = 16, .CreateKernel = NULL, .GetName = op_name, .GetExecutionProviderType = op_ep,
+    .GetInputType = in_type, .GetInputTypeCount = in_count, .GetOutputType = out_type,
+    .GetOutputTypeCount = out_count, .KernelCompute = NULL, .KernelDestroy = destroy,
+    .GetInputCharacteristic = in_characteristic, .GetOutputCharacteristic = required,
+    .GetInputMemoryType = mem_default, .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one,
+    .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = create,
+    .KernelComputeV2 = compute,
+};

@@ -1,0 +1,95 @@
+/* What our ONNX Runtime custom ops share: the C-API entries they call, the OrtCustomOp layout,
+ * tensor checks and a small thread pool (ops.c).
+ *
+ * ORT's pip wheel ships libonnxruntime but no C headers, so the few C-API entries used here are
+ * called through their slot numbers in the OrtApi function table. These are all version-1 slots;
+ * the C API is append-only, so they are the same in every ORT release since 1.0. The slot
+ * numbers and the struct layout are facts read from the public onnxruntime_c_api.h; the
+ * declarations are written here.
+ */
+#ifndef EDGE_VILA_ORT_OP_H
+#define EDGE_VILA_ORT_OP_H
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtKernelInfo OrtKernelInfo;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtValue OrtValue;
+typedef struct OrtTypeShape OrtTypeShape;
+typedef struct OrtCustomOpDomain OrtCustomOpDomain;
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef void *const *OrtApiTable;
+
+typedef struct {
+  OrtApiTable (*GetApi)(uint32_t version);
+  const char *(*GetVersionString)(void);
+} OrtApiBase;
+
+/* OrtApi slots (version 1 part of the table) */
+enum {
+  SLOT_CreateStatus = 0, SLOT_CreateCustomOpDomain = 26, SLOT_CustomOpDomain_Add = 27, SLOT_AddCustomOpDomain = 28,
+  SLOT_GetTensorMutableData = 51, SLOT_GetTensorElementType = 60, SLOT_GetDimensionsCount = 61,
+  SLOT_GetDimensions = 62, SLOT_GetTensorTypeAndShape = 65, SLOT_KernelInfoGetAttribute_float = 85,
+  SLOT_KernelInfoGetAttribute_int64 = 86, SLOT_KernelContext_GetInput = 90, SLOT_KernelContext_GetOutput = 91,
+  SLOT_ReleaseStatus = 93, SLOT_ReleaseTensorTypeAndShapeInfo = 99,
+};
+enum { ORT_INVALID_ARGUMENT = 2, T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3, T_INT32 = 6 };
+
+extern OrtApiTable edge_vila_api;
+#define CALL(slot, type) ((type)edge_vila_api[slot])
+
+static inline OrtStatus *error(const char *msg) {
+  return CALL(SLOT_CreateStatus, OrtStatus *(*)(int, const char *))(ORT_INVALID_ARGUMENT, msg);
+}
+
+/* OrtCustomOp, field for field (version 16 layout: V2 create/compute return a status). */
+typedef struct OrtCustomOp {
+  uint32_t version;
+  void *(*CreateKernel)(const struct OrtCustomOp *, OrtApiTable, const OrtKernelInfo *);
+  const char *(*GetName)(const struct OrtCustomOp *);
+  const char *(*GetExecutionProviderType)(const struct OrtCustomOp *);
+  int (*GetInputType)(const struct OrtCustomOp *, size_t);
+  size_t (*GetInputTypeCount)(const struct OrtCustomOp *);
+  int (*GetOutputType)(const struct OrtCustomOp *, size_t);
+  size_t (*GetOutputTypeCount)(const struct OrtCustomOp *);
+  void (*KernelCompute)(void *, OrtKernelContext *);
+  void (*KernelDestroy)(void *);
+  int (*GetInputCharacteristic)(const struct OrtCustomOp *, size_t);  /* 0 required, 1 optional */
+  int (*GetOutputCharacteristic)(const struct OrtCustomOp *, size_t);
+  int (*GetInputMemoryType)(const struct OrtCustomOp *, size_t);
+  int (*GetVariadicInputMinArity)(const struct OrtCustomOp *);
+  int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp *);
+  int (*GetVariadicOutputMinArity)(const struct OrtCustomOp *);
+  int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp *);
+  OrtStatus *(*CreateKernelV2)(const struct OrtCustomOp *, OrtApiTable, const OrtKernelInfo *, void **);
+  OrtStatus *(*KernelComputeV2)(void *, OrtKernelContext *);
+} OrtCustomOp;
+
+extern OrtCustomOp edge_vila_decode_attention_op, edge_vila_int4_linear_op;
+
+typedef struct {
+  const OrtValue *v;
+  void *data;
+  int type;
+  size_t rank;
+  int64_t dims[8];
+} Tensor;
+
+/* Input `index` of the kernel context, checked for element type and rank (ANY_RANK: any); a
+ * missing input is an error unless `optional` (then t->v is NULL). Errors name the op and input. */
+#define ANY_RANK ((size_t)-1)
+OrtStatus *get_input(OrtKernelContext *ctx, size_t index, Tensor *t, const char *op, const char *name, int want_type,
+                     size_t want_rank, int optional);
+/* Output `index` with the given shape, and its data pointer. */
+OrtStatus *get_output(OrtKernelContext *ctx, size_t index, const int64_t *dims, size_t rank, void **data);
+
+/* The thread pool: fn(arg, begin, end) over [0, n) in chunks of at least `grain` items, on the
+ * calling thread and the pool's workers. Nested or concurrent calls (two sessions at once) run
+ * on the caller alone. */
+typedef void (*parallel_fn)(void *arg, int64_t begin, int64_t end);
+void parallel_for(int64_t n, int64_t grain, parallel_fn fn, void *arg);
+#endif

@@ -1,0 +1,149 @@
+"""Builds `csrc/`, our ONNX Runtime custom ops, into one shared library that
+`SessionOptions.register_custom_ops_library` loads:
+
+- `edge_vila.DecodeAttention` (decode_attention.c): attention over the INT8 KV cache;
+- `edge_vila.Int4Linear` (int4_linear.c): the INT4 linears with AVX-512 VNNI, replacing
+  MatMulNBits (which read the weights at ~27 GB/s of a ~70 GB/s host during decode);
+- a small thread pool both use (ops.c; ORT's own pool then runs with one thread).
+
+Why our own attention op: ORT's CPU GroupQueryAttention spends 60-80 us per layer per decoded token
+at 1024 cached positions (measured on a 2-core Zen 4), so decode at 1024 context ran at
+0.67-0.75x of decode at 64. The op reads the INT8 keys as they are (the key scales are folded
+into the query), keeps the key cache transposed so 16 positions score in one vector
+instruction, and writes the new positions in place like GroupQueryAttention's shared buffer.
+
+The library is compiled on first use with the system C compiler (`$CC`, else cc/gcc/clang)
+for this CPU (`-march=native`) and cached per user (never in the bundle: a copied bundle may
+land on another CPU), keyed by the source, the compiler and the CPU's flags. Without a
+compiler the backend keeps GroupQueryAttention and says so in the log.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+CSRC = Path(__file__).parent / "csrc"
+# no -ffast-math: with it GCC may link crtfastmath.o, which sets flush-to-zero for the whole process
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-Wall"]
+
+
+def _cpu_key() -> str:
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def _compiler() -> str | None:
+    for cc in [os.environ.get("CC"), "cc", "gcc", "clang"]:
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _build_key(cc: str, flags: tuple[str, ...]) -> str:
+    """Source + flags + compiler version + CPU flags, hashed; once per process (every backend
+    load asks, and it runs the compiler and reads /proc/cpuinfo)."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    sources = [p.read_text() for p in _sources()] + [(CSRC / "ort_op.h").read_text()]
+    return hashlib.sha256("\n".join([*sources, " ".join(flags), *version, _cpu_key()]).encode()).hexdigest()[:16]
+
+
+def _sources() -> list[Path]:
+    return sorted(CSRC.glob("*.c"))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-vila" / "ops"
+
+
+def build_library(folder: Path | None = None, portable: bool = False) -> Path:
+    """The compiled op library for this CPU (built and cached on first call). Raises
+    RuntimeError naming the compiler and its output when it cannot be built. `portable`
+    leaves out the AVX-512 kernels (the loops ARM and older x86 compile), for tests."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (set $CC, or install gcc) to build our ONNX Runtime ops")
+    flags = CFLAGS + (["-mno-avx512f"] if portable else [])
+    folder = folder or cache_dir()
+    lib = folder / f"libedge_vila_ops-{_build_key(cc, tuple(flags))}.so"
+    if lib.is_file():
+        return lib
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")  # atomic: a half-written .so is never loaded
+    res = subprocess.run([cc, *flags, "-o", str(tmp), *map(str, _sources()), "-lm", "-lpthread"],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"{cc} could not build the ops in {CSRC}:\n{res.stderr.strip()[-2000:]}")
+    tmp.replace(lib)
+    log.info("built our ONNX Runtime ops %s", lib)
+    return lib
+
+
+def try_build_library() -> Path | None:
+    """`build_library()`, or None (with a warning) when it cannot be built here."""
+    try:
+        return build_library()
+    except (RuntimeError, OSError) as e:
+        log.warning("keeping ONNX Runtime's GroupQueryAttention and MatMulNBits: %s", e)
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cdll(lib: Path) -> ctypes.CDLL:
+    """The library as ctypes sees it: dlopen of the same path gives the same loaded copy ORT
+    uses, so settings made here (threads) reach the ops inside a session."""
+    dll = ctypes.CDLL(str(lib))
+    dll.edge_vila_set_threads.argtypes = [ctypes.c_int]
+    f = dll.edge_vila_int4_linear
+    f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                  ctypes.c_int]
+    return dll
+
+
+def set_threads(lib: Path, n: int | None) -> int:
+    """Threads our ops use (the caller's included); None or 0: $EDGE_VILA_THREADS, else the
+    CPUs this process may run on. Returns the count in force."""
+    return int(_cdll(lib).edge_vila_set_threads(int(n or 0)))
+
+
+def int4_linear_native(lib: Path) -> bool:
+    """Whether Int4Linear has this CPU's fast kernel (AVX-512 VNNI) in `lib`; without it ORT's
+    MatMulNBits (NEON / AVX2 kernels) is faster than our portable loops and is kept."""
+    return bool(_cdll(lib).edge_vila_int4_linear_native())
+
+
+def int4_linear(lib: Path, x, packed: tuple, K: int, N: int, block: int, bias=None, swiglu: bool = False,
+                portable: bool = False):
+    """y = x W^T through the op's kernel without ONNX Runtime (tests, benchmarks). `packed` is
+    `ort_fast.pack_int4_tiles`'s (W, scales, zeros); `swiglu`: x is [..., 2K] = gate | up and the
+    linear reads silu(gate) * up."""
+    import numpy as np
+
+    x = np.ascontiguousarray(x, np.float32)
+    w, sc, zp = (np.ascontiguousarray(a) for a in packed)
+    if x.shape[-1] != K * (2 if swiglu else 1):
+        raise ValueError(f"int4_linear: x has {x.shape[-1]} channels, expected {K * (2 if swiglu else 1)}")
+    M = int(np.prod(x.shape[:-1]))
+    y = np.empty((*x.shape[:-1], N), np.float32)
+    b = None if bias is None else np.ascontiguousarray(bias, np.float32)
+    rc = _cdll(lib).edge_vila_int4_linear(x.ctypes.data, M, K, N, block, w.ctypes.data, sc.ctypes.data, zp.ctypes.data,
+                                          None if b is None else b.ctypes.data, y.ctypes.data, int(swiglu), int(portable))
+    if rc:
+        raise ValueError(f"int4_linear: bad arguments (K={K}, N={N}, block={block})" if rc == -1 else "out of memory")
+    return y
+
+
+__all__ = ["build_library", "try_build_library", "cache_dir", "CSRC", "set_threads", "int4_linear_native", "int4_linear"]
