@@ -138,3 +138,24 @@ def test_as_an_onnx_runtime_node(libs):
         session(K, activation=1).run(None, {"x": x})  # SwiGLU wants gate | up: 2K channels
     with pytest.raises(Exception, match="Int4Linear: K and N must be positive"):
         session(K, activation=2)
+
+
+@pytest.mark.parametrize("kind", ["native", "portable"])
+def test_rmsnorm_prologue(libs, kind):
+    """norm_weight (+ skip): the linear reads RMSNorm(x + skip) * w and returns x + skip, as the
+    SkipSimplifiedLayerNormalization node it replaces in the fast graph."""
+    rng = np.random.default_rng(4)
+    K, N, bs, eps = 200, 33, 40, 1e-5
+    lin = _linear(rng, K, N, bs)
+    x, skip = rng.standard_normal((2, 5, K)).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, K).astype(np.float32)
+    total = x + skip
+    normed = total / np.sqrt((total.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps) * w
+    same, _ = _reference(lin, normed)
+    y, got_total = int4_linear(libs["native"], x, pack_int4_tiles(lin), K, N, bs, skip=skip, norm_weight=w, epsilon=eps,
+                               portable=kind == "portable")
+    np.testing.assert_allclose(got_total, total, rtol=1e-6)
+    assert np.abs(y.reshape(-1, N) - same).max() <= 1e-4 * np.abs(same).max()
+    y2, _ = int4_linear(libs["native"], x, pack_int4_tiles(lin), K, N, bs, norm_weight=w, epsilon=eps)  # no skip
+    same2, _ = _reference(lin, x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps) * w)
+    assert np.abs(y2.reshape(-1, N) - same2).max() <= 1e-4 * np.abs(same2).max()

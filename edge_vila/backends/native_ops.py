@@ -109,7 +109,7 @@ def _cdll(lib: Path) -> ctypes.CDLL:
     f = dll.edge_vila_int4_linear
     f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                  ctypes.c_int]
+                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
     return dll
 
 
@@ -126,24 +126,31 @@ def int4_linear_native(lib: Path) -> bool:
 
 
 def int4_linear(lib: Path, x, packed: tuple, K: int, N: int, block: int, bias=None, swiglu: bool = False,
-                portable: bool = False):
+                skip=None, norm_weight=None, epsilon: float = 1e-5, portable: bool = False):
     """y = x W^T through the op's kernel without ONNX Runtime (tests, benchmarks). `packed` is
     `ort_fast.pack_int4_tiles`'s (W, scales, zeros); `swiglu`: x is [..., 2K] = gate | up and the
-    linear reads silu(gate) * up."""
+    linear reads silu(gate) * up; `norm_weight`: it reads RMSNorm(x + skip) * norm_weight, and
+    (y, x + skip) is returned."""
     import numpy as np
 
-    x = np.ascontiguousarray(x, np.float32)
+    def arr(a):
+        return None if a is None else np.ascontiguousarray(a, np.float32)
+
+    x, b, skip, norm_weight = arr(x), arr(bias), arr(skip), arr(norm_weight)
     w, sc, zp = (np.ascontiguousarray(a) for a in packed)
     if x.shape[-1] != K * (2 if swiglu else 1):
         raise ValueError(f"int4_linear: x has {x.shape[-1]} channels, expected {K * (2 if swiglu else 1)}")
+    if skip is not None and (skip.shape != x.shape or norm_weight is None):
+        raise ValueError("int4_linear: skip needs x's shape and a norm_weight")
     M = int(np.prod(x.shape[:-1]))
     y = np.empty((*x.shape[:-1], N), np.float32)
-    b = None if bias is None else np.ascontiguousarray(bias, np.float32)
-    rc = _cdll(lib).edge_vila_int4_linear(x.ctypes.data, M, K, N, block, w.ctypes.data, sc.ctypes.data, zp.ctypes.data,
-                                          None if b is None else b.ctypes.data, y.ctypes.data, int(swiglu), int(portable))
+    total = np.empty_like(x) if norm_weight is not None else None
+    ptr = lambda a: None if a is None else a.ctypes.data
+    rc = _cdll(lib).edge_vila_int4_linear(ptr(x), M, K, N, block, ptr(w), ptr(sc), ptr(zp), ptr(b), ptr(y), int(swiglu),
+                                          ptr(skip), ptr(norm_weight), float(epsilon), ptr(total), int(portable))
     if rc:
         raise ValueError(f"int4_linear: bad arguments (K={K}, N={N}, block={block})" if rc == -1 else "out of memory")
-    return y
+    return y if norm_weight is None else (y, total)
 
 
 __all__ = ["build_library", "try_build_library", "cache_dir", "CSRC", "set_threads", "int4_linear_native", "int4_linear"]

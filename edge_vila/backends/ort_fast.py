@@ -268,16 +268,23 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
         weights.append(numpy_helper.from_array(arr, name))
         return name
 
-    def nbits(x, lin: Int4Linear, name, **attrs):
+    def nbits(x, lin: Int4Linear, name, skip: str | None = None, norm: str | None = None, total: str | None = None,
+              **attrs):
+        """The linear's node. Ours can also apply the RMSNorm before it (`norm`, on x + `skip`,
+        whose sum it outputs as `total`): (Skip)SimplifiedLayerNormalization folded in."""
         K, N = lin.kn
         if matmul == "edge":
             W, sc, zp = pack_int4_tiles(lin)
-            ins = [x, w(f"{name}.W", W), w(f"{name}.scales", sc), w(f"{name}.zeros", zp)]
-            if lin.bias is not None:
-                ins.append(w(f"{name}.bias", lin.bias))
-            nodes.append(helper.make_node("Int4Linear", ins, [f"{name}.out"], domain=EDGE_DOMAIN, K=K, N=N,
-                                          block_size=lin.block, name=name, **attrs))
+            ins = [x, w(f"{name}.W", W), w(f"{name}.scales", sc), w(f"{name}.zeros", zp),
+                   w(f"{name}.bias", lin.bias) if lin.bias is not None else "", skip or "", norm or ""]
+            while not ins[-1]:
+                ins.pop()
+            if norm:
+                attrs["epsilon"] = eps
+            nodes.append(helper.make_node("Int4Linear", ins, [f"{name}.out"] + ([total] if total else []),
+                                          domain=EDGE_DOMAIN, K=K, N=N, block_size=lin.block, name=name, **attrs))
             return f"{name}.out"
+        assert skip is None and norm is None, "the norm is folded only into our op"
         B, sc, zp = pack_matmulnbits(lin)
         ins = [x, w(f"{name}.B", B), w(f"{name}.scales", sc), w(f"{name}.zp", zp)]
         if lin.bias is not None:
@@ -293,12 +300,21 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
            helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
            helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
     outs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, V])]
-    normed = f"l0.in_norm"
-    nodes.append(helper.make_node("SimplifiedLayerNormalization", [x, w("l0.in_w", norms[0])], [normed], axis=-1,
-                                  epsilon=eps, name="l0.in_norm"))
+    fused = matmul == "edge"  # our linear op applies each RMSNorm itself
+    normed = x if fused else "l0.in_norm"
+    if not fused:
+        nodes.append(helper.make_node("SimplifiedLayerNormalization", [x, w("l0.in_w", norms[0])], [normed], axis=-1,
+                                      epsilon=eps, name="l0.in_norm"))
     for i in range(L):
         p = f"model.layers.{i}."
-        qkv = nbits(normed, fuse([lins[p + k] for k in PROJ[:3]]), f"l{i}.qkv")
+        qkv_lin = fuse([lins[p + k] for k in PROJ[:3]])
+        if not fused:
+            qkv = nbits(normed, qkv_lin, f"l{i}.qkv")
+        elif i == 0:
+            qkv = nbits(x, qkv_lin, "l0.qkv", norm=w("l0.in_w", norms[0]))
+        else:  # the previous layer's residual add and this layer's input norm
+            x = f"l{i}.x"
+            qkv = nbits(d, qkv_lin, f"l{i}.qkv", skip=f"l{i - 1}.resid", norm=w(f"l{i}.in_w", norms[2 * i]), total=x)
         kv_dims = {"key": [1, nkv, "key_blocks", hd, 64] if attention == "edge" else [1, nkv, "max_seq", hd],
                    "value": [1, nkv, "max_seq", hd]}
         for kind in ("key", "value"):
@@ -324,10 +340,14 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
                 "GroupQueryAttention", gqa_in, attn_outs, domain=MS, num_heads=nh, kv_num_heads=nkv,
                 do_rotary=1, rotary_interleaved=0, scale=float(hd ** -0.5), name=f"l{i}.gqa", **quant))
         o = nbits(f"l{i}.attn", lins[p + PROJ[3]], f"l{i}.o")
-        nodes.append(helper.make_node(
-            "SkipSimplifiedLayerNormalization", [o, x, w(f"l{i}.post_w", norms[2 * i + 1])],
-            [f"l{i}.post_norm", "", "", f"l{i}.resid"], domain=MS, epsilon=eps, name=f"l{i}.post_norm"))
-        gu = nbits(f"l{i}.post_norm", fuse([lins[p + PROJ[4]], lins[p + PROJ[5]]]), f"l{i}.gate_up")
+        gu_lin = fuse([lins[p + PROJ[4]], lins[p + PROJ[5]]])
+        if fused:
+            gu = nbits(o, gu_lin, f"l{i}.gate_up", skip=x, norm=w(f"l{i}.post_w", norms[2 * i + 1]), total=f"l{i}.resid")
+        else:
+            nodes.append(helper.make_node(
+                "SkipSimplifiedLayerNormalization", [o, x, w(f"l{i}.post_w", norms[2 * i + 1])],
+                [f"l{i}.post_norm", "", "", f"l{i}.resid"], domain=MS, epsilon=eps, name=f"l{i}.post_norm"))
+            gu = nbits(f"l{i}.post_norm", gu_lin, f"l{i}.gate_up")
         if matmul == "edge":  # the op applies SwiGLU to gate | up as it reads its input
             d = nbits(gu, lins[p + PROJ[6]], f"l{i}.down", activation=1)
         else:
@@ -338,6 +358,8 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
                       helper.make_node("Mul", [f"l{i}.gate", f"l{i}.sig"], [f"l{i}.silu"]),
                       helper.make_node("Mul", [f"l{i}.silu", f"l{i}.up"], [f"l{i}.act"])]
             d = nbits(f"l{i}.act", lins[p + PROJ[6]], f"l{i}.down")
+        if i + 1 < L and fused:
+            continue  # the next layer's qkv node adds the residual and norms
         if i + 1 < L:  # the residual add fused with the next layer's input norm
             normed = f"l{i + 1}.in_norm"
             x = f"l{i + 1}.x"

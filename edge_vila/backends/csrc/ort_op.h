@@ -34,7 +34,7 @@ enum {
   SLOT_CreateStatus = 0, SLOT_CreateCustomOpDomain = 26, SLOT_CustomOpDomain_Add = 27, SLOT_AddCustomOpDomain = 28,
   SLOT_GetTensorMutableData = 51, SLOT_GetTensorElementType = 60, SLOT_GetDimensionsCount = 61,
   SLOT_GetDimensions = 62, SLOT_GetTensorTypeAndShape = 65, SLOT_KernelInfoGetAttribute_float = 85,
-  SLOT_KernelInfoGetAttribute_int64 = 86, SLOT_KernelContext_GetInput = 90, SLOT_KernelContext_GetOutput = 91,
+  SLOT_KernelInfoGetAttribute_int64 = 86, SLOT_KernelContext_GetOutputCount = 89, SLOT_KernelContext_GetInput = 90, SLOT_KernelContext_GetOutput = 91,
   SLOT_ReleaseStatus = 93, SLOT_ReleaseTensorTypeAndShapeInfo = 99,
 };
 enum { ORT_INVALID_ARGUMENT = 2, T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3, T_INT32 = 6 };
