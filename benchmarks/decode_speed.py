@@ -9,6 +9,12 @@ Reports tokens/s (median of --runs; edge-vila's runs interleaved across contexts
 for a decode of --new tokens after a prompt padded to
 each context length, the ratios, and writes JSON + a PNG next to --out. Not a test: timing
 depends on the machine; the machine is recorded in the JSON.
+
+--paired-bandwidth measures the copy bandwidth (roofline.py's STREAM-style copy, 1 GB, best of
+5 passes) right before every timed run and records (tokens/s, GB/s) pairs, so roofline.py can set each run
+against the bandwidth of its own moment: this shared host's bandwidth moves by 1.5x within
+minutes, and a bound measured at another time than the decode says more about the spell than
+about the runtime.
 """
 from __future__ import annotations
 
@@ -21,6 +27,22 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+PAIRED: dict | None = None  # system -> context -> [(tok/s, GB/s)], with --paired-bandwidth
+
+
+def _bandwidth() -> float | None:
+    if PAIRED is None:
+        return None
+    from roofline import stream_copy_gbps  # same folder: the same estimator as roofline.py's bound
+
+    time.sleep(0.05)  # the run's threads (ours, ORT's, llama.cpp's) stop spinning first
+    return stream_copy_gbps(passes=5)
+
+
+def _record(system: str, ctx: int, tok_s: float, gbps: float | None) -> None:
+    if gbps is not None:
+        PAIRED.setdefault(system, {}).setdefault(str(ctx), []).append((tok_s, gbps))
 
 
 def _ids(tok, n: int) -> list[int]:
@@ -53,6 +75,7 @@ def bench_edge(bundle: Path, contexts: list[int], new: int, runs: int,
                 be.reset()
                 logits = be.forward(be.embed(prompts[ctx]), 0)
                 pos = len(prompts[ctx])
+                gbps = _bandwidth() if r else None
                 t0 = time.perf_counter()
                 for _ in range(new):
                     tok = int(np.argmax(logits))
@@ -60,6 +83,7 @@ def bench_edge(bundle: Path, contexts: list[int], new: int, runs: int,
                     pos += 1
                 if r:
                     rates[name][ctx].append(new / (time.perf_counter() - t0))
+                    _record(name, ctx, rates[name][ctx][-1], gbps)
     return {n: {c: statistics.median(v) for c, v in per.items()} for n, per in rates.items()}, chose
 
 
@@ -92,16 +116,19 @@ def bench_genai(folder: Path, hf: Path, ctx: int, new: int, runs: int) -> float:
     model = og.Model(str(folder))
     ids = _ids(AutoTokenizer.from_pretrained(str(hf)), ctx)
     rates = []
-    for _ in range(runs + 1):
+    for r in range(runs + 1):
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=ctx + new + 2, do_sample=False)
         gen = og.Generator(model, params)
         gen.append_tokens(ids)
         gen.generate_next_token()  # first token: end of prefill
+        gbps = _bandwidth() if r else None
         t0 = time.perf_counter()
         for _ in range(new):
             gen.generate_next_token()
         rates.append(new / (time.perf_counter() - t0))
+        if r:
+            _record("onnxruntime_genai_int4", ctx, rates[-1], gbps)
     return statistics.median(rates[1:])
 
 
@@ -113,15 +140,18 @@ def bench_llamacpp(gguf: Path, hf: Path, ctx: int, new: int, runs: int) -> float
     ids = _ids(AutoTokenizer.from_pretrained(str(hf)), ctx)
     llm = Llama(model_path=str(gguf), n_ctx=ctx + new + 16, n_threads=os.cpu_count(), n_batch=512, verbose=False)
     rates = []
-    for _ in range(runs + 1):
+    for r in range(runs + 1):
         llm.reset()
         llm.eval(ids)
         tok = llm.sample(temp=0.0)
+        gbps = _bandwidth() if r else None
         t0 = time.perf_counter()
         for _ in range(new):
             llm.eval([tok])
             tok = llm.sample(temp=0.0)
         rates.append(new / (time.perf_counter() - t0))
+        if r:
+            _record("llama_cpp_q4", ctx, rates[-1], gbps)
     return statistics.median(rates[1:])
 
 
@@ -140,11 +170,16 @@ def main() -> None:
                     help="also run edge-vila with ORT's GroupQueryAttention instead of our attention op")
     ap.add_argument("--compare-matmul", action="store_true",
                     help="also run edge-vila with ORT's MatMulNBits instead of our INT4 linear op")
+    ap.add_argument("--paired-bandwidth", action="store_true",
+                    help="measure the copy bandwidth before every timed run (for roofline.py)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (no ratio vs it)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/decode_speed.json"))
     a = ap.parse_args()
     res = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "python": platform.python_version()}, "new_tokens": a.new, "runs": a.runs, "results": {}}
+    global PAIRED
+    if a.paired_bandwidth:
+        PAIRED = res["paired_bandwidth"] = {}
     variants = {"edge_vila_ort": {}}
     if a.compare_attention:
         variants["edge_vila_ort_gqa"] = {"attention": "gqa"}

@@ -10,7 +10,11 @@ to the current position). So tokens/s <= bandwidth / bytes-per-token. This scrip
    read per token, i.e. without the embedding table, which is a lookup) + its KV cache at
    the context;
 3. takes measured tokens/s from a `decode_speed.py` JSON and reports the fraction of the
-   roofline each system reaches;
+   roofline each system reaches; when that JSON has bandwidth measured right before every
+   timed run (`decode_speed.py --paired-bandwidth`), also the median over runs of each run's
+   fraction of its own moment's bandwidth ("paired") - on a host whose bandwidth moves 1.5x
+   within minutes, the fraction against a bound taken at another time mostly measures the
+   spell (the same runtime read 49% and 66% that way on two runs an hour apart);
 4. projects the bound on Jetson Orin boards from their DRAM bandwidth (AGX 204.8 GB/s,
    NX 102.4, Nano 68) — a projection (an upper bound), not a measurement.
 
@@ -20,6 +24,7 @@ to the current position). So tokens/s <= bandwidth / bytes-per-token. This scrip
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -32,11 +37,19 @@ import numpy as np
 ORIN_GBPS = {"AGX Orin (204.8 GB/s)": 204.8, "Orin NX (102.4 GB/s)": 102.4, "Orin Nano (68 GB/s)": 68.0}
 
 
-def stream_copy_gbps(mb: int = 1024, passes: int = 10, threads: int | None = None) -> float:
-    threads = threads or os.cpu_count() or 1
+@functools.lru_cache(maxsize=2)
+def _buffers(mb: int, threads: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Source and destination arrays, made (and their pages faulted in) once per size: a copy
+    into fresh memory measures page faults as much as bandwidth."""
     n = mb * 2 ** 20 // 4 // threads
-    srcs = [np.ones(n, np.float32) for _ in range(threads)]
-    dsts = [np.empty(n, np.float32) for _ in range(threads)]
+    return [np.ones(n, np.float32) for _ in range(threads)], [np.ones(n, np.float32) for _ in range(threads)]
+
+
+def stream_copy_gbps(mb: int = 1024, passes: int = 10, threads: int | None = None) -> float:
+    """Best of `passes` copies of `mb` MB, one thread per core, read + write bytes counted."""
+    threads = threads or os.cpu_count() or 1
+    srcs, dsts = _buffers(mb, threads)
+    n = len(srcs[0])
     best = 0.0
     for _ in range(passes):
         barrier = threading.Barrier(threads + 1)
@@ -131,8 +144,15 @@ def main() -> None:
             frac = row[sysname] / bound
             rows.append({"context": int(ctx), "system": sysname, "bytes_per_token": b, "tok_s": row[sysname],
                          "roofline_tok_s": bound, "fraction": frac})
+            pairs = res.get("paired_bandwidth", {}).get(sysname, {}).get(ctx)
+            paired = ""
+            if pairs:  # each run against the bandwidth measured just before it
+                fr = [tok * b / (gbps * 1e9) for tok, gbps in pairs]
+                rows[-1].update(paired_fraction=float(np.median(fr)), paired_gbps=[g for _, g in pairs])
+                paired = f"  | paired: {np.median(fr):5.1%} (runs {min(fr):.0%}-{max(fr):.0%}, bandwidth " \
+                         f"{min(g for _, g in pairs):.0f}-{max(g for _, g in pairs):.0f} GB/s)"
             print(f"ctx {ctx:>5} {sysname:26s} {b / 1e6:8.1f} MB/token  {row[sysname]:7.1f} tok/s  "
-                  f"bound {bound:7.1f}  -> {frac:5.1%} of roofline")
+                  f"bound {bound:7.1f}  -> {frac:5.1%} of roofline{paired}")
     ctx0 = min(int(c) for c in res["results"])
     print(f"\nOrin projection (bound = DRAM bandwidth / bytes per token, context {ctx0}; not measured):")
     for board, gbps in ORIN_GBPS.items():

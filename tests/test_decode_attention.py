@@ -16,28 +16,21 @@ from edge_vila.backends.native_ops import build_library  # noqa: E402
 NH, NKV, HD, MAXC = 6, 2, 32, 150  # 150: the last key block is partly beyond max_seq
 
 
-@pytest.fixture(scope="module", params=["native", "native-parallel", "portable"])
-def session(request, tmp_path_factory):
-    """The op built for this CPU (AVX-512 here), the same splitting the KV heads over our thread
-    pool (parallel=1, as in graphs with our linear op), and without AVX-512 (the C loops ARM builds)."""
-    if request.param == "portable" and platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("-mno-avx512f is an x86 flag; elsewhere the native build is the portable one")
-    lib = build_library(tmp_path_factory.mktemp("ops"), portable=request.param == "portable")
+def _session(lib, maxc: int, parallel: bool):
     ins = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [1, "S", (NH + 2 * NKV) * HD]),
            helper.make_tensor_value_info("past_key", TensorProto.INT8, [1, NKV, "kb", HD, 64]),
            helper.make_tensor_value_info("past_value", TensorProto.INT8, [1, NKV, "max_seq", HD]),
            helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
            helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-           helper.make_tensor_value_info("cos_cache", TensorProto.FLOAT, [MAXC, HD // 2]),
-           helper.make_tensor_value_info("sin_cache", TensorProto.FLOAT, [MAXC, HD // 2]),
+           helper.make_tensor_value_info("cos_cache", TensorProto.FLOAT, [maxc, HD // 2]),
+           helper.make_tensor_value_info("sin_cache", TensorProto.FLOAT, [maxc, HD // 2]),
            helper.make_tensor_value_info("k_scale", TensorProto.FLOAT, [1, NKV, 1, HD]),
            helper.make_tensor_value_info("v_scale", TensorProto.FLOAT, [1, NKV, 1, HD])]
     outs = [helper.make_tensor_value_info("attn", TensorProto.FLOAT, [1, "S", NH * HD]),
             helper.make_tensor_value_info("present_key", TensorProto.INT8, [1, NKV, "kb", HD, 64]),
             helper.make_tensor_value_info("present_value", TensorProto.INT8, [1, NKV, "max_seq", HD])]
     node = helper.make_node("DecodeAttention", [i.name for i in ins], [o.name for o in outs], domain="edge_vila",
-                            num_heads=NH, kv_num_heads=NKV, scale=HD ** -0.5,
-                            parallel=int(request.param == "native-parallel"))
+                            num_heads=NH, kv_num_heads=NKV, scale=HD ** -0.5, parallel=int(parallel))
     model = helper.make_model(helper.make_graph([node], "t", ins, outs),
                               opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("edge_vila", 1)])
     so = ort.SessionOptions()
@@ -45,9 +38,19 @@ def session(request, tmp_path_factory):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def _rope_tables():
+@pytest.fixture(scope="module", params=["native", "native-parallel", "portable"])
+def session(request, tmp_path_factory):
+    """The op built for this CPU (AVX-512 here), the same splitting the KV heads over our thread
+    pool (parallel=1, as in graphs with our linear op), and without AVX-512 (the C loops ARM builds)."""
+    if request.param == "portable" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("-mno-avx512f is an x86 flag; elsewhere the native build is the portable one")
+    lib = build_library(tmp_path_factory.mktemp("ops"), portable=request.param == "portable")
+    return _session(lib, MAXC, request.param == "native-parallel")
+
+
+def _rope_tables(maxc: int = MAXC):
     inv = 1.0 / 10000 ** (np.arange(0, HD, 2) / HD)
-    ang = np.arange(MAXC)[:, None] * inv[None]
+    ang = np.arange(maxc)[:, None] * inv[None]
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
@@ -59,10 +62,10 @@ def _rope(x, cos, sin):  # x [..., HD] at one position; rotate-half
 class Reference:
     """The op's maths in numpy: RoPE, symmetric per-channel INT8 K/V, causal GQA softmax."""
 
-    def __init__(self, ks, vs):
+    def __init__(self, ks, vs, maxc: int = MAXC):
         self.ks, self.vs = ks[0, :, 0], vs[0, :, 0]  # [NKV, HD]
-        self.k = np.zeros((NKV, MAXC, HD), np.float32)  # dequantized cache
-        self.v = np.zeros((NKV, MAXC, HD), np.float32)
+        self.k = np.zeros((NKV, maxc, HD), np.float32)  # dequantized cache
+        self.v = np.zeros((NKV, maxc, HD), np.float32)
 
     def step(self, qkv, past, cos, sin):
         S = qkv.shape[0]
@@ -85,14 +88,16 @@ class Reference:
         return out.reshape(S, NH * HD)
 
 
-def test_matches_reference_over_prefill_decode_and_rewind(session):
+def _check(session, schedule, maxc: int) -> float:
+    """Run `schedule` ((past, new tokens) steps) through the op and the reference; the worst
+    relative error. The value cache must equal the reference's byte for byte."""
     rng = np.random.default_rng(0)
-    cos, sin = _rope_tables()
+    cos, sin = _rope_tables(maxc)
     ks = rng.uniform(0.02, 0.05, (1, NKV, 1, HD)).astype(np.float32)
     vs = rng.uniform(0.01, 0.03, (1, NKV, 1, HD)).astype(np.float32)
-    ref = Reference(ks, vs)
-    kbuf = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, NKV, -(-MAXC // 64), HD, 64), np.int8))
-    vbuf = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, NKV, MAXC, HD), np.int8))
+    ref = Reference(ks, vs, maxc)
+    kbuf = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, NKV, -(-maxc // 64), HD, 64), np.int8))
+    vbuf = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, NKV, maxc, HD), np.int8))
 
     def run(qkv, past):
         S = qkv.shape[0]
@@ -109,19 +114,32 @@ def test_matches_reference_over_prefill_decode_and_rewind(session):
         session.run_with_iobinding(io)
         return io.get_outputs()[0].numpy()[0]
 
-    def qkv(n):
-        return rng.normal(0, 2, (n, (NH + 2 * NKV) * HD)).astype(np.float32)
-
-    schedule = [(0, 70)] + [(70 + i, 1) for i in range(60)] + [(40, 5), (45, 1)] + [(46 + i, 1) for i in range(104)]
     worst = 0.0
-    for past, n in schedule:  # prefill across a key block, decode to the end of the cache, a rewind to 40
-        x = qkv(n)
+    for past, n in schedule:
+        x = rng.normal(0, 2, (n, (NH + 2 * NKV) * HD)).astype(np.float32)
         got, want = run(x, past), ref.step(x, past, cos, sin)
         worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
-    assert past + n == MAXC
-    assert worst < 1e-4, worst
+    assert past + n == maxc
     vcache = vbuf.numpy()[0]  # the value cache is the reference's, byte for byte
-    np.testing.assert_array_equal(vcache[:, :MAXC].astype(np.float32) * ref.vs[:, None], ref.v)
+    np.testing.assert_array_equal(vcache[:, :maxc].astype(np.float32) * ref.vs[:, None], ref.v)
+    return worst
+
+
+def test_matches_reference_over_prefill_decode_and_rewind(session):
+    # prefill across a key block, decode to the end of the cache, a rewind to 40
+    schedule = [(0, 70)] + [(70 + i, 1) for i in range(60)] + [(40, 5), (45, 1)] + [(46 + i, 1) for i in range(104)]
+    assert _check(session, schedule, MAXC) < 1e-4
+
+
+def test_long_context_decode_split_over_positions(tmp_path):
+    """From 512 positions on, a parallel op splits each head's positions into chunks and merges
+    the partial softmaxes (flash-decoding); decode across that threshold to a cache end that is
+    not a whole key block."""
+    maxc = 700
+    for parallel in (True, False):
+        sess = _session(build_library(), maxc, parallel)
+        schedule = [(0, 500)] + [(500 + i, 1) for i in range(200)]
+        assert _check(sess, schedule, maxc) < 1e-4
 
 
 def test_bad_shapes_and_lengths_fail_with_the_ops_message(session):

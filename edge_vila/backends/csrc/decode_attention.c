@@ -146,7 +146,8 @@ static inline __attribute__((always_inline)) void values_block(int HN, const flo
   }
   for (int h = 0; h < HN; h++)
     for (int i = 0; i < 4 && dc + 16 * i < hd; i++) {
-      __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(vscale + dc + 16 * i), _mm512_set1_ps(inv[h]));
+      __m512 sc = vscale ? _mm512_mul_ps(_mm512_loadu_ps(vscale + dc + 16 * i), _mm512_set1_ps(inv[h]))
+                         : _mm512_set1_ps(inv[h]);
       _mm512_storeu_ps(out + h * hd + dc + 16 * i, _mm512_mul_ps(acc[h][i], sc));
     }
 }
@@ -163,8 +164,9 @@ static inline __m512 exp512(__m512 x) { /* exp_neg, 16 lanes; scalef applies the
   return _mm512_scalef_ps(p, fl);
 }
 
-/* softmax numerators in place over s[0..T) (the padding up to a multiple of 16 becomes 0); returns 1 / sum */
-static float softmax512(float *s, int64_t T) {
+/* softmax numerators in place over s[0..T) (the padding up to a multiple of 16 becomes 0); returns
+ * 1 / sum, and the max and the sum through `mx_out` / `sum_out` when given (partial softmax) */
+static float softmax512(float *s, int64_t T, float *mx_out, float *sum_out) {
   __m512 mx = _mm512_set1_ps(-3.0e38f);
   for (int64_t j = 0; j < T; j += 16) {
     __mmask16 m = T - j >= 16 ? 0xffff : (__mmask16)((1u << (T - j)) - 1);
@@ -177,13 +179,19 @@ static float softmax512(float *s, int64_t T) {
     _mm512_storeu_ps(s + j, e);
     sum = _mm512_add_ps(sum, e);
   }
-  return 1.f / _mm512_reduce_add_ps(sum);
+  const float total = _mm512_reduce_add_ps(sum);
+  if (mx_out) *mx_out = vmax[0], *sum_out = total;
+  return 1.f / total;
 }
 
 #define BY_HEADS(HN, call) switch (HN) { case 1: call(1); break; case 2: call(2); break; case 3: call(3); break; default: call(4); }
 
-static void attend_avx512(const float *qs, int G, int hd, const int8_t *Kt, const int8_t *V, int64_t pos, const float *vscale, float *scores, float *out) {
-  const int64_t T = pos + 1, Tp = (T + 63) / 64 * 64;  /* scores rows padded to whole blocks */
+/* Positions 0..T-1 of one KV head's cache (Kt, V may point at a block-aligned slice of it).
+ * Without `mx`: the normalized output times the value scales. With `mx`/`sum`: the partial of a
+ * split softmax (flash-decoding) - each head's unnormalized sum of p_j v_j with its max and sum. */
+static void attend_avx512(const float *qs, int G, int hd, const int8_t *Kt, const int8_t *V, int64_t T,
+                          const float *vscale, float *scores, float *out, float *mx, float *sum) {
+  const int64_t Tp = (T + 63) / 64 * 64;  /* scores rows padded to whole blocks */
   float inv[4];
   for (int h0 = 0; h0 < G; h0 += 4) {
     const int hn = G - h0 < 4 ? G - h0 : 4;
@@ -193,10 +201,11 @@ static void attend_avx512(const float *qs, int G, int hd, const int8_t *Kt, cons
 #define SCORES(HN) scores_block(HN, q, hd, Kt, j, m, scores, Tp)
       BY_HEADS(hn, SCORES)
     }
-    for (int h = 0; h < hn; h++) inv[h] = softmax512(scores + h * Tp, T);
+    for (int h = 0; h < hn; h++)
+      inv[h] = mx ? (softmax512(scores + h * Tp, T, mx + h0 + h, sum + h0 + h), 1.f) : softmax512(scores + h * Tp, T, NULL, NULL);
     for (int dc = 0; dc < hd; dc += 64) {
       const __mmask64 m = hd - dc >= 64 ? ~0ULL : (1ULL << (hd - dc)) - 1;
-#define VALUES(HN) values_block(HN, scores, Tp, T, V, hd, dc, m, vscale, inv, out + h0 * hd)
+#define VALUES(HN) values_block(HN, scores, Tp, T, V, hd, dc, m, mx ? NULL : vscale, inv, out + h0 * hd)
       BY_HEADS(hn, VALUES)
     }
   }
@@ -208,7 +217,7 @@ static void attend(const float *qs, int G, int hd, const int8_t *Kt, const int8_
 #if defined(__AVX512F__) && defined(__AVX512BW__)
   if (hd % 16 == 0) {
     (void)acc;
-    attend_avx512(qs, G, hd, Kt, V, pos, vscale, scores, out);
+    attend_avx512(qs, G, hd, Kt, V, pos + 1, vscale, scores, out, NULL, NULL);
     return;
   }
 #endif
@@ -256,6 +265,74 @@ static void attend_heads(void *arg, int64_t g0, int64_t g1) {
     }
   free(work);
 }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* Decode at long context, split over positions too (flash-decoding): KV heads alone leave a
+ * thread idle whenever there are fewer of them than threads x a few (SmolLM2: 3 on 2 cores).
+ * Task g * chunks + c attends head g's positions of chunk c; the caller merges the partials. */
+#define CHUNK_MIN 256
+typedef struct {
+  const AttendJob *a;
+  int64_t chunks, chunk;  /* positions per chunk, a multiple of the key block */
+  float *acc, *mx, *sum;  /* [kv_heads][chunks][G](x head_dim) */
+  int failed;
+} SplitJob;
+
+static void attend_chunks(void *arg, int64_t t0, int64_t t1) {
+  SplitJob *sj = arg;
+  const AttendJob *j = sj->a;
+  const int64_t G = j->nh / j->nkv, hd = j->hd, half = hd / 2, pos = j->past, T = j->total;
+  float *work = malloc(sizeof(float) * (size_t)(G * sj->chunk + G * hd));
+  if (!work) {
+    sj->failed = 1;
+    return;
+  }
+  float *scores = work, *qs = scores + G * sj->chunk;
+  for (int64_t t = t0; t < t1; t++) {
+    const int64_t g = t / sj->chunks, c = t % sj->chunks, b = c * sj->chunk;
+    const int64_t n = T - b < sj->chunk ? T - b : sj->chunk;
+    for (int64_t h = 0; h < G; h++) {
+      float *q = qs + h * hd;
+      memcpy(q, j->qkv + (g * G + h) * hd, sizeof(float) * hd);
+      rope(q, j->cosc + pos * half, j->sinc + pos * half, (int)half);
+      for (int64_t d = 0; d < hd; d++) q[d] *= j->k->scale * j->ks[g * hd + d];
+    }
+    attend_avx512(qs, (int)G, (int)hd, j->Kt + g * j->kstride + b * hd, j->V + (g * j->max_seq + b) * hd, n, NULL,
+                  scores, sj->acc + t * G * hd, sj->mx + t * G, sj->sum + t * G);
+  }
+  free(work);
+}
+
+/* one new token: every head's chunks in parallel, then the softmax merge; 0 if out of memory */
+static int attend_split(const AttendJob *a) {
+  const int64_t G = a->nh / a->nkv, hd = a->hd, T = a->total;
+  int64_t chunks = (T + CHUNK_MIN - 1) / CHUNK_MIN;
+  if (chunks > 8) chunks = 8;
+  const int64_t chunk = ((T + chunks - 1) / chunks + KB - 1) / KB * KB;
+  chunks = (T + chunk - 1) / chunk;
+  const int64_t tasks = a->nkv * chunks;
+  float *buf = malloc(sizeof(float) * (size_t)(tasks * G * (hd + 2)));
+  if (!buf) return 0;
+  SplitJob sj = {a, chunks, chunk, buf, buf + tasks * G * hd, buf + tasks * G * hd + tasks * G, 0};
+  parallel_for(tasks, 1, attend_chunks, &sj);
+  for (int64_t g = 0; g < a->nkv && !sj.failed; g++)
+    for (int64_t h = 0; h < G; h++) {
+      float m = -3.0e38f, l = 0.f;
+      for (int64_t c = 0; c < chunks; c++) m = fmaxf(m, sj.mx[(g * chunks + c) * G + h]);
+      float *o = a->attn + (g * G + h) * hd;
+      memset(o, 0, sizeof(float) * hd);
+      for (int64_t c = 0; c < chunks; c++) {
+        const int64_t t = (g * chunks + c) * G + h;
+        const float w = exp_neg(sj.mx[t] - m);
+        l += w * sj.sum[t];
+        for (int64_t d = 0; d < hd; d++) o[d] += w * sj.acc[t * hd + d];
+      }
+      for (int64_t d = 0; d < hd; d++) o[d] *= a->vs[g * hd + d] / l;
+    }
+  free(buf);
+  return !sj.failed;
+}
+#endif
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   static const char *names[] = {"qkv", "past_key", "past_value", "seqlens_k", "total_sequence_length",
@@ -319,6 +396,12 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   }
   /* the KV heads in parallel (each reads only its own cache) */
   AttendJob job = {k, qkv, cosc, sinc, ks, vs, Kt, V, attn, S, past, total, nh, nkv, hd, W, kstride, max_seq, 0};
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (k->parallel && S == 1 && total >= 2 * CHUNK_MIN && hd % 16 == 0) {
+    if (!attend_split(&job)) return error("DecodeAttention: out of memory");
+    return NULL;
+  }
+#endif
   if (k->parallel)
     parallel_for(nkv, 1, attend_heads, &job);
   else

@@ -26,12 +26,14 @@
 #define INT4_AVX512 1
 #endif
 /* software prefetch distance in the decode loop, bytes of weights ahead: one core's hardware
- * prefetch alone kept ~30 GB/s; 2-4 KB ahead read 35-39 GB/s on one core, 47-59 on two (Zen 4) */
+ * prefetch alone kept ~30 GB/s; 2-4 KB ahead read 35-39 GB/s on one core, 47-59 on two (Zen 4).
+ * Non-temporal: weights are read once per token, and kept out of the caches they leave room for
+ * the KV cache (SmolLM2 decode ~10% faster than with T0, 1024 context no slower). */
 #ifndef PF_W
 #define PF_W 4096
 #endif
 #ifndef PF_HINT
-#define PF_HINT _MM_HINT_T0
+#define PF_HINT _MM_HINT_NTA
 #endif
 
 typedef struct {

@@ -54,7 +54,8 @@ OrtStatus *get_output(OrtKernelContext *ctx, size_t index, const int64_t *dims, 
  *
  * A job is claimed chunk by chunk through one 64-bit word: [job id: 24][chunks: 20][next: 20].
  * A worker that wakes late for a finished job fails the claim (the id moved on, or next reached
- * chunks) and never reads a half-published job. */
+ * chunks) and never reads a half-published job. The caller claims chunks like any worker, so a
+ * job always completes even with no worker running (e.g. in a child after fork()). */
 #define MAX_THREADS 64
 #define SPIN_ROUNDS 20000 /* ~100-200 us of pause before sleeping */
 
