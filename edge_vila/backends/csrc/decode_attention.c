@@ -152,17 +152,6 @@ static inline __attribute__((always_inline)) void values_block(int HN, const flo
     }
 }
 
-static inline __m512 exp512(__m512 x) { /* exp_neg, 16 lanes; scalef applies the 2^floor */
-  __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504f));
-  __m512 fl = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(t, fl);
-  __m512 p = _mm512_set1_ps(0.0018762329f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0089925844f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0558236055f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2401545346f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931529641f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999999404f));
-  return _mm512_scalef_ps(p, fl);
-}
 
 /* softmax numerators in place over s[0..T) (the padding up to a multiple of 16 becomes 0); returns
  * 1 / sum, and the max and the sum through `mx_out` / `sum_out` when given (partial softmax) */
