@@ -104,7 +104,8 @@ class OrtBackend(BundleBackend):
                 except (RuntimeError, OSError) as e:  # asked for explicitly: say why it cannot be had
                     raise InputError(f"{'attention' if attention == 'edge' else 'matmul'}='edge': {e}") from None
                 # without AVX-512 VNNI our linear runs portable loops; MatMulNBits is faster there
-                mm = bool(lib) and not exact and (matmul == "edge" or (matmul == "auto" and native_ops.int4_linear_native(lib)))
+                mm = bool(lib) and not exact and (
+                    matmul == "edge" or (matmul == "auto" and native_ops.int4_linear_native(lib)))
             attn = "edge" if lib and attention != "gqa" else "gqa"
             kv8 = _fast_graph(cfg, accuracy_level=level, required=kv_cache == "int8",
                               kv_scales=lambda: self._calibrate_kv(fp32_graph, so),
