@@ -15,7 +15,7 @@ instruction, and writes the new positions in place like GroupQueryAttention's sh
 The library is compiled on first use with the system C compiler (`$CC`, else cc/gcc/clang)
 for this CPU (`-march=native`) and cached per user (never in the bundle: a copied bundle may
 land on another CPU), keyed by the source, the compiler and the CPU's flags. Without a
-compiler the backend keeps GroupQueryAttention and says so in the log.
+compiler the backend keeps GroupQueryAttention and MatMulNBits and says so in the log.
 """
 from __future__ import annotations
 
