@@ -268,7 +268,7 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
         weights.append(numpy_helper.from_array(arr, name))
         return name
 
-    def nbits(x, lin: Int4Linear, name, skip: str | None = None, norm: str | None = None, total: str | None = None,
+    def linear(x, lin: Int4Linear, name, skip: str | None = None, norm: str | None = None, total: str | None = None,
               **attrs):
         """The linear's node. Ours can also apply the RMSNorm before it (`norm`, on x + `skip`,
         whose sum it outputs as `total`): (Skip)SimplifiedLayerNormalization folded in."""
@@ -309,12 +309,12 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
         p = f"model.layers.{i}."
         qkv_lin = fuse([lins[p + k] for k in PROJ[:3]])
         if not fused:
-            qkv = nbits(normed, qkv_lin, f"l{i}.qkv")
+            qkv = linear(normed, qkv_lin, f"l{i}.qkv")
         elif i == 0:
-            qkv = nbits(x, qkv_lin, "l0.qkv", norm=w("l0.in_w", norms[0]))
+            qkv = linear(x, qkv_lin, "l0.qkv", norm=w("l0.in_w", norms[0]))
         else:  # the previous layer's residual add and this layer's input norm
             x = f"l{i}.x"
-            qkv = nbits(d, qkv_lin, f"l{i}.qkv", skip=f"l{i - 1}.resid", norm=w(f"l{i}.in_w", norms[2 * i]), total=x)
+            qkv = linear(d, qkv_lin, f"l{i}.qkv", skip=f"l{i - 1}.resid", norm=w(f"l{i}.in_w", norms[2 * i]), total=x)
         kv_dims = {"key": [1, nkv, "key_blocks", hd, 64] if attention == "edge" else [1, nkv, "max_seq", hd],
                    "value": [1, nkv, "max_seq", hd]}
         for kind in ("key", "value"):
@@ -328,7 +328,7 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
                 "DecodeAttention", [qkv, f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length",
                                     "cos_cache", "sin_cache", *scales],
                 attn_outs, domain=EDGE_DOMAIN, num_heads=nh, kv_num_heads=nkv, scale=float(hd ** -0.5),
-                parallel=int(matmul == "edge"), name=f"l{i}.attention"))
+                parallel=int(fused), name=f"l{i}.attention"))
         else:
             gqa_in = [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length",
                       "cos_cache", "sin_cache"]
@@ -339,17 +339,17 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
             nodes.append(helper.make_node(
                 "GroupQueryAttention", gqa_in, attn_outs, domain=MS, num_heads=nh, kv_num_heads=nkv,
                 do_rotary=1, rotary_interleaved=0, scale=float(hd ** -0.5), name=f"l{i}.gqa", **quant))
-        o = nbits(f"l{i}.attn", lins[p + PROJ[3]], f"l{i}.o")
+        o = linear(f"l{i}.attn", lins[p + PROJ[3]], f"l{i}.o")
         gu_lin = fuse([lins[p + PROJ[4]], lins[p + PROJ[5]]])
         if fused:
-            gu = nbits(o, gu_lin, f"l{i}.gate_up", skip=x, norm=w(f"l{i}.post_w", norms[2 * i + 1]), total=f"l{i}.resid")
+            gu = linear(o, gu_lin, f"l{i}.gate_up", skip=x, norm=w(f"l{i}.post_w", norms[2 * i + 1]), total=f"l{i}.resid")
         else:
             nodes.append(helper.make_node(
                 "SkipSimplifiedLayerNormalization", [o, x, w(f"l{i}.post_w", norms[2 * i + 1])],
                 [f"l{i}.post_norm", "", "", f"l{i}.resid"], domain=MS, epsilon=eps, name=f"l{i}.post_norm"))
-            gu = nbits(f"l{i}.post_norm", gu_lin, f"l{i}.gate_up")
-        if matmul == "edge":  # the op applies SwiGLU to gate | up as it reads its input
-            d = nbits(gu, lins[p + PROJ[6]], f"l{i}.down", activation=1)
+            gu = linear(f"l{i}.post_norm", gu_lin, f"l{i}.gate_up")
+        if fused:  # the op applies SwiGLU to gate | up as it reads its input
+            d = linear(gu, lins[p + PROJ[6]], f"l{i}.down", activation=1)
         else:
             I = lins[p + PROJ[4]].kn[1]
             nodes += [helper.make_node("Split", [gu, w(f"l{i}.split", np.array([I, I], np.int64))],
@@ -357,7 +357,7 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
                       helper.make_node("Sigmoid", [f"l{i}.gate"], [f"l{i}.sig"]),
                       helper.make_node("Mul", [f"l{i}.gate", f"l{i}.sig"], [f"l{i}.silu"]),
                       helper.make_node("Mul", [f"l{i}.silu", f"l{i}.up"], [f"l{i}.act"])]
-            d = nbits(f"l{i}.act", lins[p + PROJ[6]], f"l{i}.down")
+            d = linear(f"l{i}.act", lins[p + PROJ[6]], f"l{i}.down")
         if i + 1 < L and fused:
             continue  # the next layer's qkv node adds the residual and norms
         if i + 1 < L:  # the residual add fused with the next layer's input norm
@@ -375,7 +375,7 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
                                ["final_h"], axis=-1, epsilon=eps)]
     if "lm_head" in lins:
         nodes.append(helper.make_node("Unsqueeze", ["final_h", w("ax1", np.array([1], np.int64))], ["final_h3"]))
-        head = nbits("final_h3", lins["lm_head"], "lm_head")
+        head = linear("final_h3", lins["lm_head"], "lm_head")
         nodes.append(helper.make_node("Squeeze", [head, "ax1"], ["logits"]))
     else:
         wt = inits["lm.lm_head.weight"]  # [V, H]

@@ -24,6 +24,7 @@
 #include "ort_op.h"
 
 #define KB 64 /* positions per key-cache block */
+static const int INPUT_TYPES[] = {T_FLOAT, T_INT8, T_INT8, T_INT32, T_INT32, T_FLOAT, T_FLOAT, T_FLOAT, T_FLOAT};
 
 typedef struct {
   int64_t num_heads, kv_heads, parallel;
@@ -326,14 +327,13 @@ static int attend_split(const AttendJob *a) {
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   static const char *names[] = {"qkv", "past_key", "past_value", "seqlens_k", "total_sequence_length",
                                 "cos_cache", "sin_cache", "k_scale", "v_scale"};
-  static const int types[] = {T_FLOAT, T_INT8, T_INT8, T_INT32, T_INT32, T_FLOAT, T_FLOAT, T_FLOAT, T_FLOAT};
   static const size_t ranks[] = {3, 5, 4, 1, 0, 2, 2, 4, 4};
   char msg[256];  /* CreateStatus copies it */
   const Kernel *k = kernel;
   Tensor in[9];
   OrtStatus *st;
   for (int i = 0; i < 9; i++)
-    if ((st = get_input(ctx, i, &in[i], "DecodeAttention", names[i], types[i], ranks[i], 0))) return st;
+    if ((st = get_input(ctx, i, &in[i], "DecodeAttention", names[i], INPUT_TYPES[i], ranks[i], 0))) return st;
   const int64_t nh = k->num_heads, nkv = k->kv_heads;
   const int64_t S = in[0].dims[1], hd = in[1].dims[3], max_seq = in[2].dims[2], half = hd / 2;
   const int64_t total = ((const int32_t *)in[4].data)[0], past = total - S;
@@ -410,10 +410,7 @@ static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelIn
   OrtStatus *st = CALL(SLOT_KernelInfoGetAttribute_int64, GetInt)(info, "num_heads", &k->num_heads);
   if (!st) st = CALL(SLOT_KernelInfoGetAttribute_int64, GetInt)(info, "kv_num_heads", &k->kv_heads);
   if (!st) st = CALL(SLOT_KernelInfoGetAttribute_float, GetFloat)(info, "scale", &k->scale);
-  if (!st) { /* optional attribute: absent means 0 */
-    OrtStatus *missing = CALL(SLOT_KernelInfoGetAttribute_int64, GetInt)(info, "parallel", &k->parallel);
-    if (missing) CALL(SLOT_ReleaseStatus, void (*)(OrtStatus *))(missing), k->parallel = 0;
-  }
+  if (!st) k->parallel = attr_int_or(info, "parallel", 0);
   if (!st && (k->kv_heads <= 0 || k->num_heads % k->kv_heads))
     st = error("DecodeAttention: num_heads must be a positive multiple of kv_num_heads");
   if (st) {
@@ -424,26 +421,18 @@ static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelIn
   return NULL;
 }
 
-static void destroy(void *k) { free(k); }
 static const char *op_name(const OrtCustomOp *op) { (void)op; return "DecodeAttention"; }
-static const char *op_ep(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
-static int in_type(const OrtCustomOp *op, size_t i) {
-  (void)op;
-  static const int t[] = {T_FLOAT, T_INT8, T_INT8, T_INT32, T_INT32, T_FLOAT, T_FLOAT, T_FLOAT, T_FLOAT};
-  return t[i];
-}
+static int in_type(const OrtCustomOp *op, size_t i) { (void)op; return INPUT_TYPES[i]; }
 static size_t in_count(const OrtCustomOp *op) { (void)op; return 9; }
 static int out_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 0 ? T_FLOAT : T_INT8; }
 static size_t out_count(const OrtCustomOp *op) { (void)op; return 3; }
-static int required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
-static int mem_default(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
-static int one(const OrtCustomOp *op) { (void)op; return 1; }
 
 OrtCustomOp edge_vila_decode_attention_op = {
-    .version = 16, .CreateKernel = NULL, .GetName = op_name, .GetExecutionProviderType = op_ep,
+    .version = 16, .CreateKernel = NULL, .GetName = op_name, .GetExecutionProviderType = op_cpu_provider,
     .GetInputType = in_type, .GetInputTypeCount = in_count, .GetOutputType = out_type,
-    .GetOutputTypeCount = out_count, .KernelCompute = NULL, .KernelDestroy = destroy,
-    .GetInputCharacteristic = required, .GetOutputCharacteristic = required, .GetInputMemoryType = mem_default,
-    .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one, .GetVariadicOutputMinArity = one,
-    .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = create, .KernelComputeV2 = compute,
+    .GetOutputTypeCount = out_count, .KernelCompute = NULL, .KernelDestroy = op_free_kernel,
+    .GetInputCharacteristic = op_required, .GetOutputCharacteristic = op_required,
+    .GetInputMemoryType = op_default_memory, .GetVariadicInputMinArity = op_one,
+    .GetVariadicInputHomogeneity = op_one, .GetVariadicOutputMinArity = op_one,
+    .GetVariadicOutputHomogeneity = op_one, .CreateKernelV2 = create, .KernelComputeV2 = compute,
 };

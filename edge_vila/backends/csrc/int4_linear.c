@@ -41,6 +41,8 @@ typedef struct {
   float epsilon;
 } Kernel;
 
+static const int INPUT_TYPES[] = {T_FLOAT, T_UINT8, T_FLOAT, T_UINT8, T_FLOAT, T_FLOAT, T_FLOAT};
+
 typedef struct {
   const uint8_t *w;
   const float *scales;
@@ -338,14 +340,13 @@ __attribute__((visibility("default"))) int edge_vila_int4_linear(const float *x,
 /* ------------------------------------------------------------------------------------------ */
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   static const char *names[] = {"X", "W", "scales", "zeros", "bias", "skip", "norm_weight"};
-  static const int types[] = {T_FLOAT, T_UINT8, T_FLOAT, T_UINT8, T_FLOAT, T_FLOAT, T_FLOAT};
   static const size_t ranks[] = {0, 3, 3, 3, 1, 0, 1};
   const Kernel *k = kernel;
   char msg[256];
   Tensor in[7];
   OrtStatus *st;
   for (int i = 0; i < 7; i++)
-    if ((st = get_input(ctx, i, &in[i], "Int4Linear", names[i], types[i], ranks[i] ? ranks[i] : ANY_RANK, i >= 4)))
+    if ((st = get_input(ctx, i, &in[i], "Int4Linear", names[i], INPUT_TYPES[i], ranks[i] ? ranks[i] : ANY_RANK, i >= 4)))
       return st;
   if (in[0].rank < 1 || in[0].rank > 8) return error("Int4Linear: input X must have rank 1 to 8");
   const int64_t nb = (k->K + k->bs - 1) / k->bs, tiles = (k->N + 15) / 16;
@@ -389,11 +390,8 @@ static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelIn
   if (!st) st = CALL(SLOT_KernelInfoGetAttribute_int64, GetInt)(info, "N", &k->N);
   if (!st) st = CALL(SLOT_KernelInfoGetAttribute_int64, GetInt)(info, "block_size", &k->bs);
   if (!st) { /* optional attributes: absent means none / ORT's default epsilon */
-    OrtStatus *missing = CALL(SLOT_KernelInfoGetAttribute_int64, GetInt)(info, "activation", &k->activation);
-    if (missing) CALL(SLOT_ReleaseStatus, void (*)(OrtStatus *))(missing), k->activation = 0;
-    typedef OrtStatus *(*GetFloat)(const OrtKernelInfo *, const char *, float *);
-    missing = CALL(SLOT_KernelInfoGetAttribute_float, GetFloat)(info, "epsilon", &k->epsilon);
-    if (missing) CALL(SLOT_ReleaseStatus, void (*)(OrtStatus *))(missing), k->epsilon = 1e-5f;
+    k->activation = attr_int_or(info, "activation", 0);
+    k->epsilon = attr_float_or(info, "epsilon", 1e-5f);
   }
   if (!st && (k->K <= 0 || k->N <= 0 || k->bs <= 0 || k->bs % 8 || k->bs > 1024 || k->activation < 0 || k->activation > 1))
     st = error("Int4Linear: K and N must be positive, block_size a multiple of 8 up to 1024, activation 0 or 1");
@@ -404,27 +402,20 @@ static OrtStatus *create(const OrtCustomOp *op, OrtApiTable a, const OrtKernelIn
   *out = k;
   return NULL;
 }
-static void destroy(void *k) { free(k); }
 static const char *op_name(const OrtCustomOp *op) { (void)op; return "Int4Linear"; }
-static const char *op_ep(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
-static int in_type(const OrtCustomOp *op, size_t i) {
-  (void)op;
-  static const int t[] = {T_FLOAT, T_UINT8, T_FLOAT, T_UINT8, T_FLOAT, T_FLOAT, T_FLOAT};
-  return t[i];
-}
+static int in_type(const OrtCustomOp *op, size_t i) { (void)op; return INPUT_TYPES[i]; }
 static size_t in_count(const OrtCustomOp *op) { (void)op; return 7; }
 static int out_type(const OrtCustomOp *op, size_t i) { (void)op, (void)i; return T_FLOAT; }
 static size_t out_count(const OrtCustomOp *op) { (void)op; return 2; }
 static int in_characteristic(const OrtCustomOp *op, size_t i) { (void)op; return i >= 4; /* bias, skip, norm optional */ }
 static int out_characteristic(const OrtCustomOp *op, size_t i) { (void)op; return i >= 1; /* the sum optional */ }
-static int mem_default(const OrtCustomOp *op, size_t i) { (void)op, (void)i; return 0; }
-static int one(const OrtCustomOp *op) { (void)op; return 1; }
 OrtCustomOp edge_vila_int4_linear_op = {
-    .version = 16, .CreateKernel = NULL, .GetName = op_name, .GetExecutionProviderType = op_ep,
+    .version = 16, .CreateKernel = NULL, .GetName = op_name, .GetExecutionProviderType = op_cpu_provider,
     .GetInputType = in_type, .GetInputTypeCount = in_count, .GetOutputType = out_type,
-    .GetOutputTypeCount = out_count, .KernelCompute = NULL, .KernelDestroy = destroy,
+    .GetOutputTypeCount = out_count, .KernelCompute = NULL, .KernelDestroy = op_free_kernel,
     .GetInputCharacteristic = in_characteristic, .GetOutputCharacteristic = out_characteristic,
-    .GetInputMemoryType = mem_default, .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one,
-    .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = create,
+    .GetInputMemoryType = op_default_memory, .GetVariadicInputMinArity = op_one,
+    .GetVariadicInputHomogeneity = op_one, .GetVariadicOutputMinArity = op_one,
+    .GetVariadicOutputHomogeneity = op_one, .CreateKernelV2 = create,
     .KernelComputeV2 = compute,
 };

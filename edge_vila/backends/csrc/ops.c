@@ -37,6 +37,30 @@ OrtStatus *get_input(OrtKernelContext *ctx, size_t index, Tensor *t, const char 
   return CALL(SLOT_GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)v, &t->data);
 }
 
+int64_t attr_int_or(const OrtKernelInfo *info, const char *name, int64_t fallback) {
+  typedef OrtStatus *(*GetInt)(const OrtKernelInfo *, const char *, int64_t *);
+  int64_t v;
+  OrtStatus *missing = CALL(SLOT_KernelInfoGetAttribute_int64, GetInt)(info, name, &v);
+  if (!missing) return v;
+  CALL(SLOT_ReleaseStatus, void (*)(OrtStatus *))(missing);
+  return fallback;
+}
+
+float attr_float_or(const OrtKernelInfo *info, const char *name, float fallback) {
+  typedef OrtStatus *(*GetFloat)(const OrtKernelInfo *, const char *, float *);
+  float v;
+  OrtStatus *missing = CALL(SLOT_KernelInfoGetAttribute_float, GetFloat)(info, name, &v);
+  if (!missing) return v;
+  CALL(SLOT_ReleaseStatus, void (*)(OrtStatus *))(missing);
+  return fallback;
+}
+
+const char *op_cpu_provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+void op_free_kernel(void *kernel) { free(kernel); }
+int op_default_memory(const OrtCustomOp *op, size_t i) { (void)op, (void)i; return 0; }
+int op_required(const OrtCustomOp *op, size_t i) { (void)op, (void)i; return 0; }
+int op_one(const OrtCustomOp *op) { (void)op; return 1; }
+
 OrtStatus *get_output(OrtKernelContext *ctx, size_t index, const int64_t *dims, size_t rank, void **data) {
   OrtValue *out = NULL;
   typedef OrtStatus *(*GetOutput)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **);

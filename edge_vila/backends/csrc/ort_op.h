@@ -84,6 +84,18 @@ typedef struct {
 #define ANY_RANK ((size_t)-1)
 OrtStatus *get_input(OrtKernelContext *ctx, size_t index, Tensor *t, const char *op, const char *name, int want_type,
                      size_t want_rank, int optional);
+/* An optional attribute: its value, or `fallback` when the node does not set it. */
+int64_t attr_int_or(const OrtKernelInfo *info, const char *name, int64_t fallback);
+float attr_float_or(const OrtKernelInfo *info, const char *name, float fallback);
+
+/* OrtCustomOp callbacks both ops share: CPU provider, kernel freed with free(), inputs in CPU
+ * memory, every input/output required (an op overrides that where some are optional), arity 1. */
+const char *op_cpu_provider(const OrtCustomOp *op);
+void op_free_kernel(void *kernel);
+int op_default_memory(const OrtCustomOp *op, size_t i);
+int op_required(const OrtCustomOp *op, size_t i);
+int op_one(const OrtCustomOp *op);
+
 /* Output `index` with the given shape, and its data pointer. */
 OrtStatus *get_output(OrtKernelContext *ctx, size_t index, const int64_t *dims, size_t rank, void **data);
 
