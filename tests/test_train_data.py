@@ -195,3 +195,78 @@ def test_scene_text_puts_the_description_where_the_image_would_be():
         assert s.kind == "sft" and s.images == []
         assert s.turns[0] == (f"{qas[0].question}\n{qas[0].scenes[0].caption()}", qas[0].answer)
         assert s.turns[1:] == [(q.question, q.answer) for q in qas[1:]]
+
+
+def test_pack_rows_fits_every_sample_once():
+    from edge_vila.train.data import pack_rows
+
+    lengths = [72, 31, 44, 40, 32, 19, 51, 8, 72, 5]
+    rows = pack_rows(lengths, 72)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= 72 for r in rows)
+    assert len(rows) == 6  # 374 tokens in rows of 72: one more than the lower bound
+
+
+def test_packed_batch_gives_the_same_loss_and_gradients(tiny_ckpt):
+    """Packing is an optimisation only: several samples per row with a block-causal mask and
+    restarting positions must train exactly what one sample per row trains."""
+    import torch
+
+    from edge_vila.train.data import collate, draw_samples
+    from edge_vila.train.model import load_model
+
+    torch.manual_seed(0)
+    model = load_model(tiny_ckpt)
+    tok = TextTokenizer(tiny_ckpt / "llm")
+    from edge_vila.train.loop import _num_patches, _preprocess
+
+    tpi = model.projector.spec.num_tokens(_num_patches(model))
+    samples = draw_samples({"vqa": 0.5, "multi": 0.2, "text": 0.3}, 24, world.rng_for(3), 32)
+    assert any(not s.images for s in samples) and any(len(s.images) > 1 for s in samples)
+    args = (samples, tok, get_template("edge"), tpi, _preprocess(model), 512)
+    plain, packed = collate(*args), collate(*args, pack=True)
+    assert packed.ids.shape[0] < plain.ids.shape[0] and packed.ids.shape[1] == plain.ids.shape[1]
+    assert int((packed.labels != IGNORE).sum()) == int((plain.labels != IGNORE).sum())
+    assert int((packed.ids == IMAGE_SLOT).sum()) == int((plain.ids == IMAGE_SLOT).sum())
+
+    def loss_and_grads(b):
+        model.zero_grad(set_to_none=True)
+        loss = model(b.ids, b.labels, b.pixels, b.positions, b.segments)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def check(plain, packed):
+        l0, g0 = loss_and_grads(plain)
+        l1, g1 = loss_and_grads(packed)
+        assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-6), (l0, l1)
+        assert g0.keys() == g1.keys() and g0
+        for n in g0:
+            assert torch.allclose(g0[n], g1[n], rtol=1e-3, atol=1e-6), n
+
+    check(plain, packed)
+    tok.bos_id = None  # as Qwen2's tokenizer: a sample's first token is then a label
+    check(collate(*args), collate(*args, pack=True))
+
+
+def test_frozen_vision_tower_runs_in_bf16_only_when_frozen(tiny_ckpt):
+    import torch
+
+    from edge_vila.train.config import RecipeConfig
+    from edge_vila.train.loop import _frozen_vision_bf16
+    from edge_vila.train.model import load_model
+
+    model = load_model(tiny_ckpt)
+    px = torch.randn(3, 3, model.vision.model.config.image_size, model.vision.model.config.image_size)
+    ref = model.vision(px).detach()
+    model.frozen_vision_bf16 = True
+    trained = model.vision_features(px)  # the tower still trains: float32, the same numbers
+    assert torch.equal(trained.detach(), ref) and trained.requires_grad
+    for p in model.vision.parameters():
+        p.requires_grad_(False)
+    frozen = model.vision_features(px)
+    assert frozen.dtype == torch.float32 and not frozen.requires_grad
+    err = float((frozen - ref).norm() / ref.norm())
+    assert 0 < err < 2e-2, err  # rounded as bf16 does, not garbage
+    assert _frozen_vision_bf16("bf16") and not _frozen_vision_bf16("fp32")
+    with pytest.raises(InputError, match="frozen_vision_dtype"):
+        RecipeConfig(frozen_vision_dtype="fp16")

@@ -171,9 +171,22 @@ class DecoderLM(nn.Module):
         h = self.hidden(inputs_embeds, positions)
         return self.lm_head(h[:, -1:] if last_only else h)
 
-    def hidden(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states [B,T,D]."""
+    def hidden(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states [B,T,D].
+
+        Training with packed rows (no cache) passes positions [B,T] that restart at each
+        sample and a boolean attn_mask [B,1,T,T] (True = may attend)."""
         T = inputs_embeds.shape[1]
+        if positions.dim() == 2:
+            if self.max_context:
+                raise ValueError("per-row positions are for cache-free (training) forwards")
+            cos = self.rope_cos[positions].to(inputs_embeds.dtype)[:, None]
+            sin = self.rope_sin[positions].to(inputs_embeds.dtype)[:, None]
+            h = inputs_embeds
+            for layer in self.model.layers:
+                h = layer(h, cos, sin, positions, T, attn_mask)
+            return self.model.norm(h)
         cos = self.rope_cos[positions].to(inputs_embeds.dtype)[None, None]
         sin = self.rope_sin[positions].to(inputs_embeds.dtype)[None, None]
         end = int(positions.max()) + 1 if self.max_context else T

@@ -75,6 +75,8 @@ class StageConfig:
     train: dict[str, float] = field(default_factory=dict)
     # data mix (weights) for this stage: captions, interleaved, text, vqa, multi
     mix: dict[str, float] = field(default_factory=dict)
+    # several samples per row (block-causal mask, positions restart): same loss, fewer tokens
+    pack: bool = True
     save_every: int = 100
     log_every: int = 10
 
@@ -82,6 +84,8 @@ class StageConfig:
         _numbers(self, f"stage {self.kind}")
         if self.kind not in STAGE_KINDS:
             raise InputError(f"stage kind {self.kind!r} unknown (expected one of {', '.join(STAGE_KINDS)})")
+        if not isinstance(self.pack, bool):
+            raise InputError(f"stage {self.kind}: pack must be true or false, got {self.pack!r}")
         bad = set(self.train) - set(PARTS)
         if bad:
             raise InputError(f"stage {self.kind}: train has unknown parts {sorted(bad)} (expected {PARTS})")
@@ -93,6 +97,9 @@ class RecipeConfig:
     seed: int = 0
     threads: int | None = None
     text_blend: bool = True  # SFT mixes in text-only data (VILA: protects text ability)
+    # a frozen vision tower's forward in bfloat16 ("auto": where the CPU has native bf16 or on
+    # CUDA). It is only a feature extractor then; the bundle runs it in INT8 anyway.
+    frozen_vision_dtype: str = "auto"  # auto | bf16 | fp32
     eval_n: int = 500
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=list)
@@ -100,6 +107,8 @@ class RecipeConfig:
 
     def __post_init__(self) -> None:
         _numbers(self, "recipe")
+        if self.frozen_vision_dtype not in ("auto", "bf16", "fp32"):
+            raise InputError(f"recipe: frozen_vision_dtype must be auto, bf16 or fp32, got {self.frozen_vision_dtype!r}")
 
     @classmethod
     def from_dict(cls, d: dict, src: str = "recipe") -> "RecipeConfig":

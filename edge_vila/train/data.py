@@ -115,33 +115,80 @@ class Batch:
     labels: "object"  # [B, L]
     pixels: "object | None"  # [N, 3, H, W]
     n_samples: int
+    # packed rows only: position within its sample [B, L], and which sample (0, 1, ... per row;
+    # the row's padding is one more segment of its own)
+    positions: "object | None" = None
+    segments: "object | None" = None
+
+
+def _truncate(ids: list[int], labels: list[int], images: list, max_len: int,
+              tokens_per_image: int) -> tuple[list[int], list[int], list]:
+    """Cut to max_len, but never through an image: a partly cut one is dropped with its slots."""
+    if len(ids) <= max_len:
+        return ids, labels, images
+    cut = max_len
+    slots = ids[:cut].count(IMAGE_SLOT)
+    cut -= slots % max(tokens_per_image, 1)  # a partial image's slots end exactly at the cut
+    return ids[:cut], labels[:cut], images[: slots // max(tokens_per_image, 1)]
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: sample indices per row, no row longer than `capacity`."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(capacity - lengths[i])
+    return rows
 
 
 def collate(samples: Sequence[Sample], tok: TextTokenizer, template: ChatTemplate, tokens_per_image: int,
-            pre: PreprocessSpec | None, max_len: int) -> Batch:
+            pre: PreprocessSpec | None, max_len: int, pack: bool = False, row_len: int = 0) -> Batch:
     """Right-padded batch: with causal attention, real tokens never see the padding,
-    so no padding mask is needed; padded labels are ignored."""
+    so no padding mask is needed; padded labels are ignored.
+
+    pack=True puts several samples in a row (rows of `row_len` tokens, or as long as the
+    longest sample if that is longer), with
+    positions restarting per sample and `segments` for a block-causal mask: the same loss
+    and gradients as one sample per row (tests check it) for ~40% fewer tokens on SFT data."""
     import torch
 
-    seqs = [tokenize(s, tok, template, tokens_per_image) for s in samples]
-    L = min(max(len(i) for i, _ in seqs), max_len)
+    seqs = [_truncate(*tokenize(s, tok, template, tokens_per_image), s.images, max_len, tokens_per_image)
+            for s in samples]
+    L = max(len(i) for i, _, _ in seqs)
+    if pack:
+        L = max(L, min(row_len, max_len))
+    rows = pack_rows([len(i) for i, _, _ in seqs], L) if pack else [[b] for b in range(len(seqs))]
     pad = tok.vocab.get("<pad>", 0)
-    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
-    labels = torch.full((len(seqs), L), IGNORE, dtype=torch.long)
-    images = []
-    for b, ((i, lab), s) in enumerate(zip(seqs, samples)):
-        s_images = s.images
-        if len(i) > max_len:  # truncate, but never through an image: drop a partly cut one
-            cut = max_len
-            slots = i[:cut].count(IMAGE_SLOT)
-            cut -= slots % max(tokens_per_image, 1)  # a partial image's slots end exactly at the cut
-            i, lab = i[:cut], lab[:cut]
-            s_images = s.images[: slots // max(tokens_per_image, 1)]
-        ids[b, : len(i)] = torch.tensor(i)
-        labels[b, : len(lab)] = torch.tensor(lab)
-        images.extend(s_images)
+    ids = torch.full((len(rows), L), pad, dtype=torch.long)
+    labels = torch.full((len(rows), L), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(rows), L), dtype=torch.long) if pack else None
+    segments = torch.full((len(rows), L), len(samples), dtype=torch.long) if pack else None
+    images = []  # in order of appearance in the rows: the model fills image slots row-major
+    for r, members in enumerate(rows):
+        at = 0
+        for n, b in enumerate(members):
+            i, lab, s_images = seqs[b]
+            lab = list(lab)
+            if at:  # a sample's first token is never a target (unpacked, nothing precedes it)
+                lab[0] = IGNORE
+            ids[r, at: at + len(i)] = torch.tensor(i)
+            labels[r, at: at + len(lab)] = torch.tensor(lab)
+            if pack:
+                positions[r, at: at + len(i)] = torch.arange(len(i))
+                segments[r, at: at + len(i)] = n
+            images.extend(s_images)
+            at += len(i)
+        if pack and at < L:
+            positions[r, at:] = torch.arange(L - at)
     pixels = torch.from_numpy(preprocess_images(images, pre)) if images and pre is not None else None
-    return Batch(ids, labels, pixels, len(samples))
+    return Batch(ids, labels, pixels, len(samples), positions, segments)
 
 
 def draw_samples(mix: dict[str, float], n: int, rng: np.random.Generator, image_size: int,

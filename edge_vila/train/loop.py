@@ -172,6 +172,7 @@ class Trainer:
         clip = ClipObjective(model.vision, self.tok.vocab_size) if st.kind == "clip" else None
         module: torch.nn.Module = clip if clip is not None else model
         groups = param_groups(model, clip, st)
+        model.frozen_vision_bf16 = _frozen_vision_bf16(self.r.frozen_vision_dtype)
         opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-8)
         step = 0
         resume = self.out / "_resume"
@@ -203,8 +204,8 @@ class Trainer:
             if clip is not None:
                 loss = wrapped(*_clip_batch(samples, self.tok, pre))
             else:
-                b = collate(samples, self.tok, template, tpi, pre, self.r.model.max_position)
-                loss = wrapped(b.ids, b.labels, b.pixels)
+                b = collate(samples, self.tok, template, tpi, pre, self.r.model.max_position, pack=st.pack)
+                loss = wrapped(b.ids, b.labels, b.pixels, b.positions, b.segments)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if st.grad_clip:
@@ -269,6 +270,17 @@ class _Both(torch.nn.Module):
         self.model = model
         if clip is not None:
             self.clip_head = _ClipHead(clip)
+
+
+def _frozen_vision_bf16(setting: str) -> bool:
+    if setting != "auto":
+        return setting == "bf16"
+    if torch.cuda.is_available():
+        return True
+    # bf16 without native support (AVX512-BF16 or AMX) is emulated and slower than float32
+    cpu = getattr(torch, "cpu", None)
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def _preprocess(model: TrainVLM):
