@@ -271,21 +271,30 @@ class SyntheticSource(VideoSource):
         self.scene = None
         self._scene_t = 0.0
 
-    def _grab(self):
-        from dataclasses import replace
-
+    @staticmethod
+    def stream_scene(seed: int, scene_id: int):
+        """The stream's scene number `scene_id` (for benchmarks that ask about them still)."""
         from .train.world import random_scene, rng_for
 
+        return random_scene(rng_for(seed, 99, scene_id))
+
+    @staticmethod
+    def drifted(scene, phase: float):
+        """The scene at a drift phase (radians): each shape wobbles by up to 3% of the frame,
+        staying inside its region."""
+        from dataclasses import replace
+
+        return replace(scene, jitter=[(jx + 0.03 * np.sin(phase + k), jy + 0.03 * np.cos(phase + k))
+                                      for k, (jx, jy) in enumerate(scene.jitter)])
+
+    def _grab(self):
         now = time.monotonic()
         if self.scene is None or now - self._scene_t >= self.hold:
             self.scene_id += 1
-            self.scene = random_scene(rng_for(self.seed, 99, self.scene_id))
+            self.scene = self.stream_scene(self.seed, self.scene_id)
             self._scene_t = now
-        # drift: each shape wobbles by up to 3% of the frame, staying inside its region
         phase = 2 * np.pi * (now - self._scene_t) / max(self.hold, 1e-3)
-        jitter = [(jx + 0.03 * np.sin(phase + k), jy + 0.03 * np.cos(phase + k))
-                  for k, (jx, jy) in enumerate(self.scene.jitter)]
-        img = np.asarray(replace(self.scene, jitter=jitter).render(self.size))
+        img = np.asarray(self.drifted(self.scene, phase).render(self.size))
         self._pace.wait(self._stop)
         return img, {"scene": self.scene, "scene_id": self.scene_id}
 
