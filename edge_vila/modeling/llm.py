@@ -178,23 +178,21 @@ class DecoderLM(nn.Module):
         Training with packed rows (no cache) passes positions [B,T] that restart at each
         sample and a boolean attn_mask [B,1,T,T] (True = may attend)."""
         T = inputs_embeds.shape[1]
-        if positions.dim() == 2:
+        if positions.dim() == 2:  # packed training rows
             if self.max_context:
                 raise ValueError("per-row positions are for cache-free (training) forwards")
             cos = self.rope_cos[positions].to(inputs_embeds.dtype)[:, None]
             sin = self.rope_sin[positions].to(inputs_embeds.dtype)[:, None]
-            h = inputs_embeds
-            for layer in self.model.layers:
-                h = layer(h, cos, sin, positions, T, attn_mask)
-            return self.model.norm(h)
-        cos = self.rope_cos[positions].to(inputs_embeds.dtype)[None, None]
-        sin = self.rope_sin[positions].to(inputs_embeds.dtype)[None, None]
-        end = int(positions.max()) + 1 if self.max_context else T
-        mask = None
-        if self.max_context and T > 1:  # causal by absolute position: key j visible to query at p iff j <= p
-            mask = torch.arange(end, device=positions.device)[None, :] <= positions[:, None]
-        if self.max_context and end > self.max_context:
-            raise ValueError(f"position {end - 1} beyond the allocated cache ({self.max_context})")
+            end, mask = T, attn_mask
+        else:
+            cos = self.rope_cos[positions].to(inputs_embeds.dtype)[None, None]
+            sin = self.rope_sin[positions].to(inputs_embeds.dtype)[None, None]
+            end = int(positions.max()) + 1 if self.max_context else T
+            mask = None
+            if self.max_context and T > 1:  # causal by absolute position: key j visible to query at p iff j <= p
+                mask = torch.arange(end, device=positions.device)[None, :] <= positions[:, None]
+            if self.max_context and end > self.max_context:
+                raise ValueError(f"position {end - 1} beyond the allocated cache ({self.max_context})")
         h = inputs_embeds
         for layer in self.model.layers:
             h = layer(h, cos, sin, positions, end, mask)
