@@ -229,10 +229,22 @@ typedef struct {
   int failed;
 } AttendJob;
 
+/* The G queries that share KV head g for new token t: rotated at its position, scaled by the
+ * softmax scale and the key scales (the int8 keys are then dotted unscaled) */
+static void head_queries(const AttendJob *j, int64_t g, int64_t t, float *qs) {
+  const int64_t G = j->nh / j->nkv, hd = j->hd, half = hd / 2, pos = j->past + t;
+  for (int64_t h = 0; h < G; h++) {
+    float *q = qs + h * hd;
+    memcpy(q, j->qkv + t * j->W + (g * G + h) * hd, sizeof(float) * hd);
+    rope(q, j->cosc + pos * half, j->sinc + pos * half, (int)half);
+    for (int64_t d = 0; d < hd; d++) q[d] *= j->k->scale * j->ks[g * hd + d];
+  }
+}
+
 /* KV heads [g0, g1): every new token's queries of those heads against their cache */
 static void attend_heads(void *arg, int64_t g0, int64_t g1) {
   AttendJob *j = arg;
-  const int64_t G = j->nh / j->nkv, hd = j->hd, half = hd / 2;
+  const int64_t G = j->nh / j->nkv, hd = j->hd;
   const int64_t Tp = (j->total + 63) / 64 * 64; /* score rows padded to whole 64-position blocks */
   float *work = malloc(sizeof(float) * (size_t)(G * Tp + G * hd + G * hd));
   if (!work) {
@@ -242,16 +254,9 @@ static void attend_heads(void *arg, int64_t g0, int64_t g1) {
   float *scores = work, *acc = scores + G * Tp, *qs = acc + G * hd;
   for (int64_t g = g0; g < g1; g++)
     for (int64_t t = 0; t < j->S; t++) {
-      const int64_t pos = j->past + t;
-      const float *row = j->qkv + t * j->W;
-      for (int64_t h = 0; h < G; h++) {
-        float *q = qs + h * hd;
-        memcpy(q, row + (g * G + h) * hd, sizeof(float) * hd);
-        rope(q, j->cosc + pos * half, j->sinc + pos * half, (int)half);
-        for (int64_t d = 0; d < hd; d++) q[d] *= j->k->scale * j->ks[g * hd + d];
-      }
-      attend(qs, (int)G, (int)hd, j->Kt + g * j->kstride, j->V + g * j->max_seq * hd, pos, j->vs + g * hd, scores, acc,
-             j->attn + t * j->nh * hd + g * G * hd);
+      head_queries(j, g, t, qs);
+      attend(qs, (int)G, (int)hd, j->Kt + g * j->kstride, j->V + g * j->max_seq * hd, j->past + t, j->vs + g * hd,
+             scores, acc, j->attn + t * j->nh * hd + g * G * hd);
     }
   free(work);
 }
@@ -271,7 +276,7 @@ typedef struct {
 static void attend_chunks(void *arg, int64_t t0, int64_t t1) {
   SplitJob *sj = arg;
   const AttendJob *j = sj->a;
-  const int64_t G = j->nh / j->nkv, hd = j->hd, half = hd / 2, pos = j->past, T = j->total;
+  const int64_t G = j->nh / j->nkv, hd = j->hd, T = j->total;
   float *work = malloc(sizeof(float) * (size_t)(G * sj->chunk + G * hd));
   if (!work) {
     sj->failed = 1;
@@ -281,12 +286,7 @@ static void attend_chunks(void *arg, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; t++) {
     const int64_t g = t / sj->chunks, c = t % sj->chunks, b = c * sj->chunk;
     const int64_t n = T - b < sj->chunk ? T - b : sj->chunk;
-    for (int64_t h = 0; h < G; h++) {
-      float *q = qs + h * hd;
-      memcpy(q, j->qkv + (g * G + h) * hd, sizeof(float) * hd);
-      rope(q, j->cosc + pos * half, j->sinc + pos * half, (int)half);
-      for (int64_t d = 0; d < hd; d++) q[d] *= j->k->scale * j->ks[g * hd + d];
-    }
+    head_queries(j, g, 0, qs);  /* one new token */
     attend_avx512(qs, (int)G, (int)hd, j->Kt + g * j->kstride + b * hd, j->V + (g * j->max_seq + b) * hd, n, NULL,
                   scores, sj->acc + t * G * hd, sj->mx + t * G, sj->sum + t * G);
   }

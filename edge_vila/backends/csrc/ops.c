@@ -37,22 +37,22 @@ OrtStatus *get_input(OrtKernelContext *ctx, size_t index, Tensor *t, const char 
   return CALL(SLOT_GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)v, &t->data);
 }
 
+/* whether an attribute read succeeded; a failed read's status (the attribute is absent) is released */
+static int attr_found(OrtStatus *st) {
+  if (st) CALL(SLOT_ReleaseStatus, void (*)(OrtStatus *))(st);
+  return !st;
+}
+
 int64_t attr_int_or(const OrtKernelInfo *info, const char *name, int64_t fallback) {
   typedef OrtStatus *(*GetInt)(const OrtKernelInfo *, const char *, int64_t *);
   int64_t v;
-  OrtStatus *missing = CALL(SLOT_KernelInfoGetAttribute_int64, GetInt)(info, name, &v);
-  if (!missing) return v;
-  CALL(SLOT_ReleaseStatus, void (*)(OrtStatus *))(missing);
-  return fallback;
+  return attr_found(CALL(SLOT_KernelInfoGetAttribute_int64, GetInt)(info, name, &v)) ? v : fallback;
 }
 
 float attr_float_or(const OrtKernelInfo *info, const char *name, float fallback) {
   typedef OrtStatus *(*GetFloat)(const OrtKernelInfo *, const char *, float *);
   float v;
-  OrtStatus *missing = CALL(SLOT_KernelInfoGetAttribute_float, GetFloat)(info, name, &v);
-  if (!missing) return v;
-  CALL(SLOT_ReleaseStatus, void (*)(OrtStatus *))(missing);
-  return fallback;
+  return attr_found(CALL(SLOT_KernelInfoGetAttribute_float, GetFloat)(info, name, &v)) ? v : fallback;
 }
 
 const char *op_cpu_provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
