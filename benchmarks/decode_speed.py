@@ -127,8 +127,7 @@ def bench_genai(folder: Path, hf: Path, ctx: int, new: int, runs: int) -> float:
         for _ in range(new):
             gen.generate_next_token()
         rates.append(new / (time.perf_counter() - t0))
-        if r:
-            _record("onnxruntime_genai_int4", ctx, rates[-1], gbps)
+        _record("onnxruntime_genai_int4", ctx, rates[-1], gbps)  # gbps is None for the warm-up run
     return statistics.median(rates[1:])
 
 
@@ -150,8 +149,7 @@ def bench_llamacpp(gguf: Path, hf: Path, ctx: int, new: int, runs: int) -> float
             llm.eval([tok])
             tok = llm.sample(temp=0.0)
         rates.append(new / (time.perf_counter() - t0))
-        if r:
-            _record("llama_cpp_q4", ctx, rates[-1], gbps)
+        _record("llama_cpp_q4", ctx, rates[-1], gbps)  # gbps is None for the warm-up run
     return statistics.median(rates[1:])
 
 
