@@ -2,7 +2,9 @@
 of the same maths, one node at a time, and through the fast graph against GroupQueryAttention."""
 from __future__ import annotations
 
+import gc
 import platform
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,6 +142,20 @@ def test_long_context_decode_split_over_positions(tmp_path):
         sess = _session(build_library(), maxc, parallel)
         schedule = [(0, 500)] + [(500 + i, 1) for i in range(200)]
         assert _check(sess, schedule, maxc) < 1e-4
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps (Linux)")
+def test_library_stays_loaded_after_its_last_session_is_freed(tmp_path):
+    """ONNX Runtime dlclose()s a custom-op library with the last session that registered it, while
+    our pool's worker threads sleep inside it; the next session then mapped it again under them and
+    a parallel op crashed or hung (CI hung here). The library is linked never to be unloaded."""
+    lib = build_library(tmp_path)
+    sess = _session(lib, MAXC, parallel=True)
+    assert _check(sess, [(0, MAXC - 1), (MAXC - 1, 1)], MAXC) < 1e-4  # a parallel op: the pool's workers start
+    del sess
+    gc.collect()
+    assert str(lib) in Path("/proc/self/maps").read_text()
+    assert _check(_session(lib, MAXC, parallel=True), [(0, MAXC - 1), (MAXC - 1, 1)], MAXC) < 1e-4
 
 
 def test_bad_shapes_and_lengths_fail_with_the_ops_message(session):

@@ -31,8 +31,14 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
-# no -ffast-math: with it GCC may link crtfastmath.o, which sets flush-to-zero for the whole process
-CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-Wall"]
+# no -ffast-math: with it GCC may link crtfastmath.o, which sets flush-to-zero for the whole process.
+# -z nodelete: ONNX Runtime dlclose()s a custom-op library when the last session that registered
+# it is freed, but our pool's worker threads live on inside it; a later session mapped the library
+# again (often at the same address, its pool's mutex and condition variable re-initialized under
+# the sleeping workers), which crashed or hung the next parallel op (seen in CI). Never unloaded,
+# the library keeps one pool for the life of the process.
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-Wall",
+          "-Wl,-z,nodelete"]
 
 
 def _cpu_key() -> str:
