@@ -25,6 +25,24 @@ def test_synthetic_newest_frame_wins():
     assert src.ended and not src._thread.is_alive()
 
 
+def test_synthetic_drift_stays_in_the_training_world():
+    """The stream's shapes move (the frame changes), start from the scene as drawn, and never leave
+    the range where the training world places them: every frame is a scene the model could see."""
+    import math
+
+    from edge_vila.train.world import JITTER
+
+    for i in range(50):
+        scene = SyntheticSource.stream_scene(11, i)
+        assert np.allclose(SyntheticSource.drifted(scene, 0.0).jitter, scene.jitter)
+        moved = 0.0
+        for k in range(1, 16):
+            d = SyntheticSource.drifted(scene, k * math.pi / 8)
+            assert all(abs(c) <= JITTER + 1e-9 for xy in d.jitter for c in xy)
+            moved = max(moved, max(abs(a - b) for xy, xy0 in zip(d.jitter, scene.jitter) for a, b in zip(xy, xy0)))
+        assert moved > JITTER / 2  # each scene's shapes travel, not just wobble in place
+
+
 def test_folder_and_file_sources(tmp_path, photo):
     from PIL import Image
 

@@ -19,6 +19,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("square", "circle", "triangle")
 REGIONS = ("left", "right", "top", "bottom")
 REGION_CENTER = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75)}
+JITTER = 0.04  # a shape's centre lies within +-JITTER (per axis, fraction of the side) of its region's
 BACKGROUNDS = [(235, 235, 235), (200, 200, 200), (90, 90, 90), (40, 40, 40), (225, 210, 185), (170, 190, 200),
                (200, 225, 205), (120, 110, 100)]
 NUMBER_WORDS = ["zero", "one", "two", "three"]
@@ -73,7 +74,7 @@ def random_scene(rng: np.random.Generator, n: int | None = None) -> Scene:
     colors = list(COLORS)
     objs = [Obj(str(rng.choice(SHAPES)), str(rng.choice(colors)), str(r), float(rng.uniform(0.1, 0.16)))
             for r in regions]
-    jitter = [(float(rng.uniform(-0.04, 0.04)), float(rng.uniform(-0.04, 0.04))) for _ in objs]
+    jitter = [(float(rng.uniform(-JITTER, JITTER)), float(rng.uniform(-JITTER, JITTER))) for _ in objs]
     return Scene(objs, BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))], int(rng.integers(2**31)), jitter)
 
 
