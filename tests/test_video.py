@@ -26,7 +26,7 @@ def test_synthetic_newest_frame_wins():
 
 
 def test_synthetic_drift_stays_in_the_training_world():
-    """The stream's shapes move (the frame changes), start from the scene as drawn, and never leave
+    """The stream's shapes travel, start from the scene as drawn, and never leave
     the range where the training world places them: every frame is a scene the model could see."""
     import math
 

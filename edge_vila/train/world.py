@@ -19,7 +19,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("square", "circle", "triangle")
 REGIONS = ("left", "right", "top", "bottom")
 REGION_CENTER = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75)}
-JITTER = 0.04  # a shape's centre lies within +-JITTER (per axis, fraction of the side) of its region's
+JITTER = 0.04  # a shape's centre lies within +-JITTER (per axis, fraction of the side) of its region's centre
 BACKGROUNDS = [(235, 235, 235), (200, 200, 200), (90, 90, 90), (40, 40, 40), (225, 210, 185), (170, 190, 200),
                (200, 225, 205), (120, 110, 100)]
 NUMBER_WORDS = ["zero", "one", "two", "three"]
