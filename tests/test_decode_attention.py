@@ -3,7 +3,9 @@ of the same maths, one node at a time, and through the fast graph against GroupQ
 from __future__ import annotations
 
 import gc
+import os
 import platform
+import time
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +158,40 @@ def test_library_stays_loaded_after_its_last_session_is_freed(tmp_path):
     gc.collect()
     assert str(lib) in Path("/proc/self/maps").read_text()
     assert _check(_session(lib, MAXC, parallel=True), [(0, MAXC - 1), (MAXC - 1, 1)], MAXC) < 1e-4
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not Path("/proc/self/task").is_dir(), reason="fork + /proc (Linux)")
+def test_a_forked_child_gets_a_fresh_pool(tmp_path):
+    """A child after fork() has none of the parent's pool workers; the op must still answer right
+    there, and the pool must start its own worker instead of counting on (and signalling) the
+    parent's sleeping ones."""
+    from edge_vila.backends.native_ops import set_threads
+
+    lib = build_library(tmp_path)
+    set_threads(lib, 2)
+    sess = _session(lib, MAXC, parallel=True)
+    schedule = [(0, MAXC - 1), (MAXC - 1, 1)]
+    assert _check(sess, schedule, MAXC) < 1e-4  # the parent's worker starts, then sleeps
+    time.sleep(0.05)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave without running pytest's teardown
+        try:
+            before = len(os.listdir("/proc/self/task"))
+            ok = _check(sess, schedule, MAXC) < 1e-4
+            os.write(w, f"{int(ok)} {before} {len(os.listdir('/proc/self/task'))}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    deadline = time.monotonic() + 60
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            pytest.fail("the forked child hung in the op")
+        time.sleep(0.05)
+    ok, before, after = map(int, os.read(r, 100).split())
+    os.close(r)
+    assert ok and after == before + 1  # right answers, and one fresh worker in the child
 
 
 def test_bad_shapes_and_lengths_fail_with_the_ops_message(session):

@@ -79,7 +79,8 @@ OrtStatus *get_output(OrtKernelContext *ctx, size_t index, const int64_t *dims, 
  * A job is claimed chunk by chunk through one 64-bit word: [job id: 24][chunks: 20][next: 20].
  * A worker that wakes late for a finished job fails the claim (the id moved on, or next reached
  * chunks) and never reads a half-published job. The caller claims chunks like any worker, so a
- * job always completes even with no worker running (e.g. in a child after fork()). */
+ * job always completes even with no worker running. A child after fork() has none of the
+ * parent's workers: an atfork handler gives it a fresh pool (see pool_reset_in_child). */
 #define MAX_THREADS 64
 #define SPIN_ROUNDS 20000 /* ~100-200 us of pause before sleeping */
 
@@ -167,6 +168,18 @@ __attribute__((visibility("default"))) int edge_vila_get_threads(void) {
   return atomic_load(&pool.threads);
 }
 
+/* In a child after fork(): the workers did not come along, and the copied mutex and condition
+ * variable may still count them as waiters (a broadcast could then wait for threads that do not
+ * exist), so the child starts an empty pool that parallel_for fills again. Safe to register
+ * because the library is never unloaded (-z nodelete). */
+static void pool_reset_in_child(void) {
+  pthread_mutex_init(&pool.mu, NULL);
+  pthread_cond_init(&pool.cv, NULL);
+  atomic_store(&pool.sleeping, 0);
+  pool.started = 0;
+  atomic_flag_clear(&pool.busy); /* held, if at all, by a parent thread that is not here */
+}
+
 void parallel_for(int64_t n, int64_t grain, parallel_fn fn, void *arg) {
   if (n <= 0) return;
   const int threads = edge_vila_get_threads();
@@ -176,6 +189,8 @@ void parallel_for(int64_t n, int64_t grain, parallel_fn fn, void *arg) {
     fn(arg, 0, n); /* one thread, one chunk, or the pool is busy with another session's op */
     return;
   }
+  static int atfork_registered; /* under `busy` too */
+  if (!atfork_registered) atfork_registered = pthread_atfork(NULL, NULL, pool_reset_in_child) == 0;
   while (pool.started < threads - 1) { /* under `busy`: only one caller starts workers */
     pthread_t t;
     pthread_attr_t attr;
