@@ -18,6 +18,7 @@ from onnx import TensorProto, helper  # noqa: E402
 from edge_vila.backends.native_ops import build_library  # noqa: E402
 
 NH, NKV, HD, MAXC = 6, 2, 32, 150  # 150: the last key block is partly beyond max_seq
+PREFILL_THEN_DECODE = [(0, MAXC - 1), (MAXC - 1, 1)]  # (past, new tokens): a short schedule to the cache's end
 
 
 def _session(lib, maxc: int, parallel: bool):
@@ -153,11 +154,11 @@ def test_library_stays_loaded_after_its_last_session_is_freed(tmp_path):
     a parallel op crashed or hung (CI hung here). The library is linked never to be unloaded."""
     lib = build_library(tmp_path)
     sess = _session(lib, MAXC, parallel=True)
-    assert _check(sess, [(0, MAXC - 1), (MAXC - 1, 1)], MAXC) < 1e-4  # a parallel op: the pool's workers start
+    assert _check(sess, PREFILL_THEN_DECODE, MAXC) < 1e-4  # a parallel op: the pool's workers start
     del sess
     gc.collect()
     assert str(lib) in Path("/proc/self/maps").read_text()
-    assert _check(_session(lib, MAXC, parallel=True), [(0, MAXC - 1), (MAXC - 1, 1)], MAXC) < 1e-4
+    assert _check(_session(lib, MAXC, parallel=True), PREFILL_THEN_DECODE, MAXC) < 1e-4
 
 
 @pytest.mark.skipif(not hasattr(os, "fork") or not Path("/proc/self/task").is_dir(), reason="fork + /proc (Linux)")
@@ -170,15 +171,14 @@ def test_a_forked_child_gets_a_fresh_pool(tmp_path):
     lib = build_library(tmp_path)
     set_threads(lib, 2)
     sess = _session(lib, MAXC, parallel=True)
-    schedule = [(0, MAXC - 1), (MAXC - 1, 1)]
-    assert _check(sess, schedule, MAXC) < 1e-4  # the parent's worker starts, then sleeps
+    assert _check(sess, PREFILL_THEN_DECODE, MAXC) < 1e-4  # the parent's worker starts, then sleeps
     time.sleep(0.05)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report and leave without running pytest's teardown
         try:
             before = len(os.listdir("/proc/self/task"))
-            ok = _check(sess, schedule, MAXC) < 1e-4
+            ok = _check(sess, PREFILL_THEN_DECODE, MAXC) < 1e-4
             os.write(w, f"{int(ok)} {before} {len(os.listdir('/proc/self/task'))}".encode())
         finally:
             os._exit(0)

@@ -180,6 +180,11 @@ static void pool_reset_in_child(void) {
   atomic_flag_clear(&pool.busy); /* held, if at all, by a parent thread that is not here */
 }
 
+/* once, when the library is loaded (not on parallel_for's path, which runs ~100 times a token) */
+__attribute__((constructor)) static void pool_register_atfork(void) {
+  pthread_atfork(NULL, NULL, pool_reset_in_child);
+}
+
 void parallel_for(int64_t n, int64_t grain, parallel_fn fn, void *arg) {
   if (n <= 0) return;
   const int threads = edge_vila_get_threads();
@@ -189,8 +194,6 @@ void parallel_for(int64_t n, int64_t grain, parallel_fn fn, void *arg) {
     fn(arg, 0, n); /* one thread, one chunk, or the pool is busy with another session's op */
     return;
   }
-  static int atfork_registered; /* under `busy` too */
-  if (!atfork_registered) atfork_registered = pthread_atfork(NULL, NULL, pool_reset_in_child) == 0;
   while (pool.started < threads - 1) { /* under `busy`: only one caller starts workers */
     pthread_t t;
     pthread_attr_t attr;
