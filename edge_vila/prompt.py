@@ -138,6 +138,7 @@ class TextTokenizer:
         if self.jinja is None and (folder / "chat_template.jinja").is_file():
             self.jinja = (folder / "chat_template.jinja").read_text()
         self.special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        self._dummy_prefix_space = _prepends_first(json.loads(self._tok.to_str()).get("pre_tokenizer"))
 
     def _special_id(self, tok) -> int | None:
         if isinstance(tok, dict):
@@ -149,11 +150,14 @@ class TextTokenizer:
         """Folders with only a sentencepiece model (some VILA1.5 llm/ dirs): convert once
         through transformers if it is installed (the toolchain has it; the device bundle
         always carries tokenizer.json)."""
-        try:
-            from transformers import AutoTokenizer
-        except ImportError:
-            raise CheckpointError(f"{folder}: no tokenizer.json (install edge-vila[export] to convert "
-                                  "a sentencepiece tokenizer)") from None
+        import importlib.util
+
+        if importlib.util.find_spec("transformers") is None or (
+                (folder / "tokenizer.model").is_file() and importlib.util.find_spec("sentencepiece") is None):
+            raise CheckpointError(f"{folder}: only a sentencepiece tokenizer.model, no tokenizer.json; converting it "
+                                  "needs transformers and sentencepiece: pip install 'edge-vila[export]'")
+        from transformers import AutoTokenizer
+
         try:
             tok = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
         except Exception as e:
@@ -167,6 +171,11 @@ class TextTokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
+        if self._dummy_prefix_space and text.startswith(" "):
+            # sentencepiece always adds its dummy prefix: " What" is "▁▁What"; the converted
+            # tokenizer's Metaspace(prepend_scheme="first") skips it when the text already
+            # starts with a space ("▁What"). One more space restores sentencepiece's pieces.
+            text = " " + text
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
@@ -177,6 +186,16 @@ class TextTokenizer:
 
     def save(self, folder: Path) -> None:
         self._tok.save(str(Path(folder) / "tokenizer.json"))
+
+
+def _prepends_first(pre: dict | None) -> bool:
+    """Whether a tokenizer.json pre-tokenizer is sentencepiece's dummy prefix as converted
+    by transformers (Metaspace, prepend_scheme "first"), alone or inside a Sequence."""
+    if not pre:
+        return False
+    if pre.get("type") == "Sequence":
+        return any(_prepends_first(p) for p in pre.get("pretokenizers", []))
+    return pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "first"
 
 
 def split_images(text: str) -> list[str | None]:

@@ -42,6 +42,7 @@ class ExportOptions:
     check_trt: str = "10.3"
     report: bool = True
     report_n: int = 200
+    template: str | None = None  # overrides the checkpoint's (or VILA's by-name) chat template
 
 
 @contextlib.contextmanager
@@ -92,13 +93,19 @@ def export_bundle(ckpt: str | Path, out: str | Path, opts: ExportOptions | None 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edge-vila-export-") as work_s:
         work = Path(work_s)
+        if (load_config(ckpt).llm.quantization or {}).get("version") == "tinychat-v2":
+            from edge_vila.quant.tinychat import convert_tinychat_checkpoint
+
+            log.info("converting the official AWQ build %s (TinyChat .pt) without re-quantizing", ckpt)
+            ckpt = convert_tinychat_checkpoint(ckpt, work / "converted")
         src = _ensure_quantized(ckpt, opts, work) if (opts.llm_quant != "fp32" or opts.vision_quant != "fp32") else ckpt
         cfg = load_config(src)
         if opts.llm_quant == "fp32" and cfg.llm.quantization:
             raise InputError(f"{src}: LLM is quantized; export it with --llm-quant awq-w4")
         max_ctx = min(opts.max_context, cfg.llm.max_position_embeddings)
         tok = TextTokenizer(cfg.llm_dir)
-        template = get_template(cfg.chat_template) if cfg.chat_template else guess_template(tok, tok.jinja)
+        name = opts.template or cfg.chat_template
+        template = get_template(name) if name else guess_template(tok, tok.jinja)
         with atomic_dir(out) as tmp:
             lm = load_decoder(cfg.llm_dir, cfg.llm)
             _write_llm(lm, cfg, tmp / "llm.onnx", max_ctx, opts)

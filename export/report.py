@@ -68,7 +68,9 @@ def bundle_report(float_ckpt: Path, bundle: Path, n: int = 200, quantized_ref: P
         ref = edge_vila.load(quantized_ref, max_context=b.backend.max_context)
         rep["vs_torch_reference"] = logit_agreement(ref, b, PROMPTS, images)
         rep["vs_torch_reference"]["reference"] = str(quantized_ref)
-    if b.cfg.is_multimodal and n:
+    from edge_vila.config import load_config
+
+    if b.cfg.is_multimodal and n and load_config(float_ckpt).knows_synthetic_world:
         fl = edge_vila.load(float_ckpt, max_context=b.backend.max_context)
         rf, rb = eval_shapes_vqa(fl, n, progress=False), eval_shapes_vqa(b, n, progress=False)
         rep["shapes_vqa"] = {"n": n, "float": rf["accuracy"], "bundle": rb["accuracy"],

@@ -96,8 +96,10 @@ def quantize_checkpoint(src: str | Path, out: str | Path, opts: QuantizeOptions,
 
         parts, pre = (load_vision_tower(cfg), load_projector(cfg.projector_dir, cfg.projector)), cfg.preprocess
     t0 = time.perf_counter()
-    calib = calibration_embeds(lm, tok, opts.n_text, opts.seq_len, parts, opts.n_mm if parts else 0,
-                               cfg.preprocess.height if cfg.preprocess else 0, pre)
+    calib = None
+    if opts.method == "awq" and not opts.awq_result or opts.eval:  # RTN alone needs no activations
+        calib = calibration_embeds(lm, tok, opts.n_text, opts.seq_len, parts, opts.n_mm if parts else 0,
+                                   cfg.preprocess.height if cfg.preprocess else 0, pre)
     float_lm = None
     if opts.eval:
         import copy
@@ -138,13 +140,14 @@ def quantize_checkpoint(src: str | Path, out: str | Path, opts: QuantizeOptions,
         if cfg.is_multimodal and opts.vision_int8 != "none":
             int8_rep = _int8(parts, cfg, opts, tmp / INT8_FILE)
         report = {"method": opts.method, "options": asdict(opts), "search_seconds": round(search_s, 1),
-                  "calibration": {"blocks": int(calib.shape[0]), "seq_len": int(calib.shape[1])}}
+                  "calibration": {"blocks": int(calib.shape[0]), "seq_len": int(calib.shape[1])}
+                  if calib is not None else None}
         if int8_rep:
             report["vision_int8"] = int8_rep
         if opts.eval:
             report.update(_quality(float_lm, lm, tok, calib, q, opts, tmp, progress))
         atomic_write_json(tmp / "quant_report.json", report)
-    if opts.eval and cfg.is_multimodal and opts.vqa_n:
+    if opts.eval and cfg.knows_synthetic_world and opts.vqa_n:
         report["vqa"] = _vqa(src, out, opts.vqa_n)
         atomic_write_json(out / "quant_report.json", report)
     return report

@@ -68,7 +68,7 @@ class TrainVLM(nn.Module):
                                 tokenizer=tokenizer_dir, vision=self.vision.model, image_processor=self.processor,
                                 projector=self.projector, select_layer=self.vision.select_layer,
                                 select_feature=self.vision.select_feature, aspect=self.aspect,
-                                chat_template=self.template)
+                                chat_template=self.template, extra={"edge_vila_world": "shapes"})
 
 
 def _tiny_processor(size: int) -> dict:

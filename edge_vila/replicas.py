@@ -1,0 +1,280 @@
+"""Random-weight replicas of the released VILA-family checkpoints, for tests and benchmarks.
+
+A replica has the release's folder layout, config.json fields, tensor names, dtype (bf16),
+safetensors sharding with its index, and tokenizer kind (a sentencepiece `tokenizer.model`
+alone for VILA1.5-3B/13B; a `tokenizer.json` with Llama-3's or Qwen2's special tokens at
+their real ids), at the release's full widths. Only the number of layers is cut (given by
+the caller), so a replica writes in seconds and runs through the toolchain in a test.
+
+Weights are random (normal, std 0.02; norms one), so a replica says nothing about answer
+quality — it proves that the release's files load, quantize, export and run.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+from .fsutil import atomic_dir, atomic_write_json
+from .released import ReleasedLayout, get_layout
+from .testing import default_corpus
+
+log = logging.getLogger(__name__)
+
+LLAMA2_SPECIALS = ("<unk>", "<s>", "</s>")
+
+
+def sentencepiece_model(vocab_size: int = 32000, seed_vocab: int = 800) -> bytes:
+    """A Llama-2-style sentencepiece BPE model (byte fallback, dummy prefix, digits split,
+    identity normalizer; <unk>=0 <s>=1 </s>=2, bytes at 3..258) with exactly `vocab_size`
+    pieces: trained on the synthetic world's text, then padded with single private-use
+    characters so ids and the embedding table have the release's size."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(default_corpus() * 3), model_writer=buf, vocab_size=seed_vocab, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True,
+        add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2)
+    model = pb.ModelProto()
+    model.ParseFromString(buf.getvalue())
+    low = min(p.score for p in model.pieces) - 1.0
+    for i in range(vocab_size - len(model.pieces)):
+        piece = model.pieces.add()
+        piece.piece, piece.score, piece.type = chr(0xF0000 + i), low - i * 1e-3, pb.ModelProto.SentencePiece.NORMAL
+    return model.SerializeToString()
+
+
+def bpe_tokenizer_json(vocab_size: int, specials: dict[str, int]) -> str:
+    """A byte-level BPE tokenizer.json (Llama-3 / Qwen2 style) whose regular vocabulary is
+    padded to the first special id and whose special tokens sit at their released ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(default_corpus(), trainer=trainers.BpeTrainer(
+        vocab_size=1000, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    first_special = min(specials.values())
+    for i in range(len(vocab), first_special):
+        vocab[f"\u0120unused{i}"] = i  # never produced: no merge leads to it
+    data["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True} for t, i in sorted(specials.items(), key=lambda x: x[1])]
+    assert max(specials.values()) < vocab_size
+    return json.dumps(data, ensure_ascii=False)
+
+
+def llama3_specials() -> dict[str, int]:
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+             "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
+             "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+    names += [f"<|reserved_special_token_{i}|>" for i in range(5, 251)]
+    return {n: 128000 + i for i, n in enumerate(names)}
+
+
+def qwen2_specials() -> dict[str, int]:
+    names = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    return {n: 151643 + i for i, n in enumerate(names)}
+
+
+def write_tokenizer(folder: Path, lay: ReleasedLayout) -> None:
+    vocab = lay.llm["vocab_size"]
+    if lay.tokenizer == "sentencepiece":
+        (folder / "tokenizer.model").write_bytes(sentencepiece_model(vocab))
+        atomic_write_json(folder / "tokenizer_config.json", {
+            "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "clean_up_tokenization_spaces": False,
+            "eos_token": "</s>", "legacy": False, "model_max_length": lay.llm["model_max_length"],
+            "pad_token": "<unk>", "padding_side": "right", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
+            "unk_token": "<unk>", "use_default_system_prompt": False})
+        atomic_write_json(folder / "special_tokens_map.json",
+                          {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>", "unk_token": "<unk>"})
+        return
+    if lay.tokenizer == "llama3":
+        specials, bos, eos = llama3_specials(), "<|begin_of_text|>", "<|eot_id|>"
+    elif lay.tokenizer == "qwen2":
+        specials, bos, eos = qwen2_specials(), None, "<|im_end|>"
+    else:
+        raise ValueError(f"tokenizer kind {lay.tokenizer!r} unknown")
+    (folder / "tokenizer.json").write_text(bpe_tokenizer_json(vocab, specials))
+    atomic_write_json(folder / "tokenizer_config.json", {
+        "bos_token": bos, "eos_token": eos, "model_max_length": lay.llm["model_max_length"],
+        "tokenizer_class": "PreTrainedTokenizerFast" if lay.tokenizer == "llama3" else "Qwen2Tokenizer",
+        "clean_up_tokenization_spaces": False})
+
+
+def _random_state(meta_state: dict, seed: int, dtype) -> dict:
+    """Normal(0, 0.02) for matrices, ones for norm weights, zeros for other vectors —
+    in the release's dtype, from the exact names and shapes transformers gives."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in meta_state.items():
+        if "rotary" in name or name.endswith("position_ids"):
+            continue
+        if t.ndim >= 2:
+            val = torch.randn(t.shape, generator=gen) * 0.02
+        elif "norm" in name and name.endswith("weight"):
+            val = torch.ones(t.shape)
+        elif name.endswith("bias") and any(p in name for p in ("q_proj", "k_proj", "v_proj")):
+            val = torch.randn(t.shape, generator=gen) * 0.02
+        else:
+            val = torch.zeros(t.shape) if name.endswith("bias") else torch.randn(t.shape, generator=gen) * 0.02
+        out[name] = val.to(dtype).contiguous()
+    return out
+
+
+def _meta_state(model_cls, config) -> dict:
+    import torch
+
+    with torch.device("meta"):
+        model = model_cls(config)
+    return model.state_dict()
+
+
+def save_sharded(folder: Path, state: dict, shards: int) -> None:
+    """model-0000i-of-0000n.safetensors + model.safetensors.index.json, as HF writes them."""
+    from safetensors.torch import save_file
+
+    names = list(state)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    per = total / max(shards, 1)
+    groups: list[list[str]] = [[]]
+    size = 0
+    for n in names:
+        if size >= per * len(groups) and len(groups) < shards:
+            groups.append([])
+        groups[-1].append(n)
+        size += state[n].numel() * state[n].element_size()
+    n_files = len(groups)
+    if n_files == 1:
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, group in enumerate(groups, 1):
+        fname = f"model-{i:05d}-of-{n_files:05d}.safetensors"
+        save_file({k: state[k] for k in group}, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in group})
+    atomic_write_json(folder / "model.safetensors.index.json",
+                      {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def make_replica(out: str | Path, name: str = "VILA1.5-3b", *, llm_layers: int = 2, vision_layers: int = 3,
+                 seed: int = 0, weights: bool = True) -> Path:
+    """Write a random-weight replica of the released checkpoint `name` to `out`
+    (weights=False: configs and tokenizer only, for tests of what is refused up front)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, \
+        SiglipVisionModel
+
+    from .config import ProjectorSpec
+    from .modeling.projector import MultimodalProjector
+
+    lay = get_layout(name)
+    top = lay.config_json()
+    top["llm_cfg"]["num_hidden_layers"] = llm_layers
+    top["vision_tower_cfg"]["num_hidden_layers"] = vision_layers
+    llm_cfg, vis_cfg, proj_cfg = top["llm_cfg"], top["vision_tower_cfg"], top["mm_projector_cfg"]
+    bf16 = torch.bfloat16
+    hf_keys = {k: v for k, v in llm_cfg.items() if not k.startswith("_")}
+    llm_cls, cfg_cls = (LlamaForCausalLM, LlamaConfig) if llm_cfg["model_type"] == "llama" else \
+        (Qwen2ForCausalLM, Qwen2Config)
+    llm_state = vis_state = proj_state = {}
+    if weights:
+        llm_state = _random_state(_meta_state(llm_cls, cfg_cls(**hf_keys)), seed, bf16)
+        if llm_cfg.get("tie_word_embeddings"):
+            llm_state.pop("lm_head.weight", None)
+        vis_keys = {k: v for k, v in vis_cfg.items() if not k.startswith("_") and k not in ("architectures",)}
+        vis_state = _random_state(_meta_state(SiglipVisionModel, SiglipVisionConfig(**vis_keys)), seed + 1, bf16)
+        # the releases were saved by transformers 4.x, whose SiglipVisionModel nests every
+        # tensor under vision_model. (5.x holds them on the model itself)
+        vis_state = {k if k.startswith("vision_model.") else f"vision_model.{k}": v for k, v in vis_state.items()}
+        with torch.device("meta"):
+            proj = MultimodalProjector(ProjectorSpec(lay.projector_type, top["mm_hidden_size"],
+                                                     llm_cfg["hidden_size"]))
+        proj_state = _random_state(proj.state_dict(), seed + 2, bf16)
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        for sub in ("llm", "vision_tower", "mm_projector"):
+            (tmp / sub).mkdir()
+        if weights:
+            save_sharded(tmp / "llm", llm_state, lay.llm_shards)
+        atomic_write_json(tmp / "llm" / "config.json", llm_cfg)
+        gen = {"bos_token_id": llm_cfg["bos_token_id"], "eos_token_id": llm_cfg["eos_token_id"],
+               "pad_token_id": llm_cfg.get("pad_token_id"), "_from_model_config": True}
+        atomic_write_json(tmp / "llm" / "generation_config.json", gen)
+        write_tokenizer(tmp / "llm", lay)
+        if weights:
+            save_file(vis_state, str(tmp / "vision_tower" / "model.safetensors"), metadata={"format": "pt"})
+            save_file(proj_state, str(tmp / "mm_projector" / "model.safetensors"), metadata={"format": "pt"})
+        atomic_write_json(tmp / "vision_tower" / "config.json", vis_cfg)
+        atomic_write_json(tmp / "vision_tower" / "preprocessor_config.json", lay.processor)
+        atomic_write_json(tmp / "mm_projector" / "config.json", proj_cfg)
+        atomic_write_json(tmp / "config.json", top)
+    log.info("wrote a %d-layer replica of %s to %s", llm_layers, lay.repo, out)
+    return out
+
+
+def pack_tinychat_qweight(codes):
+    """4-bit codes [N, K] -> llm-awq v2 int16 [N/4, K] (the layout in quant/tinychat.py's
+    docstring; tests check it against a word-by-word construction)."""
+    import numpy as np
+
+    n, k = codes.shape
+    c = codes.astype(np.int32).reshape(n, k // 32, 4, 4, 2)  # input 8a + 2b + c -> [a, b, c]
+    c = c.transpose(0, 1, 3, 4, 2).reshape(n, k)  # position 8b + 4c + a
+    c = c.reshape(n // 4, 4, k // 64, 64).transpose(0, 2, 1, 3).reshape(n // 4, k // 64, 64, 4)
+    words = c[..., 0] | (c[..., 1] << 4) | (c[..., 2] << 8) | (c[..., 3] << 12)
+    return words.reshape(n // 4, k).astype(np.uint16).view(np.int16)
+
+
+def make_awq_replica(out: str | Path, name: str = "VILA1.5-3b", *, llm_layers: int = 2, vision_layers: int = 3,
+                     group_size: int = 128, seed: int = 0) -> Path:
+    """A replica of the official `<name>-AWQ` build: the float replica's vision tower and
+    projector, and the LLM as one TinyChat state dict (`llm/<name>-w4-g128-awq-v2.pt`, fp16,
+    llm-awq v2 packing) quantized round-to-nearest from the replica's random weights."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from .quant.rtn import QuantConfig, quantize
+
+    out = Path(out)
+    with atomic_dir(out) as base:
+        base.rmdir()  # make_replica writes it (atomically itself), then the LLM is swapped in place
+        make_replica(base, name, llm_layers=llm_layers, vision_layers=vision_layers, seed=seed)
+        sd: dict = {}
+        for f in sorted((base / "llm").glob("model*.safetensors")):
+            sd.update(load_file(str(f)))
+        state = {}
+        q = QuantConfig(4, group_size, True)
+        for key, t in sd.items():
+            if key.endswith("_proj.weight") and ".layers." in key:
+                codes, s, z = quantize(t.float(), q)  # [N, K], [N, G], [N, G]
+                n, k = codes.shape
+                rows = 8 * -(-(k // group_size) // 8)
+                scales = torch.zeros(rows, n, dtype=torch.float16)
+                scales[: s.shape[1]] = s.T.half()
+                zeros = torch.zeros(rows, n, dtype=torch.float16)
+                zeros[: s.shape[1]] = -(s.float() * z.float()).T.half()
+                prefix = key[: -len(".weight")]
+                state[prefix + ".qweight"] = torch.from_numpy(pack_tinychat_qweight(codes.numpy().astype(np.uint8)))
+                state[prefix + ".scales"] = scales
+                state[prefix + ".scaled_zeros"] = zeros
+            else:
+                state[key] = t.half()
+        for f in (base / "llm").glob("model*.safetensors*"):
+            f.unlink()
+        tag = name.lower().replace("vila1.5", "vila-1.5")
+        torch.save(state, str(base / "llm" / f"{tag}-w4-g{group_size}-awq-v2.pt"))
+        top = json.loads((base / "config.json").read_text())
+        top["_name_or_path"] = f"Efficient-Large-Model/{name}-AWQ"
+        atomic_write_json(base / "config.json", top)
+    return out

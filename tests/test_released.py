@@ -1,0 +1,310 @@
+"""NVIDIA's released VILA-family layouts, on random-weight replicas at full width.
+
+A replica (edge_vila.replicas) has the release's config.json fields, folder and tensor
+names, bf16 shards with their index and tokenizer kind; only the layer count is cut.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edge_vila.config import load_config
+from edge_vila.errors import CheckpointError
+from edge_vila.released import LAYOUTS, get_layout, template_for_name
+
+
+def cli(*args, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_vila", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def vila15_3b(tmp_path_factory):
+    from edge_vila.replicas import make_replica
+
+    return make_replica(tmp_path_factory.mktemp("rel") / "VILA1.5-3b", "VILA1.5-3b", llm_layers=2, vision_layers=3)
+
+
+def test_vila15_3b_replica_is_the_released_layout(vila15_3b):
+    root = vila15_3b
+    top = json.loads((root / "config.json").read_text())
+    assert top["_name_or_path"] == "Efficient-Large-Model/VILA1.5-3b" and top["architectures"] == ["LlavaLlamaModel"]
+    assert (top["mm_vision_select_feature"], top["mm_vision_select_layer"], top["image_aspect_ratio"]) == \
+        ("cls_patch", -2, "resize")
+    assert "chat_template" not in top  # the release names no template: VILA picks it by name
+    llm = sorted(p.name for p in (root / "llm").iterdir())
+    assert "tokenizer.model" in llm and "tokenizer.json" not in llm  # sentencepiece only, as released
+    assert {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json"} <= set(llm)
+    index = json.loads((root / "llm" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"]["model.embed_tokens.weight"] == "model-00001-of-00002.safetensors"
+    assert index["weight_map"]["lm_head.weight"] == "model-00002-of-00002.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(root / "llm" / "model-00001-of-00002.safetensors"), "pt") as f:
+        emb = f.get_slice("model.embed_tokens.weight")
+        assert emb.get_shape() == [32000, 2560] and emb.get_dtype() == "BF16"
+    with safe_open(str(root / "vision_tower" / "model.safetensors"), "pt") as f:
+        assert "vision_model.embeddings.patch_embedding.weight" in f.keys()
+    with safe_open(str(root / "mm_projector" / "model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["layers.1.bias", "layers.1.weight", "layers.2.bias", "layers.2.weight",
+                                    "layers.4.bias", "layers.4.weight"]
+
+
+def test_vila15_3b_tokens_per_image_and_template(vila15_3b):
+    cfg = load_config(vila15_3b)
+    # SigLIP-so400m at 384 px, patch 14: 384 // 14 = 27, a 27x27 = 729-patch grid. SigLIP has no
+    # class token, so cls_patch keeps all 729. mlp_downsample folds 2x2 after padding the odd
+    # side to 28: (28/2)^2 = 14x14 = 196 tokens per image.
+    assert cfg.num_patches == 729 and cfg.tokens_per_image == 196
+    assert (cfg.llm.hidden_size, cfg.llm.vocab_size, cfg.vision.hidden_size) == (2560, 32000, 1152)
+    assert cfg.chat_template == "vicuna_v1" and "VILA1.5-3b" in cfg.template_source
+
+
+def test_templates_follow_vilas_name_mapping():
+    assert template_for_name("Efficient-Large-Model/VILA1.5-3b") == "vicuna_v1"
+    assert template_for_name("Efficient-Large-Model/VILA1.5-13b") == "vicuna_v1"
+    assert template_for_name("Efficient-Large-Model/Llama-3-VILA1.5-8B") == "llama_3"
+    assert template_for_name("Efficient-Large-Model/VILA1.5-40b") == "hermes-2"
+    assert template_for_name("Efficient-Large-Model/NVILA-8B") is None  # NVILA: the tokenizer's own template
+    for lay in LAYOUTS.values():
+        assert template_for_name(lay.repo) in (lay.template, None)
+
+
+def test_sentencepiece_only_tokenizer_encodes_as_sentencepiece(vila15_3b):
+    """The tokenizer.json we convert to (and ship in the bundle) gives sentencepiece's own
+    ids, including text that starts with a space (sentencepiece's dummy prefix)."""
+    import sentencepiece as spm
+
+    from edge_vila.prompt import TextTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(vila15_3b / "llm" / "tokenizer.model"))
+    tok = TextTokenizer(vila15_3b / "llm")
+    texts = ["A chat between a curious user and an artificial intelligence assistant. USER: ",
+             "\nWhat color is the circle? ASSISTANT:", " What is on the left?", "  two spaces", "x ", " ",
+             "Zahlen 1234567 und Umlaute äöü, 日本語, emoji \U0001F916", "tabs\tand\nnewlines\n\n", ""]
+    for t in texts:
+        assert tok.encode(t) == sp.encode(t), t
+        assert tok.decode(sp.encode(t)) == sp.decode(sp.encode(t)), t
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 32000)
+
+
+def test_llama3_vila_8b_replica_tokenizer_and_template(tmp_path):
+    from edge_vila.prompt import TextTokenizer
+    from edge_vila.replicas import make_replica
+
+    root = make_replica(tmp_path / "Llama-3-VILA1.5-8B", "Llama-3-VILA1.5-8B", llm_layers=1, vision_layers=2)
+    cfg = load_config(root)
+    assert cfg.chat_template == "llama_3" and cfg.tokens_per_image == 196
+    assert (cfg.llm.hidden_size, cfg.llm.num_kv_heads, cfg.llm.vocab_size, cfg.llm.rope_theta) == \
+        (4096, 8, 128256, 500000.0)
+    tok = TextTokenizer(root / "llm")
+    assert tok.token_id("<|eot_id|>") == 128009 and tok.token_id("<|begin_of_text|>") == 128000
+    assert tok.vocab_size == 128256 and tok.eos_id == 128009
+    shards = sorted(p.name for p in (root / "llm").glob("model-*.safetensors"))
+    assert 2 <= len(shards) <= 4 and (root / "llm" / "model.safetensors.index.json").is_file()  # fewer layers, fewer shards
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda top: top.update(image_aspect_ratio="dynamic_s2"),
+     "image_aspect_ratio 'dynamic_s2' (expected resize or pad)"),
+    (lambda top: top.update(image_aspect_ratio="anyres"), "image_aspect_ratio 'anyres' (expected resize or pad)"),
+])
+def test_unsupported_preprocessing_is_refused_in_one_line(vila15_3b, tmp_path, edit, needle):
+    import shutil
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(vila15_3b, root)
+    top = json.loads((root / "config.json").read_text())
+    edit(top)
+    (root / "config.json").write_text(json.dumps(top))
+    with pytest.raises(CheckpointError, match="config.json") as e:
+        load_config(root)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unsupported_projector_and_vision_tower_are_refused(vila15_3b, tmp_path):
+    import shutil
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(vila15_3b, root)
+    pj = root / "mm_projector" / "config.json"
+    pj.write_text(json.dumps({**json.loads(pj.read_text()), "mm_projector_type": "mlp_downsample_3x3_fix"}))
+    r = cli("info", root)
+    assert r.returncode == 2 and "mm_projector_type 'mlp_downsample_3x3_fix' is not supported" in r.stderr
+    assert "expected one of linear, mlp2x_gelu, mlp_downsample" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    pj.write_text(json.dumps({**json.loads(pj.read_text()), "mm_projector_type": "mlp_downsample"}))
+    vt = root / "vision_tower" / "config.json"  # VILA1.5-40B's InternViT-6B
+    vt.write_text(json.dumps({**json.loads(vt.read_text()), "model_type": "intern_vit_6b"}))
+    r = cli("info", root)
+    assert r.returncode == 2 and "vision model_type 'intern_vit_6b' is not supported" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_nvila_8b_layout_is_refused_naming_dynamic_s2(tmp_path):
+    """NVILA's dynamic_s2 multi-scale tiling is not implemented: its release is refused up front."""
+    from edge_vila.replicas import make_replica
+
+    assert not get_layout("NVILA-8B").supported
+    root = make_replica(tmp_path / "NVILA-8B", "NVILA-8B", weights=False)  # refused before any weight is read
+    with pytest.raises(CheckpointError, match="image_aspect_ratio 'dynamic_s2'"):
+        load_config(root)
+
+
+@pytest.mark.slow
+def test_vila15_3b_replica_info_quantize_export_run(vila15_3b, tmp_path, photo):
+    """The path a user takes with the released VILA1.5-3b folder: info -> quantize --method rtn
+    -> export -> run on a real photo in ONNX Runtime and on the torch reference."""
+    import shutil
+
+    import edge_vila
+    from edge_vila.export.bundle import ExportOptions, export_bundle
+    from edge_vila.export.report import PROMPTS, logit_agreement
+    from edge_vila.modeling.int8 import INT8_FILE
+
+    r = cli("info", vila15_3b)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["tokens_per_image"] == 196 and info["chat_template"] == "vicuna_v1"
+    q, b = tmp_path / "q", tmp_path / "b"
+    r = cli("quantize", vila15_3b, "--out", q, "--method", "rtn", "--vision-int8", "percentile", "--int8-images", "8",
+            "--no-eval")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((q / "quant_report.json").read_text())
+    assert report["calibration"] is None  # RTN computed no calibration activations
+    r = cli("export", q, "--out", b, "--max-context", "512", "--no-report")
+    assert r.returncode == 0, r.stderr
+    man = json.loads((b / "manifest.json").read_text())
+    assert man["tokens_per_image"] == 196 and man["template"]["name"] == "vicuna_v1"
+    assert man["quant"]["llm"] == "awq-w4" and man["quant"]["vision"] == "int8"
+    assert (b / "tokenizer.json").is_file()  # converted from tokenizer.model, so the device needs no sentencepiece
+    for path, backend in ((b, "onnxruntime"), (q, "torch")):
+        r = cli("run", path, "--backend", backend, "--image", photo, "--prompt", "Describe the image.",
+                "--max-new-tokens", "4")
+        assert r.returncode == 0, (backend, r.stderr)
+
+    ref = edge_vila.load(q, max_context=512)
+    bundle = edge_vila.load(b, exact=True, variant="bundle")
+    text = logit_agreement(ref, bundle, PROMPTS[:3], [], steps=8)
+    assert text["max_rel_logit_err"] <= 1e-3 and text["greedy_agreement"] == 1.0, text
+    # INT8 ViT: ONNX Runtime's Q/DQ and the torch fake-quant reference round a few activations
+    # differently at this width (image embeddings agree to cosine ~0.9996), so image prompts are
+    # held to a looser bound here and to the exact one with the float ViT below.
+    img = logit_agreement(ref, bundle, PROMPTS[:2], [photo], steps=8)
+    assert img["max_rel_logit_err"] <= 0.05 and img["greedy_agreement"] >= 0.9, img
+
+    # exact mode with images: the INT4 LLM with the float ViT
+    qf = tmp_path / "q-float-vit"
+    shutil.copytree(q, qf, ignore=shutil.ignore_patterns(INT8_FILE))
+    bf = export_bundle(qf, tmp_path / "bf", ExportOptions(vision_quant="fp32", max_context=512, report=False))
+    res = logit_agreement(edge_vila.load(qf, max_context=512), edge_vila.load(bf, exact=True, variant="bundle"),
+                          PROMPTS[:2], [photo], steps=8)
+    assert res["max_rel_logit_err"] <= 1e-3 and res["greedy_agreement"] == 1.0, res
+
+
+def test_tinychat_v2_unpacking_on_a_hand_built_tensor():
+    """llm-awq v2 packing, built word by word from its description (quant/tinychat.py):
+    input k = 8a + 2b + c of each 32 goes to position 8b + 4c + a; rows 4n'..4n'+3 over 64
+    positions are read row-major in runs of four, run t -> word 64j + t, first value lowest."""
+    from edge_vila.quant.tinychat import unpack_qweight
+    from edge_vila.replicas import pack_tinychat_qweight
+
+    n, k = 8, 128
+    codes = ((np.arange(n)[:, None] * 7 + np.arange(k)[None, :] * 3) % 16).astype(np.uint8)
+    words = np.zeros((n // 4, k), np.int64)
+    for row in range(n):
+        for col in range(k):
+            a, b, c = (col % 32) // 8, (col % 8) // 2, col % 2
+            p = (col // 32) * 32 + 8 * b + 4 * c + a
+            flat = (row % 4) * 64 + p % 64
+            words[row // 4, (p // 64) * 64 + flat // 4] |= int(codes[row, col]) << (4 * (flat % 4))
+    hand = words.astype(np.uint16).view(np.int16)
+    # word 0 of row-block 0 holds inputs 0, 8, 16, 24 of output row 0; word 16 the same of row 1
+    w0 = int(hand[0, 0]) & 0xFFFF
+    assert [(w0 >> (4 * i)) & 15 for i in range(4)] == [codes[0, 0], codes[0, 8], codes[0, 16], codes[0, 24]]
+    w16 = int(hand[0, 16]) & 0xFFFF
+    assert [(w16 >> (4 * i)) & 15 for i in range(4)] == [codes[1, 0], codes[1, 8], codes[1, 16], codes[1, 24]]
+    assert np.array_equal(unpack_qweight(hand), codes)
+    assert np.array_equal(pack_tinychat_qweight(codes), hand)  # the replica's producer agrees
+
+
+def test_pickled_code_is_refused_in_one_line(tmp_path):
+    import torch
+
+    from edge_vila.quant.tinychat import read_tinychat_state
+
+    path = tmp_path / "evil-awq-v2.pt"
+    torch.save({"model.layers.0.mlp.up_proj.qweight": torch.zeros(1), "meta": _Opaque()}, str(path))
+    with pytest.raises(CheckpointError, match="refused: the file needs more than weights-only loading") as e:
+        read_tinychat_state(path)
+    assert "\n" not in str(e.value)
+
+
+class _Opaque:  # pickled by reference to this module's code: weights_only must refuse it
+    pass
+
+
+@pytest.mark.slow
+def test_official_awq_replica_converts_exactly_and_exports(tmp_path, photo):
+    import torch
+
+    import edge_vila
+    from edge_vila.modeling.llm import load_decoder
+    from edge_vila.quant.tinychat import read_tinychat_state
+    from edge_vila.replicas import make_awq_replica
+
+    src = make_awq_replica(tmp_path / "VILA1.5-3b-AWQ", "VILA1.5-3b", llm_layers=2, vision_layers=2)
+    pt = next((src / "llm").glob("*.pt"))
+    assert pt.name == "vila-1.5-3b-w4-g128-awq-v2.pt" and not list((src / "llm").glob("*.safetensors"))
+    r = cli("info", src)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["llm"]["quantization"]["version"] == "tinychat-v2"
+    r = cli("quantize", src, "--out", tmp_path / "q")
+    assert r.returncode == 2 and "already quantized" in r.stderr
+    conv = tmp_path / "converted"
+    r = cli("convert-awq", src, "--out", conv)
+    assert r.returncode == 0, r.stderr
+
+    # by hand: TinyChat's own dequantization, w = q * scales + scaled_zeros, from the .pt
+    from edge_vila.quant.tinychat import unpack_qweight
+
+    sd = read_tinychat_state(pt)
+    cfg = load_config(conv)
+    lm = load_decoder(cfg.llm_dir, cfg.llm)
+    base = "model.layers.1.mlp.down_proj"
+    q = unpack_qweight(sd[base + ".qweight"].numpy()).astype(np.float32)
+    g = np.arange(q.shape[1]) // 128
+    w = q * sd[base + ".scales"].float().numpy()[g].T + sd[base + ".scaled_zeros"].float().numpy()[g].T
+    ours = lm.get_submodule(base).weight.detach().numpy()
+    assert np.abs(ours - w).max() <= 1e-3 * np.abs(w).max()  # fp16 rounding of scaled_zeros only
+    hand = load_decoder(cfg.llm_dir, cfg.llm)
+    for name, mod in hand.named_modules():
+        if name.startswith("model.layers.") and name + ".qweight" in sd:
+            qq = unpack_qweight(sd[name + ".qweight"].numpy()).astype(np.float32)
+            gg = np.arange(qq.shape[1]) // 128
+            mod.weight.data = torch.from_numpy(qq * sd[name + ".scales"].float().numpy()[gg].T
+                                               + sd[name + ".scaled_zeros"].float().numpy()[gg].T)
+    x = torch.randn(1, 6, 2560) * 0.02
+    pos = torch.arange(6)
+    lm.setup_cache(16)
+    hand.setup_cache(16)
+    with torch.no_grad():
+        a, b = lm(x, pos), hand(x, pos)
+    # the only difference: the release stores scaled_zeros = -scales * zero in fp16 (a step of
+    # 2^-11 of it); we keep the integer zero point, so logits agree to ~2e-3, greedy exactly
+    assert ((a - b).abs().max() / b.abs().max()).item() <= 5e-3
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+    bundle = tmp_path / "bundle"
+    r = cli("export", src, "--out", bundle, "--vision-quant", "fp32", "--max-context", "512", "--no-report")
+    assert r.returncode == 0, r.stderr
+    man = json.loads((bundle / "manifest.json").read_text())
+    assert man["quant"]["llm"] == "awq-w4" and man["tokens_per_image"] == 196
+    r = cli("run", bundle, "--image", photo, "--prompt", "Describe the image.", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    res = edge_vila.load(bundle, exact=True, variant="bundle")
+    assert res.cfg.tokens_per_image == 196
