@@ -85,7 +85,12 @@ def read_tinychat_state(path: Path) -> dict:
     import torch
 
     try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        try:  # memory-mapped: a 3B LLM's tensors are not read until converted, one at a time
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
         raise CheckpointError(f"{path}: refused: the file needs more than weights-only loading "
