@@ -113,6 +113,7 @@ def test_llama3_vila_8b_replica_tokenizer_and_template(tmp_path):
     (lambda top: top.update(image_aspect_ratio="dynamic_s2"),
      "image_aspect_ratio 'dynamic_s2' (expected resize or pad)"),
     (lambda top: top.update(image_aspect_ratio="anyres"), "image_aspect_ratio 'anyres' (expected resize or pad)"),
+    (lambda top: top.update(image_aspect_ratio="dynamic"), "image_aspect_ratio 'dynamic' (expected resize or pad)"),
 ])
 def test_unsupported_preprocessing_is_refused_in_one_line(vila15_3b, tmp_path, edit, needle):
     import shutil
