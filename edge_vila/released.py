@@ -14,7 +14,7 @@ file carries.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Hugging Face PretrainedConfig boilerplate that the released (transformers 4.36) files carry
 _HF_CLUTTER = {"add_cross_attention": False, "bad_words_ids": None, "begin_suppress_tokens": None,
@@ -73,10 +73,8 @@ class ReleasedLayout:
     tokenizer: str            # sentencepiece (tokenizer.model only) | llama3 | qwen2 (tokenizer.json)
     template: str             # the conversation mode VILA uses for it
     llm_shards: int           # safetensors shards of llm/ in the release
-    tokens_per_image: int | None  # None: depends on the image (dynamic tiling)
     supported: bool = True
     note: str = ""
-    tokenizer_extra: dict = field(default_factory=dict)
 
     @property
     def repo(self) -> str:
@@ -87,9 +85,10 @@ class ReleasedLayout:
         llm = {**_HF_CLUTTER, **self.llm}
         vision = {**_HF_CLUTTER, **self.vision, "tie_word_embeddings": True}
         proj = {**_HF_CLUTTER, **_PROJECTOR, "mm_projector_type": self.projector_type}
-        return {"_name_or_path": self.repo, **copy.deepcopy(self.top), "hidden_size": self.llm["hidden_size"],
-                "mm_hidden_size": self.top.get("mm_hidden_size", self.vision["hidden_size"]),
-                "llm_cfg": llm, "vision_tower_cfg": vision, "mm_projector_cfg": proj}
+        # a deep copy: callers edit the result, and the clutter's nested dicts are shared
+        return copy.deepcopy({"_name_or_path": self.repo, **self.top, "hidden_size": self.llm["hidden_size"],
+                              "mm_hidden_size": self.top.get("mm_hidden_size", self.vision["hidden_size"]),
+                              "llm_cfg": llm, "vision_tower_cfg": vision, "mm_projector_cfg": proj})
 
 
 def _layout(name: str, *, llm: dict | None = None, vision: dict | None = None, top: dict | None = None,
@@ -112,20 +111,20 @@ _NVILA_TOP = {"dynamic_s2": True, "fps": 0.0, "chat_template": None, "mm_use_im_
 
 LAYOUTS: dict[str, ReleasedLayout] = {lay.name.lower(): lay for lay in (
     # Sheared-LLaMA-2.7B + SigLIP-so400m/14@384, 2x2 downsample: 27x27 patches -> 14x14 = 196 tokens
-    _layout("VILA1.5-3b", tokenizer="sentencepiece", template="vicuna_v1", llm_shards=2, tokens_per_image=196),
+    _layout("VILA1.5-3b", tokenizer="sentencepiece", template="vicuna_v1", llm_shards=2),
     _layout("VILA1.5-13b", llm={"hidden_size": 5120, "intermediate_size": 13824, "num_attention_heads": 40,
                                 "num_hidden_layers": 40, "num_key_value_heads": 40},
-            tokenizer="sentencepiece", template="vicuna_v1", llm_shards=6, tokens_per_image=196),
+            tokenizer="sentencepiece", template="vicuna_v1", llm_shards=6),
     _layout("Llama-3-VILA1.5-8B", llm={"bos_token_id": 128000, "eos_token_id": 128001, "hidden_size": 4096,
                                        "intermediate_size": 14336, "max_position_embeddings": 8192,
                                        "model_max_length": 8192, "tokenizer_model_max_length": 8192,
                                        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
                                        "pad_token_id": None, "rope_theta": 500000.0, "vocab_size": 128256},
-            tokenizer="llama3", template="llama_3", llm_shards=4, tokens_per_image=196),
+            tokenizer="llama3", template="llama_3", llm_shards=4),
     _layout("NVILA-8B", llm={**_QWEN2, "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
                              "num_hidden_layers": 28, "num_key_value_heads": 4},
             vision={"image_size": 448}, top={**_NVILA_TOP, "image_aspect_ratio": "dynamic_s2", "mm_hidden_size": 3456},
-            tokenizer="qwen2", template="chatml", llm_shards=4, tokens_per_image=None, supported=False,
+            tokenizer="qwen2", template="chatml", llm_shards=4, supported=False,
             note="dynamic_s2 multi-scale tiling is not implemented yet"),
 )}
 

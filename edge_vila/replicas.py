@@ -22,9 +22,6 @@ from .testing import default_corpus
 
 log = logging.getLogger(__name__)
 
-LLAMA2_SPECIALS = ("<unk>", "<s>", "</s>")
-
-
 def sentencepiece_model(vocab_size: int = 32000, seed_vocab: int = 800) -> bytes:
     """A Llama-2-style sentencepiece BPE model (byte fallback, dummy prefix, digits split,
     identity normalizer; <unk>=0 <s>=1 </s>=2, bytes at 3..258) with exactly `vocab_size`
@@ -116,14 +113,13 @@ def _random_state(meta_state: dict, seed: int, dtype) -> dict:
     for name, t in meta_state.items():
         if "rotary" in name or name.endswith("position_ids"):
             continue
-        if t.ndim >= 2:
-            val = torch.randn(t.shape, generator=gen) * 0.02
-        elif "norm" in name and name.endswith("weight"):
+        vector = t.ndim < 2
+        if vector and "norm" in name and name.endswith("weight"):
             val = torch.ones(t.shape)
-        elif name.endswith("bias") and any(p in name for p in ("q_proj", "k_proj", "v_proj")):
-            val = torch.randn(t.shape, generator=gen) * 0.02
+        elif vector and name.endswith("bias") and not any(p in name for p in ("q_proj", "k_proj", "v_proj")):
+            val = torch.zeros(t.shape)  # Qwen2's q/k/v biases are random, as trained ones are
         else:
-            val = torch.zeros(t.shape) if name.endswith("bias") else torch.randn(t.shape, generator=gen) * 0.02
+            val = torch.randn(t.shape, generator=gen) * 0.02
         out[name] = val.to(dtype).contiguous()
     return out
 
@@ -163,76 +159,67 @@ def save_sharded(folder: Path, state: dict, shards: int) -> None:
                       {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def make_replica(out: str | Path, name: str = "VILA1.5-3b", *, llm_layers: int = 2, vision_layers: int = 3,
-                 seed: int = 0, weights: bool = True) -> Path:
-    """Write a random-weight replica of the released checkpoint `name` to `out`
-    (weights=False: configs and tokenizer only, for tests of what is refused up front)."""
+def _hf_kwargs(cfg: dict) -> dict:
+    """A released sub-config as transformers config kwargs (no private or architecture keys)."""
+    return {k: v for k, v in cfg.items() if not k.startswith("_") and k != "architectures"}
+
+
+def _write_random_weights(tmp: Path, lay: ReleasedLayout, top: dict, seed: int) -> None:
+    """Random bf16 weights under the names and shapes transformers (LLM, SigLIP) and our
+    projector give, written as the release stores them."""
     import torch
+    from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, \
         SiglipVisionModel
 
     from .config import ProjectorSpec
     from .modeling.projector import MultimodalProjector
 
+    llm_cfg = top["llm_cfg"]
+    llm_cls, cfg_cls = (LlamaForCausalLM, LlamaConfig) if llm_cfg["model_type"] == "llama" else \
+        (Qwen2ForCausalLM, Qwen2Config)
+    llm = _random_state(_meta_state(llm_cls, cfg_cls(**_hf_kwargs(llm_cfg))), seed, torch.bfloat16)
+    if llm_cfg.get("tie_word_embeddings"):
+        llm.pop("lm_head.weight", None)
+    save_sharded(tmp / "llm", llm, lay.llm_shards)
+    vis = _random_state(_meta_state(SiglipVisionModel, SiglipVisionConfig(**_hf_kwargs(top["vision_tower_cfg"]))),
+                        seed + 1, torch.bfloat16)
+    # the releases were saved by transformers 4.x, whose SiglipVisionModel nests every
+    # tensor under vision_model. (5.x holds them on the model itself)
+    vis = {k if k.startswith("vision_model.") else f"vision_model.{k}": v for k, v in vis.items()}
+    save_file(vis, str(tmp / "vision_tower" / "model.safetensors"), metadata={"format": "pt"})
+    with torch.device("meta"):
+        proj = MultimodalProjector(ProjectorSpec(lay.projector_type, top["mm_hidden_size"], llm_cfg["hidden_size"]))
+    save_file(_random_state(proj.state_dict(), seed + 2, torch.bfloat16),
+              str(tmp / "mm_projector" / "model.safetensors"), metadata={"format": "pt"})
+
+
+def make_replica(out: str | Path, name: str = "VILA1.5-3b", *, llm_layers: int = 2, vision_layers: int = 3,
+                 seed: int = 0, weights: bool = True) -> Path:
+    """Write a random-weight replica of the released checkpoint `name` to `out`
+    (weights=False: configs and tokenizer only, for tests of what is refused up front)."""
     lay = get_layout(name)
     top = lay.config_json()
     top["llm_cfg"]["num_hidden_layers"] = llm_layers
     top["vision_tower_cfg"]["num_hidden_layers"] = vision_layers
-    llm_cfg, vis_cfg, proj_cfg = top["llm_cfg"], top["vision_tower_cfg"], top["mm_projector_cfg"]
-    bf16 = torch.bfloat16
-    hf_keys = {k: v for k, v in llm_cfg.items() if not k.startswith("_")}
-    llm_cls, cfg_cls = (LlamaForCausalLM, LlamaConfig) if llm_cfg["model_type"] == "llama" else \
-        (Qwen2ForCausalLM, Qwen2Config)
-    llm_state = vis_state = proj_state = {}
-    if weights:
-        llm_state = _random_state(_meta_state(llm_cls, cfg_cls(**hf_keys)), seed, bf16)
-        if llm_cfg.get("tie_word_embeddings"):
-            llm_state.pop("lm_head.weight", None)
-        vis_keys = {k: v for k, v in vis_cfg.items() if not k.startswith("_") and k not in ("architectures",)}
-        vis_state = _random_state(_meta_state(SiglipVisionModel, SiglipVisionConfig(**vis_keys)), seed + 1, bf16)
-        # the releases were saved by transformers 4.x, whose SiglipVisionModel nests every
-        # tensor under vision_model. (5.x holds them on the model itself)
-        vis_state = {k if k.startswith("vision_model.") else f"vision_model.{k}": v for k, v in vis_state.items()}
-        with torch.device("meta"):
-            proj = MultimodalProjector(ProjectorSpec(lay.projector_type, top["mm_hidden_size"],
-                                                     llm_cfg["hidden_size"]))
-        proj_state = _random_state(proj.state_dict(), seed + 2, bf16)
-
-    from safetensors.torch import save_file
-
+    llm_cfg = top["llm_cfg"]
     out = Path(out)
     with atomic_dir(out) as tmp:
         for sub in ("llm", "vision_tower", "mm_projector"):
             (tmp / sub).mkdir()
         if weights:
-            save_sharded(tmp / "llm", llm_state, lay.llm_shards)
+            _write_random_weights(tmp, lay, top, seed)
         atomic_write_json(tmp / "llm" / "config.json", llm_cfg)
         gen = {"bos_token_id": llm_cfg["bos_token_id"], "eos_token_id": llm_cfg["eos_token_id"],
                "pad_token_id": llm_cfg.get("pad_token_id"), "_from_model_config": True}
         atomic_write_json(tmp / "llm" / "generation_config.json", gen)
         write_tokenizer(tmp / "llm", lay)
-        if weights:
-            save_file(vis_state, str(tmp / "vision_tower" / "model.safetensors"), metadata={"format": "pt"})
-            save_file(proj_state, str(tmp / "mm_projector" / "model.safetensors"), metadata={"format": "pt"})
-        atomic_write_json(tmp / "vision_tower" / "config.json", vis_cfg)
+        atomic_write_json(tmp / "vision_tower" / "config.json", top["vision_tower_cfg"])
         atomic_write_json(tmp / "vision_tower" / "preprocessor_config.json", lay.processor)
-        atomic_write_json(tmp / "mm_projector" / "config.json", proj_cfg)
+        atomic_write_json(tmp / "mm_projector" / "config.json", top["mm_projector_cfg"])
         atomic_write_json(tmp / "config.json", top)
     log.info("wrote a %d-layer replica of %s to %s", llm_layers, lay.repo, out)
     return out
-
-
-def pack_tinychat_qweight(codes):
-    """4-bit codes [N, K] -> llm-awq v2 int16 [N/4, K] (the layout in quant/tinychat.py's
-    docstring; tests check it against a word-by-word construction)."""
-    import numpy as np
-
-    n, k = codes.shape
-    c = codes.astype(np.int32).reshape(n, k // 32, 4, 4, 2)  # input 8a + 2b + c -> [a, b, c]
-    c = c.transpose(0, 1, 3, 4, 2).reshape(n, k)  # position 8b + 4c + a
-    c = c.reshape(n // 4, 4, k // 64, 64).transpose(0, 2, 1, 3).reshape(n // 4, k // 64, 64, 4)
-    words = c[..., 0] | (c[..., 1] << 4) | (c[..., 2] << 8) | (c[..., 3] << 12)
-    return words.reshape(n // 4, k).astype(np.uint16).view(np.int16)
 
 
 def make_awq_replica(out: str | Path, name: str = "VILA1.5-3b", *, llm_layers: int = 2, vision_layers: int = 3,
@@ -240,34 +227,23 @@ def make_awq_replica(out: str | Path, name: str = "VILA1.5-3b", *, llm_layers: i
     """A replica of the official `<name>-AWQ` build: the float replica's vision tower and
     projector, and the LLM as one TinyChat state dict (`llm/<name>-w4-g128-awq-v2.pt`, fp16,
     llm-awq v2 packing) quantized round-to-nearest from the replica's random weights."""
-    import numpy as np
     import torch
-    from safetensors.torch import load_file
 
+    from .modeling.llm import load_safetensors_dir
     from .quant.rtn import QuantConfig, quantize
+    from .quant.tinychat import pack_linear_v2
 
     out = Path(out)
     with atomic_dir(out) as base:
         base.rmdir()  # make_replica writes it (atomically itself), then the LLM is swapped in place
         make_replica(base, name, llm_layers=llm_layers, vision_layers=vision_layers, seed=seed)
-        sd: dict = {}
-        for f in sorted((base / "llm").glob("model*.safetensors")):
-            sd.update(load_file(str(f)))
-        state = {}
         q = QuantConfig(4, group_size, True)
-        for key, t in sd.items():
+        state = {}
+        for key, t in load_safetensors_dir(base / "llm").items():
             if key.endswith("_proj.weight") and ".layers." in key:
                 codes, s, z = quantize(t.float(), q)  # [N, K], [N, G], [N, G]
-                n, k = codes.shape
-                rows = 8 * -(-(k // group_size) // 8)
-                scales = torch.zeros(rows, n, dtype=torch.float16)
-                scales[: s.shape[1]] = s.T.half()
-                zeros = torch.zeros(rows, n, dtype=torch.float16)
-                zeros[: s.shape[1]] = -(s.float() * z.float()).T.half()
-                prefix = key[: -len(".weight")]
-                state[prefix + ".qweight"] = torch.from_numpy(pack_tinychat_qweight(codes.numpy().astype(np.uint8)))
-                state[prefix + ".scales"] = scales
-                state[prefix + ".scaled_zeros"] = zeros
+                packed = pack_linear_v2(codes.numpy(), s.numpy(), z.float().numpy(), group_size)
+                state.update({f"{key[: -len('.weight')]}.{k}": torch.from_numpy(v) for k, v in packed.items()})
             else:
                 state[key] = t.half()
         for f in (base / "llm").glob("model*.safetensors*"):

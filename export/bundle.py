@@ -15,7 +15,7 @@ import onnx
 
 from edge_vila import __version__
 from edge_vila.bundle import FORMAT, FORMAT_VERSION
-from edge_vila.config import load_config
+from edge_vila.config import TINYCHAT, load_config
 from edge_vila.errors import InputError
 from edge_vila.fsutil import atomic_dir, atomic_write_json, sha256_file
 from edge_vila.modeling.int8 import INT8_FILE, load_int8
@@ -65,8 +65,15 @@ def _quiet():
 
 
 def _ensure_quantized(ckpt: Path, opts: ExportOptions, work: Path) -> Path:
-    """Quantize on the fly (issue #4's AWQ + INT8 calibration) when the checkpoint is float."""
+    """Quantize on the fly (issue #4's AWQ + INT8 calibration) when the checkpoint is float;
+    an official AWQ build (TinyChat .pt) is converted first, keeping its 4-bit weights."""
     cfg = load_config(ckpt)
+    if (cfg.llm.quantization or {}).get("version") == TINYCHAT:
+        from edge_vila.quant.tinychat import convert_tinychat_checkpoint
+
+        log.info("converting the official AWQ build %s (TinyChat .pt) without re-quantizing", ckpt)
+        ckpt = convert_tinychat_checkpoint(ckpt, work / "converted")
+        cfg = load_config(ckpt)
     need_llm = opts.llm_quant == "awq-w4" and not cfg.llm.quantization
     need_vit = cfg.is_multimodal and opts.vision_quant == "int8" and not (ckpt / INT8_FILE).is_file()
     if not (need_llm or need_vit):
@@ -93,11 +100,6 @@ def export_bundle(ckpt: str | Path, out: str | Path, opts: ExportOptions | None 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edge-vila-export-") as work_s:
         work = Path(work_s)
-        if (load_config(ckpt).llm.quantization or {}).get("version") == "tinychat-v2":
-            from edge_vila.quant.tinychat import convert_tinychat_checkpoint
-
-            log.info("converting the official AWQ build %s (TinyChat .pt) without re-quantizing", ckpt)
-            ckpt = convert_tinychat_checkpoint(ckpt, work / "converted")
         src = _ensure_quantized(ckpt, opts, work) if (opts.llm_quant != "fp32" or opts.vision_quant != "fp32") else ckpt
         cfg = load_config(src)
         if opts.llm_quant == "fp32" and cfg.llm.quantization:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge_vila.checkpoint import copy_all_but_llm_weights
 from edge_vila.config import load_config
 from edge_vila.errors import InputError
 from edge_vila.fsutil import atomic_dir, atomic_write_json
@@ -97,7 +98,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, opts: QuantizeOptions,
         parts, pre = (load_vision_tower(cfg), load_projector(cfg.projector_dir, cfg.projector)), cfg.preprocess
     t0 = time.perf_counter()
     calib = None
-    if opts.method == "awq" and not opts.awq_result or opts.eval:  # RTN alone needs no activations
+    if (opts.method == "awq" and not opts.awq_result) or opts.eval:  # RTN alone needs no activations
         calib = calibration_embeds(lm, tok, opts.n_text, opts.seq_len, parts, opts.n_mm if parts else 0,
                                    cfg.preprocess.height if cfg.preprocess else 0, pre)
     float_lm = None
@@ -121,17 +122,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, opts: QuantizeOptions,
                                       "modules_to_not_convert": None if opts.lm_head else ["lm_head"],
                                       "edge_vila_method": opts.method, "edge_vila_lm_head": opts.lm_head}
     with atomic_dir(out) as tmp:
-        if cfg.is_multimodal:
-            for sub in ("vision_tower", "mm_projector"):
-                shutil.copytree(src / sub, tmp / sub)
-            shutil.copy2(src / "config.json", tmp / "config.json")
-            llm_dir = tmp / "llm"
-        else:
-            llm_dir = tmp
-        llm_dir.mkdir(exist_ok=True)
-        for f in cfg.llm_dir.iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
-                shutil.copy2(f, llm_dir / f.name)
+        llm_dir = copy_all_but_llm_weights(cfg, tmp)
         save_file(state, str(llm_dir / "model.safetensors"), metadata={"format": "pt", "quant": "awq-gemm"})
         atomic_write_json(llm_dir / "config.json", llm_cfg)
         if result is not None:

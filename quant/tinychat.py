@@ -15,34 +15,42 @@ llm-awq's v2 layout of one linear (out N, in K, group g), as its packer builds i
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 
+from edge_vila.checkpoint import copy_all_but_llm_weights
+from edge_vila.config import load_config, tinychat_weights
 from edge_vila.errors import CheckpointError, InputError
-from edge_vila.fsutil import atomic_dir, atomic_write_json
+from edge_vila.fsutil import atomic_dir, atomic_write_json, read_json
 from edge_vila.quantfmt import pack_linear
 
 log = logging.getLogger(__name__)
 
-TINYCHAT_SUFFIXES = (".qweight", ".scales", ".scaled_zeros")
 INTERLEAVE, KSTRIDE = 4, 64
 
 
-def tinychat_file(llm_dir: Path) -> Path | None:
-    """The TinyChat .pt of an official AWQ build's llm/ folder, if that is what it holds."""
-    pts = sorted(Path(llm_dir).glob("*.pt"))
-    if not pts or any(Path(llm_dir).glob("*.safetensors")):
-        return None
-    return pts[0]
+def scale_rows(k: int, group: int) -> int:
+    """Rows of `scales` / `scaled_zeros`: the K/g groups padded to a multiple of 8."""
+    return 8 * -(-(k // group) // 8)
+
+
+def pack_qweight(codes: np.ndarray) -> np.ndarray:
+    """4-bit codes uint8 [N, K] -> llm-awq v2 int16 [N/4, K] (the module docstring's layout).
+    We only consume this format; the packer makes replicas of the releases for tests."""
+    n, k = codes.shape
+    c = codes.astype(np.int32).reshape(n, k // 32, 4, 4, 2)  # input 8a + 2b + c -> [a, b, c]
+    c = c.transpose(0, 1, 3, 4, 2).reshape(n, k)  # position 8b + 4c + a
+    c = c.reshape(n // INTERLEAVE, INTERLEAVE, k // KSTRIDE, KSTRIDE).transpose(0, 2, 1, 3)
+    c = c.reshape(n // INTERLEAVE, k // KSTRIDE, KSTRIDE, INTERLEAVE)
+    words = c[..., 0] | (c[..., 1] << 4) | (c[..., 2] << 8) | (c[..., 3] << 12)
+    return words.reshape(n // INTERLEAVE, k).astype(np.uint16).view(np.int16)
 
 
 def unpack_qweight(qweight: np.ndarray) -> np.ndarray:
-    """llm-awq v2 int16 [N/4, K] -> 4-bit codes uint8 [N, K] (the module docstring's layout, undone)."""
+    """llm-awq v2 int16 [N/4, K] -> 4-bit codes uint8 [N, K] (pack_qweight undone)."""
     n4, k = qweight.shape
     if k % KSTRIDE:
         raise CheckpointError(f"qweight has {k} inputs, not a multiple of {KSTRIDE} (not llm-awq v2 packing)")
@@ -56,27 +64,38 @@ def unpack_qweight(qweight: np.ndarray) -> np.ndarray:
     return codes.astype(np.uint8)
 
 
-def _group_size(path: Path, k: int, rows: int) -> int:
+def pack_linear_v2(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group: int) -> dict[str, np.ndarray]:
+    """codes [N, K], scales / zeros [N, G] -> the TinyChat tensors of one linear (fp16 padded
+    scales and scaled_zeros = -scales * zeros, as the release stores them)."""
+    n, k = codes.shape
+    rows = scale_rows(k, group)
+    sc = np.zeros((rows, n), np.float16)
+    sz = np.zeros((rows, n), np.float16)
+    sc[: scales.shape[1]] = scales.T
+    sz[: scales.shape[1]] = -(scales.astype(np.float32) * zeros).T
+    return {"qweight": pack_qweight(codes), "scales": sc, "scaled_zeros": sz}
+
+
+def group_size_of(path: Path) -> int:
+    """The group size in the release's file name (`...-w4-g128-awq-v2.pt`), else 128."""
     m = re.search(r"-g(\d+)", path.name)
-    g = int(m.group(1)) if m else 128
-    if rows != 8 * -(-(k // g) // 8):
-        raise CheckpointError(f"{path}: scales have {rows} rows, expected {8 * -(-(k // g) // 8)} for "
-                              f"{k} inputs in groups of {g}")
-    return g
+    return int(m.group(1)) if m else 128
 
 
-def convert_linear(qweight, scales, scaled_zeros, path: Path, name: str) -> tuple[dict[str, np.ndarray], int]:
+def convert_linear(qweight, scales, scaled_zeros, group: int, path: Path, name: str) -> dict[str, np.ndarray]:
     """One TinyChat linear -> AutoAWQ GEMM tensors (same codes, scales and zero points)."""
     q = unpack_qweight(qweight)
-    n, k = q.shape
-    g = _group_size(path, k, scales.shape[0])
-    groups = k // g
+    k = q.shape[1]
+    if scales.shape[0] != scale_rows(k, group):
+        raise CheckpointError(f"{path}: {name}.scales has {scales.shape[0]} rows, expected "
+                              f"{scale_rows(k, group)} for {k} inputs in groups of {group}")
+    groups = k // group
     s = scales[:groups].astype(np.float32).T  # [N, G]
     zf = -scaled_zeros[:groups].astype(np.float32).T / np.where(s == 0, 1, s)
     z = np.rint(zf)
     if np.abs(zf - z).max(initial=0) > 0.05 or z.min(initial=0) < 0 or z.max(initial=0) > 15:
         raise CheckpointError(f"{path}: {name}.scaled_zeros are not -scales * zero_point with 4-bit zero points")
-    return pack_linear(q, s, z.astype(np.uint8)), g
+    return pack_linear(q, s, z.astype(np.uint8))
 
 
 def read_tinychat_state(path: Path) -> dict:
@@ -113,43 +132,31 @@ def convert_tinychat_checkpoint(src: str | Path, out: str | Path) -> Path:
     from safetensors.torch import save_file
 
     src, out = Path(src), Path(out)
-    llm_dir = src / "llm" if (src / "llm").is_dir() else src
-    pt = tinychat_file(llm_dir)
+    cfg = load_config(src)
+    pt = tinychat_weights(cfg.llm_dir)
     if pt is None:
-        raise InputError(f"{llm_dir}: no TinyChat *.pt weights (an official *-AWQ build keeps its LLM there)")
+        raise InputError(f"{cfg.llm_dir}: no TinyChat *.pt weights (an official *-AWQ build keeps its LLM there)")
     sd = read_tinychat_state(pt)
+    group = group_size_of(pt)
     state: dict[str, torch.Tensor] = {}
-    group = None
     for key, t in sd.items():
         if key.endswith(".qweight"):
             base = key[: -len(".qweight")]
             missing = [base + s for s in (".scales", ".scaled_zeros") if base + s not in sd]
             if missing:
                 raise CheckpointError(f"{pt}: '{missing[0]}' missing for '{key}'")
-            packed, group = convert_linear(t.numpy(), sd[base + ".scales"].float().numpy(),
-                                           sd[base + ".scaled_zeros"].float().numpy(), pt, base)
+            packed = convert_linear(t.numpy(), sd[base + ".scales"].float().numpy(),
+                                    sd[base + ".scaled_zeros"].float().numpy(), group, pt, base)
             state.update({f"{base}.{k}": torch.from_numpy(v) for k, v in packed.items()})
         elif not key.endswith((".scales", ".scaled_zeros")):
             state[key] = t.contiguous()
-    cfg_path = llm_dir / "config.json"
-    try:
-        llm_cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise CheckpointError(f"{cfg_path}: missing or not JSON (an official AWQ build ships its LLM config)") from None
+    llm_cfg = read_json(cfg.llm_dir / "config.json", "LLM config")
     llm_cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
                                       "version": "gemm", "modules_to_not_convert": ["lm_head"],
                                       "edge_vila_method": "tinychat", "edge_vila_source": pt.name}
     with atomic_dir(out) as tmp:
-        dst = tmp / "llm" if llm_dir != src else tmp
-        if llm_dir != src:
-            for item in src.iterdir():
-                if item.name != "llm":
-                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-        dst.mkdir(exist_ok=True)
-        for f in llm_dir.iterdir():
-            if f.is_file() and f.suffix != ".pt" and f.name != "config.json":
-                shutil.copy2(f, dst / f.name)
-        save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt", "quant": "awq-gemm"})
-        atomic_write_json(dst / "config.json", llm_cfg)
-    log.info("converted %s (TinyChat AWQ, g%s) to %s without re-quantizing", pt, group, out)
+        llm_dir = copy_all_but_llm_weights(cfg, tmp)
+        save_file(state, str(llm_dir / "model.safetensors"), metadata={"format": "pt", "quant": "awq-gemm"})
+        atomic_write_json(llm_dir / "config.json", llm_cfg)
+    log.info("converted %s (TinyChat AWQ, g%d) to %s without re-quantizing", pt, group, out)
     return out

@@ -212,7 +212,7 @@ def test_tinychat_v2_unpacking_on_a_hand_built_tensor():
     input k = 8a + 2b + c of each 32 goes to position 8b + 4c + a; rows 4n'..4n'+3 over 64
     positions are read row-major in runs of four, run t -> word 64j + t, first value lowest."""
     from edge_vila.quant.tinychat import unpack_qweight
-    from edge_vila.replicas import pack_tinychat_qweight
+    from edge_vila.quant.tinychat import pack_qweight as pack_tinychat_qweight
 
     n, k = 8, 128
     codes = ((np.arange(n)[:, None] * 7 + np.arange(k)[None, :] * 3) % 16).astype(np.uint8)
