@@ -87,8 +87,8 @@ def scene_variants(rng: np.random.Generator, k: int = 4) -> list[Scene]:
     Shape changes are weighted up (58% of negatives, was 47% with a third per kind): the
     ViT had learned colour and place but barely told circles from squares (linear shape
     probe on its pooled features 75% after 1000 CLIP steps; 88% with this weighting), and
-    the tiny recipe's VQA over seeds became higher and far steadier (README, "What the tiny
-    recipe reaches")."""
+    the tiny recipe's VQA over seeds became higher and far steadier (docs/training.md, "What
+    mattered")."""
     base = random_scene(rng)
     out = [base]
     while len(out) < k:
