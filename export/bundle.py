@@ -19,11 +19,10 @@ from edge_vila.config import TINYCHAT, load_config
 from edge_vila.errors import InputError
 from edge_vila.fsutil import atomic_dir, atomic_write_json, sha256_file
 from edge_vila.modeling.int8 import INT8_FILE, load_int8
-from edge_vila.modeling.llm import load_decoder, load_safetensors_dir
+from edge_vila.modeling.weights import CheckpointWeights
 from edge_vila.prompt import TextTokenizer, get_template, guess_template
-from edge_vila.quantfmt import unpack_linear
 
-from .graph_quant import quantize_llm_int4, quantize_vision_int8
+from .graph_quant import quantize_vision_int8
 from .llm_onnx import export_llm, io_names
 from .vision_onnx import export_vision
 
@@ -109,12 +108,18 @@ def export_bundle(ckpt: str | Path, out: str | Path, opts: ExportOptions | None 
         name = opts.template or cfg.chat_template
         template = get_template(name) if name else guess_template(tok, tok.jinja)
         with atomic_dir(out) as tmp:
-            lm = load_decoder(cfg.llm_dir, cfg.llm)
-            _write_llm(lm, cfg, tmp / "llm.onnx", max_ctx, opts)
+            weights = CheckpointWeights(cfg.llm_dir)
+            log.info("writing llm.onnx (%d layers, %s)", cfg.llm.num_layers,
+                     "INT4 AWQ" if cfg.llm.quantization else "float32")
+            with _quiet():
+                res = export_llm(cfg.llm, weights, tmp / "llm.onnx", max_ctx)
+            if cfg.llm.quantization:
+                log.info("llm.onnx: %d linears as INT4 block-%d DequantizeLinear", res["int4_linears"],
+                         cfg.llm.quantization["group_size"])
             from safetensors.numpy import save_file
 
-            save_file({"embed_tokens": lm.model.embed_tokens.weight.detach().float().numpy()},
-                      str(tmp / "embed.safetensors"))
+            save_file({"embed_tokens": weights.float32("model.embed_tokens.weight")}, str(tmp / "embed.safetensors"))
+            del weights
             tok.save(tmp)
             for extra in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
                 if (cfg.llm_dir / extra).is_file():
@@ -137,33 +142,6 @@ def export_bundle(ckpt: str | Path, out: str | Path, opts: ExportOptions | None 
             rep = bundle_report(ckpt if cfg.is_multimodal else src, out, n=opts.report_n, quantized_ref=src)
             atomic_write_json(out / "report.json", rep)
     return out
-
-
-def _write_llm(lm, cfg, path: Path, max_ctx: int, opts: ExportOptions) -> None:
-    from edge_vila.quant.awq import LINEARS
-
-    with _quiet():
-        export_llm(lm, path, max_ctx)
-    if not cfg.llm.quantization:
-        return
-    model = onnx.load(str(path))
-    sd = load_safetensors_dir(cfg.llm_dir)
-    linears, floats = {}, {}
-    for i, layer in enumerate(lm.model.layers):
-        for name in LINEARS:
-            key = f"model.layers.{i}.{name}"
-            codes, s, z = unpack_linear(sd[key + ".qweight"].numpy(), sd[key + ".qzeros"].numpy(),
-                                        sd[key + ".scales"].float().numpy())
-            linears[key] = (codes, s, z)
-            floats[key] = layer.get_submodule(name).weight.detach().numpy()
-    if "lm_head.qweight" in sd:
-        linears["lm_head"] = unpack_linear(sd["lm_head.qweight"].numpy(), sd["lm_head.qzeros"].numpy(),
-                                           sd["lm_head.scales"].float().numpy())
-        floats["lm_head"] = lm.lm_head.weight.detach().numpy()
-    g = cfg.llm.quantization["group_size"]
-    model, n = quantize_llm_int4(model, linears, floats, g)
-    log.info("llm.onnx: %d linears as INT4 block-%d DequantizeLinear", n, g)
-    onnx.save(model, str(path))
 
 
 def _write_vision(cfg, src: Path, path: Path, opts: ExportOptions) -> dict:

@@ -8,13 +8,20 @@ gathered from a table by position inside the graph.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_vila.modeling.llm import DecoderLM, rotate_half
+from edge_vila.config import LLMSpec
+from edge_vila.errors import CheckpointError
+from edge_vila.modeling.llm import DecoderLM, rope_tables, rotate_half
+from edge_vila.modeling.weights import CheckpointWeights
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +44,8 @@ class FlatDecoder(nn.Module):
         cos = self.cos_table[position_ids][None, None]
         sin = self.sin_table[position_ids][None, None]
         # causal over the new tokens, everything in the past visible
-        i = torch.arange(T)[:, None]
-        j = torch.arange(P + T)[None, :]
+        i = torch.arange(T, device=inputs_embeds.device)[:, None]
+        j = torch.arange(P + T, device=inputs_embeds.device)[None, :]
         mask = j <= (i + P)
         h = inputs_embeds
         presents = []
@@ -71,13 +78,21 @@ def io_names(n_layers: int) -> tuple[list[str], list[str]]:
     return ["inputs_embeds", "position_ids", *past], ["logits", *present]
 
 
-def export_llm(lm: DecoderLM, out: Path, max_context: int, opset: int = 21) -> Path:
-    """Float llm.onnx (weights quantized later by graph rewriting, see int4.py)."""
-    s = lm.spec
-    wrapper = FlatDecoder(lm, max_context).eval()
+def trace_graph(spec: LLMSpec, max_context: int, opset: int = 21):
+    """The decoder's ONNX graph without weights: traced on the meta device (no memory for
+    parameters at any model size), optimised with every parameter as a graph input (so the
+    optimiser cannot fold or merge them), -> (onnx_ir Model, the parameter inputs by name)."""
+    import onnxscript
+
+    with torch.device("meta"):
+        lm = DecoderLM(spec)
+        wrapper = FlatDecoder(lm, max_context).eval()
+    wrapper.cos_table, wrapper.sin_table = wrapper.cos_table.to("meta"), wrapper.sin_table.to("meta")
+    s = spec
     T, P = 3, 5
-    args = (torch.randn(1, T, s.hidden_size), torch.arange(P, P + T),
-            *[torch.randn(1, s.num_kv_heads, P, s.head_dim) for _ in range(2 * s.num_layers)])
+    meta = dict(device="meta")
+    args = (torch.empty(1, T, s.hidden_size, **meta), torch.arange(P, P + T, **meta),
+            *[torch.empty(1, s.num_kv_heads, P, s.head_dim, **meta) for _ in range(2 * s.num_layers)])
     ins, outs = io_names(s.num_layers)
     seq = torch.export.Dim("seq_len", min=1, max=max_context)
     past = torch.export.Dim("past_len", min=0, max=max_context)
@@ -85,6 +100,159 @@ def export_llm(lm: DecoderLM, out: Path, max_context: int, opset: int = 21) -> P
               "past": tuple({2: past} for _ in range(2 * s.num_layers))}
     with torch.no_grad():
         prog = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, input_names=ins, output_names=outs,
-                                 dynamic_shapes=shapes, optimize=True, verbose=False)
-    prog.save(str(out), external_data=False)
-    return out
+                                 dynamic_shapes=shapes, optimize=False, verbose=False)
+    model = prog.model
+    g = model.graph
+    params = {}
+    for name, v in list(g.initializers.items()):
+        v.const_value = None
+        g.initializers.pop(name)
+        g.inputs.append(v)
+        params[name] = v
+    onnxscript.optimizer.optimize(model)
+    return model, {k: v for k, v in params.items() if v in g.inputs}
+
+
+def _lazy(name: str, dtype, shape, fn):
+    """An initializer whose bytes are produced when the file is written, then dropped."""
+    return ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype),
+                    const_value=ir.LazyTensor(lambda: ir.Tensor(fn(), dtype=dtype), dtype, ir.Shape(shape), name=name))
+
+
+def _int4_q(w: CheckpointWeights, base: str) -> np.ndarray:
+    codes, _, _ = w.int4(base)
+    return np.ascontiguousarray((codes.astype(np.int8) - 8).T).astype(ml_dtypes.int4)
+
+
+def _int4_scale(w: CheckpointWeights, base: str) -> np.ndarray:
+    return np.ascontiguousarray(w.int4(base)[1].T, np.float32)
+
+
+def _int4_zcorr(w: CheckpointWeights, base: str) -> np.ndarray:
+    _, s, z = w.int4(base)
+    return np.ascontiguousarray(((8.0 - z) * s).T, np.float32)
+
+
+def export_llm(spec: LLMSpec, weights: CheckpointWeights, out: Path, max_context: int, opset: int = 21) -> dict:
+    """Write llm.onnx + llm.onnx.data: the traced graph with the checkpoint's weights bound
+    tensor by tensor. AutoAWQ linears become symmetric INT4 block DequantizeLinear ->
+    MatMul (TensorRT's weight-only form) and asymmetric zero points are carried exactly by
+    ReduceSum_g(x) @ ((8 - z)·s); float linears are stored transposed for MatMul. Only one
+    tensor is in memory at a time while the file is written."""
+    model, params = trace_graph(spec, max_context, opset)
+    g = model.graph
+    cos, sin = (a.numpy() for a in rope_tables(spec, max_context))
+    blocks: dict[tuple[int, int], ir.Value] = {}
+    n_int4, n_uid = 0, 0
+    for pname, v in params.items():
+        g.inputs.remove(v)
+        if pname in ("cos_table", "sin_table"):
+            arr = cos if pname == "cos_table" else sin
+            v.const_value = ir.Tensor(np.ascontiguousarray(arr, np.float32), name=pname)
+            g.register_initializer(v)
+            continue
+        key = pname.removeprefix("lm.")
+        base = key.removesuffix(".weight")
+        users = list(v.uses())
+        if key.endswith(".weight") and weights.is_int4(base):
+            n_uid += 1
+            mm = _consuming_matmul(v, key)
+            codes_shape = weights.shape(base + ".qweight")  # [in, out / 8]
+            in_f, out_f = codes_shape[0], codes_shape[1] * 8
+            G = weights.shape(base + ".scales")[0]
+            gs = -(-in_f // G)
+            q = _lazy(f"{base}.q4__q{n_uid}", ir.DataType.INT4, [in_f, out_f], partial(_int4_q, weights, base))
+            sc = _lazy(f"{base}.scale__q{n_uid}", ir.DataType.FLOAT, [G, out_f], partial(_int4_scale, weights, base))
+            for t in (q, sc):
+                g.register_initializer(t)
+            wdq = ir.node("DequantizeLinear", [q, sc], {"axis": 0, "block_size": gs}, name=f"{base}.dq")
+            x = mm.inputs[0]
+            g.insert_before(mm, wdq)
+            old_w = mm.inputs[1]
+            mm.replace_input_with(1, wdq.outputs[0])
+            if mm.op_type == "Gemm":  # the exporter writes the head as Gemm(x, W, transB=1)
+                mm = _gemm_to_matmul(g, mm, key)
+            if old_w is not None and old_w.producer() is not None and not list(old_w.uses()):
+                g.remove(old_w.producer(), safe=True)
+            _, _, z = weights.int4(base)
+            if (z != 8).any():
+                if (in_f, gs) not in blocks:  # 0/1 [in, G] indicator: block sums as one MatMul
+                    ind = np.zeros((in_f, G), np.float32)
+                    ind[np.arange(in_f), np.arange(in_f) // gs] = 1.0
+                    blocks[(in_f, gs)] = ir.Value(name=f"blocks_{in_f}_g{gs}", shape=ir.Shape(ind.shape),
+                                                  type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.Tensor(ind))
+                    g.register_initializer(blocks[(in_f, gs)])
+                zc = _lazy(f"{base}.zcorr__q{n_uid}", ir.DataType.FLOAT, [G, out_f], partial(_int4_zcorr, weights, base))
+                g.register_initializer(zc)
+                y = mm.outputs[0]
+                xs = ir.node("MatMul", [x, blocks[(in_f, gs)]], name=f"{base}.blocksum")
+                yc = ir.node("MatMul", [xs.outputs[0], zc], name=f"{base}.zcorr_mm")
+                add = ir.node("Add", [y, yc.outputs[0]], name=f"{base}.add_zcorr")
+                _reroute(y, add.outputs[0])
+                add.replace_input_with(0, y)
+                g.insert_after(mm, [xs, yc, add])
+            n_int4 += 1
+            continue
+        shape = weights.shape(key) if key in weights else None
+        if shape is None:
+            raise CheckpointError(f"{weights.folder}: tensor {key!r} not found (config.json expects it)")
+        if tuple(shape) != tuple(v.shape.numpy()):
+            raise CheckpointError(f"{weights.folder}: {key} is {list(shape)}, config.json says {list(v.shape.numpy())}")
+        tr = [u.node for u in users if u.node.op_type == "Transpose"]
+        if len(shape) == 2 and tr and len(tr) == len(users):  # a float linear: store W^T, drop the Transposes
+            wt = _lazy(pname + ".T", ir.DataType.FLOAT, [shape[1], shape[0]],
+                       partial(lambda k: np.ascontiguousarray(weights.float32(k).T), key))
+            g.register_initializer(wt)
+            for t in tr:
+                t.outputs[0].replace_all_uses_with(wt)
+                g.remove(t, safe=True)
+            continue
+        v.const_value = ir.LazyTensor(partial(lambda k: ir.Tensor(weights.float32(k)), key), ir.DataType.FLOAT,
+                                      ir.Shape(shape), name=pname)
+        g.register_initializer(v)
+    _save(model, out)
+    return {"int4_linears": n_int4}
+
+
+def _consuming_matmul(v, key: str):
+    """The MatMul (through a Transpose) or Gemm(transB=1) that applies weight `v`."""
+    for u in v.uses():
+        n = u.node
+        if n.op_type == "Gemm" and u.idx == 1:
+            return n
+        if n.op_type == "Transpose":
+            mms = [c.node for c in n.outputs[0].uses() if c.node.op_type == "MatMul" and c.idx == 1]
+            if len(mms) == 1:
+                return mms[0]
+    raise RuntimeError(f"{key}: the traced graph does not apply it as MatMul(x, W^T) or Gemm(x, W, transB=1)")
+
+
+def _reroute(old, new) -> None:
+    """Every use of `old` (a graph output too, keeping its name) now reads `new`."""
+    name = old.name
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if new.is_graph_output():
+        old.name, new.name = name + "_pre", name
+
+
+def _gemm_to_matmul(g, gemm, key: str):
+    a = gemm.attributes
+    if len(gemm.inputs) > 2 or a.get_float("alpha", 1.0) != 1.0 or a.get_float("beta", 1.0) != 1.0 \
+            or a.get_int("transA", 0):
+        raise RuntimeError(f"{key}: Gemm with bias/alpha/beta/transA cannot take an INT4 weight rewrite")
+    mm = ir.node("MatMul", list(gemm.inputs), name=gemm.name)
+    g.insert_before(gemm, mm)
+    _reroute(gemm.outputs[0], mm.outputs[0])
+    for i in range(len(gemm.inputs)):
+        gemm.replace_input_with(i, None)
+    g.remove(gemm, safe=True)
+    return mm
+
+
+def _save(model, out: Path) -> None:
+    """llm.onnx with its weights in llm.onnx.data (protobuf's 2 GB limit; TensorRT's parser
+    and ONNX Runtime read the data file from beside the model)."""
+    data = out.with_name(out.name + ".data")
+    for f in (out, data):
+        f.unlink(missing_ok=True)
+    ir.save(model, out, external_data=data.name, size_threshold_bytes=1024, max_workers=1)

@@ -64,7 +64,7 @@ def builder_flags(precision: str, man: dict, trt_version: str) -> list[str]:
 def plan_key(bundle: Path, man: dict, trt_version: str, sm: str, jetpack: str | None, o: BuildOptions) -> EngineKey:
     max_ctx = o.max_context or man["model"]["max_context"]
     return EngineKey(tensorrt=trt_version, sm=sm, jetpack=jetpack,
-                     onnx_sha256={k: v for k, v in man["files"].items() if k.endswith(".onnx")},
+                     onnx_sha256={k: v for k, v in man["files"].items() if k.endswith((".onnx", ".onnx.data"))},
                      precision=o.precision, max_context=max_ctx, max_prefill=o.max_prefill or min(max_ctx, 1024),
                      max_images=o.max_images, strongly_typed=o.strongly_typed)
 

@@ -187,7 +187,7 @@ def test_builder_flags_and_key(tiny_bundle):
     with pytest.raises(InputError, match="TensorRT 8.6.2 cannot build.*--llm-quant fp16"):
         builder_flags("auto", man, "8.6.2")
     k = plan_key(tiny_bundle, man, "10.3.0", "sm87", "6.1", BuildOptions(max_context=256))
-    assert k.max_context == 256 and k.max_prefill == 256 and set(k.onnx_sha256) == {"llm.onnx", "vision.onnx"}
+    assert k.max_context == 256 and k.max_prefill == 256 and set(k.onnx_sha256) == {"llm.onnx", "llm.onnx.data", "vision.onnx"}
 
 
 def test_tensorrt_backend_says_why_it_cannot_load(tiny_bundle):

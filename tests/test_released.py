@@ -282,7 +282,7 @@ def test_official_awq_replica_converts_exactly_and_exports(tmp_path, photo):
     w = q * sd[base + ".scales"].float().numpy()[g].T + sd[base + ".scaled_zeros"].float().numpy()[g].T
     ours = lm.get_submodule(base).weight.detach().numpy()
     assert np.abs(ours - w).max() <= 1e-3 * np.abs(w).max()  # fp16 rounding of scaled_zeros only
-    hand = load_decoder(cfg.llm_dir, cfg.llm)
+    hand = load_decoder(cfg.llm_dir, cfg.llm, int4_linears=False)
     for name, mod in hand.named_modules():
         if name.startswith("model.layers.") and name + ".qweight" in sd:
             qq = unpack_qweight(sd[name + ".qweight"].numpy()).astype(np.float32)

@@ -12,6 +12,7 @@ a rewind slices it once.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -260,14 +261,15 @@ def _fast_graph(cfg: BundleConfig, accuracy_level: int, required: bool,
     """The cached fast CPU graph for this bundle (built on first use); None if unavailable.
     With `kv_scales` (called only when the graph must be built) its KV cache is INT8; that
     graph is cached as `<sha>-acc<level>-kv8` (`-edgeattn` with our attention op, `-edgemm`
-    with our INT4 linear op), keyed by llm.onnx's hash like the FP32 one."""
+    with our INT4 linear op), keyed by llm.onnx's and llm.onnx.data's hashes like the FP32 one."""
     try:
         from .ort_fast import build_fast_llm
     except ImportError as e:  # the onnx package is needed to build it
         if required:
             raise InputError(f"the fast CPU graph needs the onnx package ({e})") from None
         return None
-    digest = cfg.manifest["files"]["llm.onnx"][:16]
+    files = cfg.manifest["files"]  # the graph and its weights file: one without the other says little
+    digest = hashlib.sha256((files["llm.onnx"] + files.get("llm.onnx.data", "")).encode()).hexdigest()[:16]
     name = f"{digest}-acc{accuracy_level}" + ("-kv8" if kv_scales else "") + ("-edgeattn" if attention == "edge" else "") + (
         "-edgemm" if matmul == "edge" else "")
     candidates = [cfg.root / "engines" / "ort-cpu" / name,

@@ -53,7 +53,7 @@ class TensorRTBackend(BundleBackend):
         self.cuda = open_runtime(runtime)
         sm = info.sm or device_sm()
         here = EngineKey(tensorrt=trt.__version__, sm=sm, jetpack=info.jetpack,
-                         onnx_sha256={k: v for k, v in cfg.manifest["files"].items() if k.endswith(".onnx")})
+                         onnx_sha256={k: v for k, v in cfg.manifest["files"].items() if k.endswith((".onnx", ".onnx.data"))})
         folder, built = select_engines(cfg.root, here)
         self.max_context = min(max_context or built.max_context, built.max_context)
         self.max_prefill = built.max_prefill
