@@ -19,6 +19,7 @@ from edge_vila.errors import InputError
 from edge_vila.fsutil import atomic_dir, atomic_write_json
 from edge_vila.modeling.int8 import INT8_FILE
 from edge_vila.modeling.llm import DecoderLM, load_decoder
+from edge_vila.modeling.weights import CheckpointWeights
 from edge_vila.prompt import TextTokenizer
 from edge_vila.quantfmt import pack_linear
 
@@ -26,6 +27,7 @@ from .awq import LINEARS, AwqSettings, apply_awq, load_awq_result, run_awq, save
 from .calib import HELDOUT_LICENSES, calibration_embeds, heldout_text
 from .quality import fake_quantize_model, layer_errors, perplexity
 from .rtn import QuantConfig, quantize
+from .stream import auto_eval_tokens, llm_config_with, quantization_config, rtn_state, streamed_rtn_quality, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, opts: QuantizeOptions,
         raise InputError(f"{cfg.llm_dir}: already quantized ({cfg.llm.quantization.get('quant_method')})")
     if opts.method not in ("awq", "rtn"):
         raise InputError(f"method {opts.method!r} unknown (expected awq or rtn)")
+    if opts.method == "rtn":
+        return _quantize_rtn(cfg, src, out, opts, progress)
     torch.manual_seed(0)
     lm = load_decoder(cfg.llm_dir, cfg.llm)
     q = opts.quant
@@ -116,11 +120,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, opts: QuantizeOptions,
     search_s = time.perf_counter() - t0
     state = pack_decoder(lm, q, opts.lm_head)
 
-    llm_cfg = json.loads((cfg.llm_dir / "config.json").read_text())
-    llm_cfg["quantization_config"] = {"quant_method": "awq", "bits": q.w_bit, "group_size": q.group_size,
-                                      "zero_point": q.zero_point, "version": "gemm",
-                                      "modules_to_not_convert": None if opts.lm_head else ["lm_head"],
-                                      "edge_vila_method": opts.method, "edge_vila_lm_head": opts.lm_head}
+    llm_cfg = llm_config_with(cfg.llm_dir, quantization_config(q, opts.method, opts.lm_head))
     with atomic_dir(out) as tmp:
         llm_dir = copy_all_but_llm_weights(cfg, tmp)
         save_file(state, str(llm_dir / "model.safetensors"), metadata={"format": "pt", "quant": "awq-gemm"})
@@ -137,6 +137,40 @@ def quantize_checkpoint(src: str | Path, out: str | Path, opts: QuantizeOptions,
             report["vision_int8"] = int8_rep
         if opts.eval:
             report.update(_quality(float_lm, lm, tok, calib, q, opts, tmp, progress))
+        atomic_write_json(tmp / "quant_report.json", report)
+    if opts.eval and cfg.knows_synthetic_world and opts.vqa_n:
+        report["vqa"] = _vqa(src, out, opts.vqa_n)
+        atomic_write_json(out / "quant_report.json", report)
+    return report
+
+
+def _quantize_rtn(cfg, src: Path, out: Path, opts: QuantizeOptions, progress: bool) -> dict:
+    """RTN streamed from the memory-mapped checkpoint: no whole-model copy, no calibration
+    activations (RTN uses none), the quality check layer by layer."""
+    w = CheckpointWeights(cfg.llm_dir)
+    q = opts.quant
+    with atomic_dir(out) as tmp:
+        llm_dir = copy_all_but_llm_weights(cfg, tmp)
+        write_shards(rtn_state(w, cfg.llm, q, opts.lm_head, progress), llm_dir, {"format": "pt", "quant": "awq-gemm"})
+        atomic_write_json(llm_dir / "config.json", llm_config_with(cfg.llm_dir, quantization_config(q, "rtn", opts.lm_head)))
+        report = {"method": "rtn", "options": asdict(opts), "search_seconds": 0.0, "calibration": None}
+        if cfg.is_multimodal and opts.vision_int8 != "none":
+            from edge_vila.modeling.projector import load_projector
+            from edge_vila.modeling.vision import load_vision_tower
+
+            parts = (load_vision_tower(cfg), load_projector(cfg.projector_dir, cfg.projector))
+            report["vision_int8"] = _int8(parts, cfg, opts, tmp / INT8_FILE)
+            del parts
+        if opts.eval:
+            n = auto_eval_tokens(cfg.llm, opts.eval_tokens)
+            if n < opts.eval_tokens:
+                log.info("quality check on %d held-out tokens (%d asked; capped for a %.1fB model)", n,
+                         opts.eval_tokens, cfg.llm.num_params / 1e9)
+            ids = torch.tensor(TextTokenizer(cfg.llm_dir).encode(heldout_text()))[:n]
+            qual = streamed_rtn_quality(w, cfg.llm, ids, q, opts.lm_head, progress=progress)
+            qual["perplexity"]["heldout"] = "/usr/share/common-licenses: " + ", ".join(HELDOUT_LICENSES)
+            _plot_layer_errors(qual["layer_error"], tmp / "layer_error.png", q)
+            report.update(qual)
         atomic_write_json(tmp / "quant_report.json", report)
     if opts.eval and cfg.knows_synthetic_world and opts.vqa_n:
         report["vqa"] = _vqa(src, out, opts.vqa_n)

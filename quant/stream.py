@@ -1,0 +1,187 @@
+"""Layer-at-a-time quantization work for models of any size: RTN needs no activations, so
+its packed state is made tensor by tensor from the memory-mapped checkpoint, and its
+quality check (held-out perplexity, float vs RTN, and per-layer error) runs the two
+models side by side one decoder layer at a time. Peak memory: one float32 layer, the
+packed output, and the held-out hidden states — never a whole-model float copy."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from edge_vila.config import LLMSpec
+from edge_vila.fsutil import atomic_write_json
+from edge_vila.modeling.llm import DecoderLayer, RMSNorm, rope_tables
+from edge_vila.modeling.weights import CheckpointWeights
+from edge_vila.quantfmt import pack_linear
+
+from .awq import LINEARS
+from .rtn import QuantConfig, fake_quant, quantize
+
+log = logging.getLogger(__name__)
+
+SHARD_BYTES = 2 * 1024 ** 3
+# what a streamed evaluation may spend, in multiply-adds per model (float and RTN each):
+# 30k tokens of a 135M model, ~1.5k of a 3B one — minutes on a 2-core CPU either way
+EVAL_BUDGET_MACS = 4e12
+
+
+def auto_eval_tokens(spec: LLMSpec, requested: int) -> int:
+    n = int(min(requested, max(1024, EVAL_BUDGET_MACS / max(spec.num_params, 1))))
+    return n
+
+
+def _linear_names(spec: LLMSpec, lm_head: bool) -> set[str]:
+    out = {f"model.layers.{i}.{n}" for i in range(spec.num_layers) for n in LINEARS}
+    return out | ({"lm_head"} if lm_head else set())
+
+
+def rtn_state(w: CheckpointWeights, spec: LLMSpec, q: QuantConfig, lm_head: bool = False,
+              progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the RTN-quantized LLM: decoder linears (and the head, if asked) as
+    AutoAWQ GEMM tensors, every other tensor as stored (bf16 stays bf16)."""
+    lins = _linear_names(spec, lm_head)
+    names = [n for n in w.names if not (spec.tie_word_embeddings and n == "lm_head.weight")
+             and "rotary_emb" not in n]
+    if lm_head and spec.tie_word_embeddings:
+        names.append("lm_head.weight")  # the head is the embedding table: quantize a copy of it
+    for name in tqdm(names, desc="RTN", unit="tensor", disable=not progress):
+        base = name.removesuffix(".weight")
+        if base in lins and name.endswith(".weight"):
+            src = "model.embed_tokens.weight" if name == "lm_head.weight" and spec.tie_word_embeddings else name
+            codes, s, z = quantize(w.get(src).float(), q)
+            for suffix, arr in pack_linear(codes.numpy(), s.numpy(), z.numpy()).items():
+                yield f"{base}.{suffix}", torch.from_numpy(arr)
+        else:
+            yield name, w.get(name).contiguous()
+
+
+def write_shards(items: Iterator[tuple[str, torch.Tensor]], folder: Path, metadata: dict) -> list[Path]:
+    """Safetensors shards of at most SHARD_BYTES, named as transformers names them, with
+    model.safetensors.index.json when there is more than one. Each shard is written as
+    soon as it is full, so only one shard's tensors are held."""
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush():
+        p = folder / f".shard-{len(written):05d}.tmp"
+        save_file(shard, str(p), metadata=metadata)
+        written.append((p, list(shard)))
+        shard.clear()
+
+    for name, t in items:
+        nbytes = t.numel() * t.element_size()
+        if shard and size + nbytes > SHARD_BYTES:
+            flush()
+            size = 0
+        shard[name] = t
+        size += nbytes
+    if shard or not written:
+        flush()
+    total, weight_map, final = len(written), {}, []
+    for i, (p, keys) in enumerate(written):
+        dst = folder / ("model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors")
+        p.replace(dst)
+        weight_map.update({k: dst.name for k in keys})
+        final.append(dst)
+    if total > 1:
+        atomic_write_json(folder / "model.safetensors.index.json",
+                          {"metadata": {"total_size": sum(f.stat().st_size for f in final)}, "weight_map": weight_map})
+    return final
+
+
+class _LayerLoader:
+    """Float32 decoder layers built from the checkpoint, one at a time."""
+
+    def __init__(self, w: CheckpointWeights, spec: LLMSpec):
+        self.w, self.spec = w, spec
+
+    def layer(self, i: int) -> DecoderLayer:
+        with torch.device("meta"):
+            layer = DecoderLayer(self.spec)
+        prefix = f"model.layers.{i}."
+        for name, p in list(layer.named_parameters()):
+            head, _, leaf = name.rpartition(".")
+            setattr(layer.get_submodule(head), leaf, nn.Parameter(self.w.get(prefix + name).float(), requires_grad=False))
+        return layer.eval()
+
+    def norm(self) -> RMSNorm:
+        n = RMSNorm(self.spec.hidden_size, self.spec.rms_norm_eps)
+        n.weight.data = self.w.get("model.norm.weight").float()
+        return n
+
+    def head(self) -> torch.Tensor:
+        key = "model.embed_tokens.weight" if self.spec.tie_word_embeddings else "lm_head.weight"
+        return self.w.get(key).float()
+
+
+@torch.no_grad()
+def streamed_rtn_quality(w: CheckpointWeights, spec: LLMSpec, ids: torch.Tensor, q: QuantConfig,
+                         lm_head: bool = False, seq_len: int = 512, progress: bool = True) -> dict:
+    """Held-out perplexity of the float model and of its RTN quantization, and each decoder
+    layer's relative output error (RTN vs float, both fed the float model's input to that
+    layer, on the first block), computed layer by layer."""
+    blocks = [ids[i:i + seq_len] for i in range(0, len(ids) - 1, seq_len)]
+    blocks = [b for b in blocks if len(b) == seq_len] or blocks[:1]
+    x = torch.stack(blocks) if len({len(b) for b in blocks}) == 1 else blocks[0][None]
+    emb = w.get("model.embed_tokens.weight")
+    h_f = emb[x].float()
+    h_q = h_f.clone()
+    del emb
+    T = x.shape[1]
+    cos, sin = rope_tables(spec, T)
+    cos, sin = cos[None, None], sin[None, None]
+    pos = torch.arange(T)
+    loader = _LayerLoader(w, spec)
+    errs = []
+
+    def run(layer, h):
+        return torch.cat([layer(h[i:i + 1], cos, sin, pos, T, None) for i in range(len(h))])
+
+    for i in tqdm(range(spec.num_layers), desc="RTN quality (layer by layer)", disable=not progress):
+        layer = loader.layer(i)
+        y_f = run(layer, h_f)
+        for name in LINEARS:
+            fc = layer.get_submodule(name)
+            fc.weight.data = fake_quant(fc.weight.data, q)
+        y_ref = y_f[:1]
+        y_c = run(layer, h_f[:1])
+        errs.append(float(((y_c - y_ref).pow(2).mean() / (y_ref - h_f[:1]).pow(2).mean().clamp(min=1e-12)).sqrt()))
+        h_q = run(layer, h_q)
+        h_f = y_f
+        del layer
+    norm, head = loader.norm(), loader.head()
+    head_q = fake_quant(head, q) if lm_head else head
+
+    def nll(h, W):
+        tot = 0.0
+        for b in range(len(h)):
+            logits = F.linear(norm(h[b, :-1]), W)
+            tot += float(F.cross_entropy(logits, x[b, 1:], reduction="sum"))
+        return tot
+
+    n = x.shape[0] * (T - 1)
+    return {"perplexity": {"tokens": int(x.numel()), "float": math.exp(nll(h_f, head) / n),
+                           "rtn": math.exp(nll(h_q, head_q) / n)},
+            "layer_error": {"rtn": errs}}
+
+
+def quantization_config(q: QuantConfig, method: str, lm_head: bool) -> dict:
+    return {"quant_method": "awq", "bits": q.w_bit, "group_size": q.group_size, "zero_point": q.zero_point,
+            "version": "gemm", "modules_to_not_convert": None if lm_head else ["lm_head"],
+            "edge_vila_method": method, "edge_vila_lm_head": lm_head}
+
+
+def llm_config_with(llm_dir: Path, qcfg: dict) -> dict:
+    cfg = json.loads((llm_dir / "config.json").read_text())
+    cfg["quantization_config"] = qcfg
+    return cfg
