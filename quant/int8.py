@@ -63,9 +63,12 @@ class _Collector:
         a = x.detach().abs().float().reshape(-1)
         self.max = max(self.max, float(a.max()))
         if self.n < self.max_samples:
-            take = a[torch.randperm(len(a), generator=torch.Generator().manual_seed(self.n))[: self.max_samples // 8]]
-            self.samples.append(take.numpy())
-            self.n += len(take)
+            # a bounded random subset, drawn in O(k): a permutation of every activation of a
+            # large ViT (millions per call, per layer) was most of the calibration's time
+            k = min(len(a), self.max_samples // 8)
+            idx = torch.randint(len(a), (k,), generator=torch.Generator().manual_seed(self.n))
+            self.samples.append(a[idx].numpy())
+            self.n += k
 
     def threshold(self, method: str, percentile: float) -> float:
         s = np.concatenate(self.samples) if self.samples else np.zeros(1)
@@ -81,27 +84,47 @@ class _Collector:
 def calibrate_int8(model: nn.Module, batches: list[torch.Tensor], method: str = "percentile",
                    percentile: float = 99.99) -> Int8Calibration:
     """model: pixels -> image embeddings (vision tower + projector)."""
-    if method not in CALIBRATORS:
-        raise ValueError(f"calibrator {method!r} unknown (expected one of {CALIBRATORS})")
-    mods = quantizable(model)
-    cols = {n: _Collector() for n in mods}
-    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: cols[n](inp[0])) for n, m in mods.items()]
-    for b in batches:
-        model(b)
-    for h in hooks:
-        h.remove()
-    cal = Int8Calibration(method)
-    for n, m in mods.items():
-        if cols[n].n == 0:  # never called (e.g. SigLIP's pooling head, layers after the selected one)
-            continue
-        cal.act_scale[n] = max(cols[n].threshold(method, percentile), 1e-8) / QMAX
-        cal.weight_scale[n] = weight_scales(m)
-    return cal
+    return calibrate_int8_methods(model, batches, (method,), percentile)[method]
 
 
 @torch.no_grad()
-def int8_report(float_model: nn.Module, q_model: nn.Module, pixels: torch.Tensor) -> dict:
-    a, b = float_model(pixels).flatten(1), q_model(pixels).flatten(1)
+def calibrate_int8_methods(model: nn.Module, batches: list[torch.Tensor], methods=CALIBRATORS,
+                           percentile: float = 99.99, progress: bool = False) -> dict[str, Int8Calibration]:
+    """One pass over the calibration images, every requested calibrator's table from it
+    (they differ only in how they read the same activation statistics)."""
+    from tqdm import tqdm
+
+    for m in methods:
+        if m not in CALIBRATORS:
+            raise ValueError(f"calibrator {m!r} unknown (expected one of {CALIBRATORS})")
+    mods = quantizable(model)
+    cols = {n: _Collector() for n in mods}
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: cols[n](inp[0])) for n, m in mods.items()]
+    try:
+        for b in tqdm(batches, desc="INT8 ViT calibration", unit="batch", disable=not progress):
+            model(b)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for method in methods:
+        cal = Int8Calibration(method)
+        for n, m in mods.items():
+            if cols[n].n == 0:  # never called (e.g. SigLIP's pooling head, layers after the selected one)
+                continue
+            cal.act_scale[n] = max(cols[n].threshold(method, percentile), 1e-8) / QMAX
+            cal.weight_scale[n] = weight_scales(m)
+        out[method] = cal
+    return out
+
+
+@torch.no_grad()
+def int8_report(float_model: nn.Module, q_model: nn.Module, pixels: torch.Tensor,
+                reference: torch.Tensor | None = None) -> dict:
+    """Cosine and relative L2 of the quantized encoder's embeddings against the float one's
+    (`reference`: the float embeddings of `pixels`, when already computed)."""
+    a = (reference if reference is not None else float_model(pixels)).flatten(1)
+    b = q_model(pixels).flatten(1)
     cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
             "rel_l2": float((a - b).norm() / a.norm())}

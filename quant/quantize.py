@@ -232,6 +232,19 @@ def calibrate_vision_int8(ckpt: str | Path, out: str | Path, opts: QuantizeOptio
     return rep
 
 
+# what the INT8 calibration may spend on ViT forwards (multiply-adds): all 64 images of a
+# small tower; ~16 calibration + 4 held-out images of SigLIP-so400m at 384 px
+INT8_BUDGET_MACS = 5e12
+
+
+def int8_image_counts(enc, cfg, requested: int) -> tuple[int, int]:
+    """(calibration images, held-out images) within INT8_BUDGET_MACS."""
+    per_image = sum(p.numel() for p in enc.parameters()) * max(cfg.num_patches, 1)
+    n_cal = int(min(requested, max(8, INT8_BUDGET_MACS / per_image)))
+    n_held = int(min(32, max(4, INT8_BUDGET_MACS / (4 * per_image))))
+    return n_cal, n_held
+
+
 def _int8(parts, cfg, opts: QuantizeOptions, path: Path) -> dict:
     """Calibrate the ViT + projector with each calibrator, keep the requested (or best) one."""
     import copy
@@ -240,22 +253,28 @@ def _int8(parts, cfg, opts: QuantizeOptions, path: Path) -> dict:
 
     from edge_vila.modeling.vlm import ImageEncoder
 
-    from .int8 import CALIBRATORS, calibrate_int8, fake_quant_vision, int8_report
+    from .int8 import CALIBRATORS, calibrate_int8_methods, fake_quant_vision, int8_report
 
     enc = ImageEncoder(*parts).eval()
-    batches = int8_calibration_pixels(cfg, opts.int8_images, opts.int8_image_dir)
-    held = torch.cat(int8_calibration_pixels(cfg, 32, None)) if not opts.int8_image_dir else torch.cat(batches[-2:])
+    n_cal, n_held = int8_image_counts(enc, cfg, opts.int8_images)
+    if n_cal < opts.int8_images:
+        log.info("INT8 ViT calibration on %d images (%d asked; capped for a %.0fM-parameter tower)", n_cal,
+                 opts.int8_images, sum(p.numel() for p in enc.parameters()) / 1e6)
+    batches = int8_calibration_pixels(cfg, n_cal, opts.int8_image_dir)
+    held = torch.cat(int8_calibration_pixels(cfg, n_held, None)) if not opts.int8_image_dir else torch.cat(batches[-2:])
     methods = CALIBRATORS if opts.vision_int8 == "auto" else (opts.vision_int8,)
-    rep, cals = {}, {}
+    cals = calibrate_int8_methods(enc, batches, methods, progress=True)
+    rep = {}
+    with torch.no_grad():
+        ref = enc(held)
     for m in methods:
-        cal = calibrate_int8(enc, batches, m)
         q_enc = copy.deepcopy(enc)
-        fake_quant_vision(q_enc, cal)
-        rep[m] = int8_report(enc, q_enc, held)
-        cals[m] = cal
+        fake_quant_vision(q_enc, cals[m])
+        rep[m] = int8_report(enc, q_enc, held, ref)
+        del q_enc
     best = max(rep, key=lambda m: rep[m]["cosine_mean"])
     save_file({k: v.contiguous() for k, v in cals[best].to_tensors().items()}, str(path), metadata={"method": best})
-    return {"chosen": best, "by_calibrator": rep, "images": opts.int8_images}
+    return {"chosen": best, "by_calibrator": rep, "images": n_cal, "held_out_images": int(len(held))}
 
 
 def _vqa(src: Path, out: Path, n: int) -> dict:
