@@ -194,14 +194,18 @@ def _write_random_weights(tmp: Path, lay: ReleasedLayout, top: dict, seed: int) 
               str(tmp / "mm_projector" / "model.safetensors"), metadata={"format": "pt"})
 
 
-def make_replica(out: str | Path, name: str = "VILA1.5-3b", *, llm_layers: int = 2, vision_layers: int = 3,
-                 seed: int = 0, weights: bool = True) -> Path:
+def make_replica(out: str | Path, name: str = "VILA1.5-3b", *, llm_layers: int | None = 2,
+                 vision_layers: int | None = 3, seed: int = 0, weights: bool = True) -> Path:
     """Write a random-weight replica of the released checkpoint `name` to `out`
-    (weights=False: configs and tokenizer only, for tests of what is refused up front)."""
+    (weights=False: configs and tokenizer only, for tests of what is refused up front).
+    llm_layers / vision_layers None: as many layers as the release has (full size)."""
     lay = get_layout(name)
     top = lay.config_json()
-    top["llm_cfg"]["num_hidden_layers"] = llm_layers
-    top["vision_tower_cfg"]["num_hidden_layers"] = vision_layers
+    if llm_layers is not None:
+        top["llm_cfg"]["num_hidden_layers"] = llm_layers
+    if vision_layers is not None:
+        top["vision_tower_cfg"]["num_hidden_layers"] = vision_layers
+    llm_layers = top["llm_cfg"]["num_hidden_layers"]
     llm_cfg = top["llm_cfg"]
     out = Path(out)
     with atomic_dir(out) as tmp:

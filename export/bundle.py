@@ -165,6 +165,9 @@ def _write_vision(cfg, src: Path, path: Path, opts: ExportOptions) -> dict:
     if n != len(cal.act_scale):
         log.info("vision.onnx: %d of %d calibrated layers are in the graph (the rest feed outputs VILA does not "
                  "use, e.g. SigLIP's pooling head, and were pruned by the exporter)", n, len(cal.act_scale))
+    # the float export may have put its weights in vision.onnx.data; the INT8 graph is a
+    # quarter of that and fits in one file, so the float data file must not linger
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
     onnx.save(model, str(path))
     return {"vision": "int8", "calibrator": cal.method, "quantized_layers": n}
 

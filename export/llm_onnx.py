@@ -160,7 +160,10 @@ def export_llm(spec: LLMSpec, weights: CheckpointWeights, out: Path, max_context
             codes_shape = weights.shape(base + ".qweight")  # [in, out / 8]
             in_f, out_f = codes_shape[0], codes_shape[1] * 8
             G = weights.shape(base + ".scales")[0]
-            gs = -(-in_f // G)
+            gs = int((spec.quantization or {}).get("group_size") or 128)  # not ceil(in / G): short last groups
+            if G != -(-in_f // gs):
+                raise CheckpointError(f"{weights.folder}: {base} has {G} scale groups, group size {gs} needs "
+                                      f"{-(-in_f // gs)} for {in_f} inputs")
             q = _lazy(f"{base}.q4__q{n_uid}", ir.DataType.INT4, [in_f, out_f], partial(_int4_q, weights, base))
             sc = _lazy(f"{base}.scale__q{n_uid}", ir.DataType.FLOAT, [G, out_f], partial(_int4_scale, weights, base))
             for t in (q, sc):

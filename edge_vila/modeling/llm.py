@@ -218,24 +218,30 @@ class Int4Linear(nn.Module):
     the torch reference of a quantized checkpoint computes with exactly the weights the
     bundle holds, in a quarter of float32's memory (a 3B model: 1.4 GB instead of 11)."""
 
-    def __init__(self, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bias: torch.Tensor | None = None):
+    def __init__(self, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int,
+                 bias: torch.Tensor | None = None):
         super().__init__()
         out_f, in_f = codes.shape
+        G = scales.shape[1]
+        if G != -(-in_f // group_size):
+            raise CheckpointError(f"{G} scale groups do not cover {in_f} inputs in groups of {group_size}")
         self.in_features, self.out_features = in_f, out_f
-        self.group_size = -(-in_f // scales.shape[1])
-        c = codes if in_f % 2 == 0 else np.pad(codes, ((0, 0), (0, 1)))
+        self.group_size = g = group_size
+        c = np.zeros((out_f, G * g + (G * g) % 2), np.uint8)  # padded to whole groups: no gathers per call
+        c[:, :in_f] = codes
         self.register_buffer("packed", torch.from_numpy(np.ascontiguousarray(c[:, 0::2] | (c[:, 1::2] << 4))))
-        self.register_buffer("scales", torch.from_numpy(np.ascontiguousarray(scales, np.float32)))
-        self.register_buffer("zeros", torch.from_numpy(np.ascontiguousarray(zeros, np.float32)))
+        self.register_buffer("scales", torch.from_numpy(np.ascontiguousarray(scales, np.float32))[..., None])
+        self.register_buffer("zeros", torch.from_numpy(np.ascontiguousarray(zeros, np.float32))[..., None])
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized float32 weight [out, in] (a fresh tensor: assigning to it changes nothing)."""
         p = self.packed
-        q = torch.stack([p & 15, p >> 4], -1).reshape(p.shape[0], -1)[:, : self.in_features].float()
-        idx = torch.arange(self.in_features, device=p.device) // self.group_size
-        return (q - self.zeros[:, idx]) * self.scales[:, idx]
+        G, g = self.scales.shape[1], self.group_size
+        q = torch.stack([p & 15, p >> 4], -1).reshape(p.shape[0], -1)[:, : G * g].reshape(p.shape[0], G, g)
+        w = (q.float() - self.zeros) * self.scales
+        return w.reshape(p.shape[0], G * g)[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -255,6 +261,9 @@ def load_decoder(folder: Path, spec: LLMSpec, dtype: torch.dtype = torch.float32
         model = DecoderLM(spec)
     model.set_rope(model.rope_cos.shape[0])
     int4 = set(w.int4_bases())
+    # the config's group size, not one inferred from the scales' shape: with a short last
+    # group (576 inputs, g128: 5 groups) ceil(576 / 5) = 116 would be wrong
+    gsize = int((spec.quantization or {}).get("group_size") or 128)
     for base in int4:
         try:
             head, _, leaf = base.rpartition(".")
@@ -268,10 +277,10 @@ def load_decoder(folder: Path, spec: LLMSpec, dtype: torch.dtype = torch.float32
                                   f"{old.out_features}x{old.in_features}")
         bias = w.get(base + ".bias").float() if base + ".bias" in w else None
         if int4_linears:
-            setattr(parent, leaf, Int4Linear(codes, s, z, bias))
+            setattr(parent, leaf, Int4Linear(codes, s, z, gsize, bias))
         else:
             lin = nn.Linear(old.in_features, old.out_features, bias=bias is not None)
-            idx = np.arange(codes.shape[1]) // -(-codes.shape[1] // s.shape[1])
+            idx = np.arange(codes.shape[1]) // gsize
             lin.weight.data = torch.from_numpy((codes.astype(np.float32) - z[:, idx]) * s[:, idx])
             if bias is not None:
                 lin.bias.data = bias

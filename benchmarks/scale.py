@@ -1,0 +1,111 @@
+"""The toolchain at real model sizes: wall time and peak memory of each step on a full-size
+replica of a released checkpoint (released config, bf16 shards, random weights).
+
+    python benchmarks/scale.py [--model VILA1.5-3b] [--work runs/scale] [--decode]
+        [--quantize-args ...] [--export-args ...]
+
+Steps, each its own process (its peak RSS is the kernel's figure for that process, from
+wait4): make the replica -> `edge-vila quantize --method rtn` -> `edge-vila export` (whose
+report.json checks the bundle against the torch reference of the quantized checkpoint, in
+exact mode) -> with --decode, `benchmarks/decode_speed.py` on the bundle beside llama.cpp
+(a Q4_0 GGUF of the same LLM, made by hf_to_gguf.py) in the same run. Writes
+<work>/scale.json and prints a table. Not a test: timings depend on the machine, which is
+recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_step(name: str, cmd: list[str], log_dir: Path) -> dict:
+    """Run `cmd`, return its wall time and the peak RSS of that process tree's largest process."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = open(log_dir / f"{name}.log", "w")
+    print(f"[scale] {name}: {' '.join(map(str, cmd))}", flush=True)
+    t0 = time.perf_counter()
+    p = subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT)
+    _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    log.close()
+    res = {"step": name, "seconds": round(wall, 1), "peak_rss_gb": round(ru.ru_maxrss / 1024 ** 2, 2),
+           "returncode": p.returncode, "log": str(log_dir / f"{name}.log")}
+    print(f"[scale] {name}: {res['seconds']} s, peak RSS {res['peak_rss_gb']} GB, exit {p.returncode}", flush=True)
+    if p.returncode:
+        tail = (log_dir / f"{name}.log").read_text()[-3000:]
+        print(tail, file=sys.stderr)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="VILA1.5-3b", help="a released layout edge_vila.released knows")
+    ap.add_argument("--work", type=Path, default=Path("runs/scale"))
+    ap.add_argument("--llm-layers", type=int, default=None, help="fewer decoder layers (default: the release's)")
+    ap.add_argument("--keep", action="store_true", help="reuse a replica already in --work")
+    ap.add_argument("--quantize-args", nargs=argparse.REMAINDER, default=[])
+    ap.add_argument("--max-context", type=int, default=2048)
+    ap.add_argument("--decode", action="store_true", help="also time CPU decode beside llama.cpp (needs --gguf tools)")
+    a = ap.parse_args()
+
+    py = sys.executable
+    work = a.work / a.model
+    replica, quant, bundle = work / "replica", work / "quantized", work / "bundle"
+    steps = []
+    if not (a.keep and replica.is_dir()):
+        layers = f", llm_layers={a.llm_layers}" if a.llm_layers else ", llm_layers=None, vision_layers=None"
+        steps.append(run_step("replica", [py, "-c", "from edge_vila.replicas import make_replica; "
+                                          f"make_replica({str(replica)!r}, {a.model!r}{layers})"], work / "logs"))
+    steps.append(run_step("quantize_rtn", [py, "-m", "edge_vila", "quantize", replica, "--out", quant,
+                                           "--method", "rtn", *a.quantize_args], work / "logs"))
+    steps.append(run_step("export", [py, "-m", "edge_vila", "export", quant, "--out", bundle,
+                                     "--max-context", a.max_context], work / "logs"))
+    out = {"model": a.model, "date": time.strftime("%Y-%m-%d"), "machine": {
+        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3, 1)},
+        "steps": steps}
+    try:
+        out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       cwd=HERE).stdout.strip()
+    except OSError:
+        pass
+    if (bundle / "manifest.json").is_file():
+        out["bundle_gb"] = round(sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file()) / 1024 ** 3, 2)
+        rep = bundle / "report.json"
+        if rep.is_file():
+            out["vs_torch_reference"] = json.loads(rep.read_text()).get("vs_torch_reference")
+    qrep = quant / "quant_report.json"
+    if qrep.is_file():
+        r = json.loads(qrep.read_text())
+        out["quality"] = {"perplexity": r.get("perplexity"), "vision_int8": (r.get("vision_int8") or {}).get("chosen")}
+    ok = all(s["returncode"] == 0 for s in steps)
+    out["quantize_plus_export"] = {"seconds": round(sum(s["seconds"] for s in steps if s["step"] != "replica"), 1),
+                                   "peak_rss_gb": max(s["peak_rss_gb"] for s in steps if s["step"] != "replica")}
+    if a.decode and ok:
+        gguf = work / "llm-q4_0.gguf"
+        steps.append(run_step("gguf", [py, HERE / "hf_to_gguf.py", replica / "llm", gguf, "--type", "q4_0"],
+                              work / "logs"))
+        steps.append(run_step("decode", [py, HERE / "decode_speed.py", "--hf", replica / "llm", "--bundle", bundle,
+                                         "--gguf", gguf, "--no-hf", "--out", work / "decode_speed.json"], work / "logs"))
+        if (work / "decode_speed.json").is_file():
+            out["decode"] = json.loads((work / "decode_speed.json").read_text())
+    (work / "scale.json").write_text(json.dumps(out, indent=2))
+    print(f"\n{a.model}: quantize(rtn)+export {out['quantize_plus_export']['seconds']} s, "
+          f"peak RSS {out['quantize_plus_export']['peak_rss_gb']} GB; bundle {out.get('bundle_gb')} GB")
+    for s in steps:
+        print(f"  {s['step']:<14} {s['seconds']:>8.1f} s  {s['peak_rss_gb']:>6.2f} GB  exit {s['returncode']}")
+    print(f"wrote {work / 'scale.json'}")
+    return 0 if all(s["returncode"] == 0 for s in steps) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
