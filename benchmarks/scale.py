@@ -51,7 +51,8 @@ def main() -> int:
     ap.add_argument("--model", default="VILA1.5-3b", help="a released layout edge_vila.released knows")
     ap.add_argument("--work", type=Path, default=Path("runs/scale"))
     ap.add_argument("--llm-layers", type=int, default=None, help="fewer decoder layers (default: the release's)")
-    ap.add_argument("--keep", action="store_true", help="reuse a replica already in --work")
+    ap.add_argument("--keep", action="store_true",
+                    help="reuse the replica (and a quantized checkpoint with its recorded figures) already in --work")
     ap.add_argument("--quantize-args", nargs=argparse.REMAINDER, default=[])
     ap.add_argument("--max-context", type=int, default=2048)
     ap.add_argument("--decode", action="store_true", help="also time CPU decode beside llama.cpp (needs --gguf tools)")
@@ -65,8 +66,14 @@ def main() -> int:
         layers = f", llm_layers={a.llm_layers}" if a.llm_layers else ", llm_layers=None, vision_layers=None"
         steps.append(run_step("replica", [py, "-c", "from edge_vila.replicas import make_replica; "
                                           f"make_replica({str(replica)!r}, {a.model!r}{layers})"], work / "logs"))
-    steps.append(run_step("quantize_rtn", [py, "-m", "edge_vila", "quantize", replica, "--out", quant,
-                                           "--method", "rtn", *a.quantize_args], work / "logs"))
+    prev = json.loads((work / "scale.json").read_text()) if (work / "scale.json").is_file() else {}
+    prev_q = [s for s in prev.get("steps", []) if s["step"] == "quantize_rtn" and s["returncode"] == 0]
+    if a.keep and (quant / "quant_report.json").is_file() and prev_q:
+        print("[scale] quantize_rtn: reusing the quantized checkpoint and its figures from the last run", flush=True)
+        steps.append({**prev_q[0], "reused": True})
+    else:
+        steps.append(run_step("quantize_rtn", [py, "-m", "edge_vila", "quantize", replica, "--out", quant,
+                                               "--method", "rtn", *a.quantize_args], work / "logs"))
     steps.append(run_step("export", [py, "-m", "edge_vila", "export", quant, "--out", bundle,
                                      "--max-context", a.max_context], work / "logs"))
     out = {"model": a.model, "date": time.strftime("%Y-%m-%d"), "machine": {

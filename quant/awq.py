@@ -60,10 +60,16 @@ class AwqSettings:
 class LayerRunner:
     """Calls one decoder layer (or its parts) on full calibration sequences, no KV cache."""
 
-    def __init__(self, lm: DecoderLM, seq_len: int):
+    def __init__(self, lm: DecoderLM | None, seq_len: int, spec=None):
         pos = torch.arange(seq_len)
-        self.cos = lm.rope_cos[pos][None, None]
-        self.sin = lm.rope_sin[pos][None, None]
+        if lm is not None:
+            cos, sin = lm.rope_cos, lm.rope_sin
+        else:  # a streamed model: no DecoderLM, the tables from its spec
+            from edge_vila.modeling.llm import rope_tables
+
+            cos, sin = rope_tables(spec, seq_len)
+        self.cos = cos[pos][None, None]
+        self.sin = sin[pos][None, None]
         self.pos, self.end = pos, seq_len
 
     def attn(self, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
@@ -171,45 +177,57 @@ def run_awq(lm: DecoderLM, calib: torch.Tensor, st: AwqSettings | None = None,
     """Search AWQ scales and clips on `calib` (input embeddings [N, T, D]); the model is
     modified in place (scales folded, weights clipped) and the result is returned."""
     st = st or AwqSettings()
-    groups = SCALE_GROUPS[lm.spec.family]
     runner = LayerRunner(lm, calib.shape[1])
     x = calib.to(lm.lm_head.weight.dtype)
     result: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(tqdm(lm.model.layers, desc="AWQ search", disable=not progress)):
-        feats, out = _capture_inputs(layer, runner, x)
-        for g in groups:
-            if g.needs_same_shape:
-                prev, fc = layer.get_submodule(g.prev), layer.get_submodule(g.linears[0])
-                if prev.weight.shape != fc.weight.shape:
-                    continue
-            s = search_scale(layer, runner, g, feats[g.linears[0]], st)
-            fold_scale(layer, g, s)
-            result[f"layers.{i}.{g.prev}.scale"] = s.float()
-            for n in g.linears:  # later searches see the inputs the scaled linears now get
-                feats[n] = feats[n] / s.to(feats[n].dtype)
-        for n in LINEARS:
-            if n.split(".")[-1] in NO_CLIP:
-                continue
-            fc = layer.get_submodule(n)
-            mx = search_clip(fc.weight.data, feats[n], st)
-            apply_clip(fc, mx, st.quant.groups(fc.in_features))
-            result[f"layers.{i}.{n}.clip"] = mx.float()
-        x = out  # float outputs are scale-invariant: the next layer sees the original activations
+        x = search_layer(layer, i, runner, x, lm.spec.family, st, result)
     return result
+
+
+@torch.no_grad()
+def search_layer(layer: DecoderLayer, i: int, runner: LayerRunner, x: torch.Tensor, family: str,
+                 st: AwqSettings, result: dict[str, torch.Tensor]) -> torch.Tensor:
+    """AWQ on decoder layer `i` (modified in place, its scales and clips added to `result`);
+    returns the layer's float output on `x`, the next layer's calibration input."""
+    feats, out = _capture_inputs(layer, runner, x)
+    for g in SCALE_GROUPS[family]:
+        if g.needs_same_shape:
+            prev, fc = layer.get_submodule(g.prev), layer.get_submodule(g.linears[0])
+            if prev.weight.shape != fc.weight.shape:
+                continue
+        s = search_scale(layer, runner, g, feats[g.linears[0]], st)
+        fold_scale(layer, g, s)
+        result[f"layers.{i}.{g.prev}.scale"] = s.float()
+        for n in g.linears:  # later searches see the inputs the scaled linears now get
+            feats[n] = feats[n] / s.to(feats[n].dtype)
+    for n in LINEARS:
+        if n.split(".")[-1] in NO_CLIP:
+            continue
+        fc = layer.get_submodule(n)
+        mx = search_clip(fc.weight.data, feats[n], st)
+        apply_clip(fc, mx, st.quant.groups(fc.in_features))
+        result[f"layers.{i}.{n}.clip"] = mx.float()
+    return out  # float outputs are scale-invariant: the next layer sees the original activations
 
 
 def apply_awq(lm: DecoderLM, result: dict[str, torch.Tensor], quant: QuantConfig) -> None:
     """Re-apply a saved search result to a fresh float model (in place)."""
-    groups = {g.prev: g for g in SCALE_GROUPS[lm.spec.family]}
-    for key, val in result.items():
-        idx, rest = key.split(".", 2)[1], key.split(".", 2)[2]
-        layer = lm.model.layers[int(idx)]
+    for i, layer in enumerate(lm.model.layers):
+        apply_awq_layer(layer, i, result, quant, lm.spec.family)
+
+
+def apply_awq_layer(layer: DecoderLayer, i: int, result: dict[str, torch.Tensor], quant: QuantConfig,
+                    family: str) -> None:
+    groups = {g.prev: g for g in SCALE_GROUPS[family]}
+    prefix = f"layers.{i}."
+    mine = {k[len(prefix):]: v for k, v in result.items() if k.startswith(prefix)}
+    for rest, val in mine.items():  # scales first: the clips were searched on scaled weights
         if rest.endswith(".scale"):
             fold_scale(layer, groups[rest[: -len(".scale")]], val)
-    for key, val in result.items():
-        idx, rest = key.split(".", 2)[1], key.split(".", 2)[2]
+    for rest, val in mine.items():
         if rest.endswith(".clip"):
-            fc = lm.model.layers[int(idx)].get_submodule(rest[: -len(".clip")])
+            fc = layer.get_submodule(rest[: -len(".clip")])
             apply_clip(fc, val, quant.groups(fc.in_features))
 
 
@@ -225,5 +243,6 @@ def load_awq_result(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-__all__ = ["AwqSettings", "ScaleGroup", "SCALE_GROUPS", "run_awq", "apply_awq", "search_scale", "fold_scale",
+__all__ = ["AwqSettings", "ScaleGroup", "SCALE_GROUPS", "run_awq", "apply_awq", "apply_awq_layer", "search_layer",
+           "search_scale", "fold_scale",
            "search_clip", "save_awq_result", "load_awq_result"]

@@ -3,7 +3,6 @@ folder), written as the same layout with the LLM in AutoAWQ's GEMM format, plus 
 quality report (report.json + per-layer error PNG)."""
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -18,16 +17,16 @@ from edge_vila.config import load_config
 from edge_vila.errors import InputError
 from edge_vila.fsutil import atomic_dir, atomic_write_json
 from edge_vila.modeling.int8 import INT8_FILE
-from edge_vila.modeling.llm import DecoderLM, load_decoder
+from edge_vila.modeling.llm import DecoderLM
 from edge_vila.modeling.weights import CheckpointWeights
 from edge_vila.prompt import TextTokenizer
 from edge_vila.quantfmt import pack_linear
 
-from .awq import LINEARS, AwqSettings, apply_awq, load_awq_result, run_awq, save_awq_result
+from .awq import LINEARS, AwqSettings, apply_awq_layer, load_awq_result, save_awq_result
 from .calib import HELDOUT_LICENSES, calibration_embeds, heldout_text
-from .quality import fake_quantize_model, layer_errors, perplexity
 from .rtn import QuantConfig, quantize
-from .stream import auto_eval_tokens, llm_config_with, quantization_config, rtn_state, streamed_rtn_quality, write_shards
+from .stream import (auto_eval_tokens, awq_state, embedding_module, fake_quant_layer, llm_config_with,
+                     quantization_config, rtn_state, streamed_quality, write_shards)
 
 log = logging.getLogger(__name__)
 
@@ -80,97 +79,57 @@ def pack_decoder(lm: DecoderLM, q: QuantConfig, lm_head: bool = False) -> dict[s
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path, opts: QuantizeOptions, progress: bool = True) -> dict:
-    from safetensors.torch import save_file
-
+    """Quantize the LLM of `src` into `out` (same layout, LLM as AutoAWQ GEMM), one decoder
+    layer in memory at a time: RTN straight from the stored tensors, AWQ searching each
+    layer on calibration activations carried from the layer before."""
     src, out = Path(src), Path(out)
     cfg = load_config(src)
     if cfg.llm.quantization:
         raise InputError(f"{cfg.llm_dir}: already quantized ({cfg.llm.quantization.get('quant_method')})")
     if opts.method not in ("awq", "rtn"):
         raise InputError(f"method {opts.method!r} unknown (expected awq or rtn)")
-    if opts.method == "rtn":
-        return _quantize_rtn(cfg, src, out, opts, progress)
     torch.manual_seed(0)
-    lm = load_decoder(cfg.llm_dir, cfg.llm)
-    q = opts.quant
-    tok = TextTokenizer(cfg.llm_dir)
-    parts, pre = None, None
-    if cfg.is_multimodal and opts.n_mm:
+    w = CheckpointWeights(cfg.llm_dir)
+    q, spec = opts.quant, cfg.llm
+    st = AwqSettings(quant=q, n_grid=opts.n_grid)
+    parts = None
+    if cfg.is_multimodal and ((opts.method == "awq" and not opts.awq_result and opts.n_mm)
+                              or opts.vision_int8 != "none"):
         from edge_vila.modeling.projector import load_projector
         from edge_vila.modeling.vision import load_vision_tower
 
-        parts, pre = (load_vision_tower(cfg), load_projector(cfg.projector_dir, cfg.projector)), cfg.preprocess
-    t0 = time.perf_counter()
-    calib = None
-    if (opts.method == "awq" and not opts.awq_result) or opts.eval:  # RTN alone needs no activations
-        calib = calibration_embeds(lm, tok, opts.n_text, opts.seq_len, parts, opts.n_mm if parts else 0,
-                                   cfg.preprocess.height if cfg.preprocess else 0, pre)
-    float_lm = None
-    if opts.eval:
-        import copy
-
-        float_lm = copy.deepcopy(lm)
-    result = None
+        parts = (load_vision_tower(cfg), load_projector(cfg.projector_dir, cfg.projector))
+    calib, result = None, None
     if opts.method == "awq":
         if opts.awq_result:
             result = load_awq_result(Path(opts.awq_result))
-            apply_awq(lm, result, q)
-        else:
-            result = run_awq(lm, calib, AwqSettings(quant=q, n_grid=opts.n_grid), progress=progress)
-    search_s = time.perf_counter() - t0
-    state = pack_decoder(lm, q, opts.lm_head)
-
-    llm_cfg = llm_config_with(cfg.llm_dir, quantization_config(q, opts.method, opts.lm_head))
+        else:  # AWQ's search is the only step that needs calibration activations
+            result = {}
+            n_mm = opts.n_mm if parts is not None else 0
+            calib = calibration_embeds(embedding_module(w, spec), TextTokenizer(cfg.llm_dir), opts.n_text,
+                                       opts.seq_len, parts, n_mm, cfg.preprocess.height if cfg.preprocess else 0,
+                                       cfg.preprocess)
+    t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
         llm_dir = copy_all_but_llm_weights(cfg, tmp)
-        save_file(state, str(llm_dir / "model.safetensors"), metadata={"format": "pt", "quant": "awq-gemm"})
-        atomic_write_json(llm_dir / "config.json", llm_cfg)
+        items = (rtn_state(w, spec, q, opts.lm_head, progress) if opts.method == "rtn"
+                 else awq_state(w, spec, st, result, calib, opts.lm_head, progress))
+        write_shards(items, llm_dir, {"format": "pt", "quant": "awq-gemm"})
+        search_s = time.perf_counter() - t0
+        del calib
+        atomic_write_json(llm_dir / "config.json",
+                          llm_config_with(cfg.llm_dir, quantization_config(q, opts.method, opts.lm_head)))
         if result is not None:
             save_awq_result(tmp / "awq_result.safetensors", result, q)
-        int8_rep = None
+        report = {"method": opts.method, "options": asdict(opts),
+                  "search_seconds": round(search_s, 1) if opts.method == "awq" and not opts.awq_result else 0.0,
+                  "calibration": {"text_blocks": opts.n_text, "image_blocks": opts.n_mm if parts else 0,
+                                  "seq_len": opts.seq_len} if opts.method == "awq" and not opts.awq_result else None}
         if cfg.is_multimodal and opts.vision_int8 != "none":
-            int8_rep = _int8(parts, cfg, opts, tmp / INT8_FILE)
-        report = {"method": opts.method, "options": asdict(opts), "search_seconds": round(search_s, 1),
-                  "calibration": {"blocks": int(calib.shape[0]), "seq_len": int(calib.shape[1])}
-                  if calib is not None else None}
-        if int8_rep:
-            report["vision_int8"] = int8_rep
-        if opts.eval:
-            report.update(_quality(float_lm, lm, tok, calib, q, opts, tmp, progress))
-        atomic_write_json(tmp / "quant_report.json", report)
-    if opts.eval and cfg.knows_synthetic_world and opts.vqa_n:
-        report["vqa"] = _vqa(src, out, opts.vqa_n)
-        atomic_write_json(out / "quant_report.json", report)
-    return report
-
-
-def _quantize_rtn(cfg, src: Path, out: Path, opts: QuantizeOptions, progress: bool) -> dict:
-    """RTN streamed from the memory-mapped checkpoint: no whole-model copy, no calibration
-    activations (RTN uses none), the quality check layer by layer."""
-    w = CheckpointWeights(cfg.llm_dir)
-    q = opts.quant
-    with atomic_dir(out) as tmp:
-        llm_dir = copy_all_but_llm_weights(cfg, tmp)
-        write_shards(rtn_state(w, cfg.llm, q, opts.lm_head, progress), llm_dir, {"format": "pt", "quant": "awq-gemm"})
-        atomic_write_json(llm_dir / "config.json", llm_config_with(cfg.llm_dir, quantization_config(q, "rtn", opts.lm_head)))
-        report = {"method": "rtn", "options": asdict(opts), "search_seconds": 0.0, "calibration": None}
-        if cfg.is_multimodal and opts.vision_int8 != "none":
-            from edge_vila.modeling.projector import load_projector
-            from edge_vila.modeling.vision import load_vision_tower
-
-            parts = (load_vision_tower(cfg), load_projector(cfg.projector_dir, cfg.projector))
             report["vision_int8"] = _int8(parts, cfg, opts, tmp / INT8_FILE)
-            del parts
+        del parts
         if opts.eval:
-            n = auto_eval_tokens(cfg.llm, opts.eval_tokens)
-            if n < opts.eval_tokens:
-                log.info("quality check on %d held-out tokens (%d asked; capped for a %.1fB model)", n,
-                         opts.eval_tokens, cfg.llm.num_params / 1e9)
-            ids = torch.tensor(TextTokenizer(cfg.llm_dir).encode(heldout_text()))[:n]
-            qual = streamed_rtn_quality(w, cfg.llm, ids, q, opts.lm_head, progress=progress)
-            qual["perplexity"]["heldout"] = "/usr/share/common-licenses: " + ", ".join(HELDOUT_LICENSES)
-            _plot_layer_errors(qual["layer_error"], tmp / "layer_error.png", q)
-            report.update(qual)
+            report.update(_quality(w, cfg, q, opts, result, tmp, progress))
         atomic_write_json(tmp / "quant_report.json", report)
     if opts.eval and cfg.knows_synthetic_world and opts.vqa_n:
         report["vqa"] = _vqa(src, out, opts.vqa_n)
@@ -178,22 +137,25 @@ def _quantize_rtn(cfg, src: Path, out: Path, opts: QuantizeOptions, progress: bo
     return report
 
 
-def _quality(float_lm: DecoderLM, awq_lm: DecoderLM, tok: TextTokenizer, calib: torch.Tensor, q: QuantConfig,
-             opts: QuantizeOptions, folder: Path, progress: bool) -> dict:
-    """Perplexity (float / RTN / this method) on held-out text and per-layer errors."""
-    ids = torch.tensor(tok.encode(heldout_text()))[: opts.eval_tokens]
-    rtn_lm = fake_quantize_model(float_lm, q, opts.lm_head)
-    cand = fake_quantize_model(awq_lm, q, opts.lm_head)
-    sub = calib[: min(8, len(calib))]
-    out = {"perplexity": {"heldout": "/usr/share/common-licenses: " + ", ".join(HELDOUT_LICENSES),
-                          "tokens": int(len(ids)), "float": perplexity(float_lm, ids, progress=progress)["perplexity"],
-                          "rtn": perplexity(rtn_lm, ids, progress=progress)["perplexity"]},
-           "layer_error": {"rtn": layer_errors(float_lm, rtn_lm, sub)}}
-    if opts.method == "awq":
-        out["perplexity"]["awq"] = perplexity(cand, ids, progress=progress)["perplexity"]
-        out["layer_error"]["awq"] = layer_errors(float_lm, cand, sub)
-    _plot_layer_errors(out["layer_error"], folder / "layer_error.png", q)
-    return out
+def _quality(w: CheckpointWeights, cfg, q: QuantConfig, opts: QuantizeOptions, result: dict | None, folder: Path,
+             progress: bool) -> dict:
+    """Held-out perplexity (float / RTN / AWQ) and per-layer errors, one layer at a time."""
+    n = auto_eval_tokens(cfg.llm, opts.eval_tokens)
+    if n < opts.eval_tokens:
+        log.info("quality check on %d held-out tokens (%d asked; capped for a %.1fB model)", n,
+                 opts.eval_tokens, cfg.llm.num_params / 1e9)
+    ids = torch.tensor(TextTokenizer(cfg.llm_dir).encode(heldout_text()))[:n]
+    variants = {"rtn": lambda layer, i: fake_quant_layer(layer, q)}
+    if result is not None:
+        def awq(layer, i):
+            apply_awq_layer(layer, i, result, q, cfg.llm.family)
+            fake_quant_layer(layer, q)
+
+        variants["awq"] = awq
+    qual = streamed_quality(w, cfg.llm, ids, q, variants, opts.lm_head, progress=progress)
+    qual["perplexity"]["heldout"] = "/usr/share/common-licenses: " + ", ".join(HELDOUT_LICENSES)
+    _plot_layer_errors(qual["layer_error"], folder / "layer_error.png", q)
+    return qual
 
 
 def int8_calibration_pixels(cfg, n: int, image_dir: str | None) -> list[torch.Tensor]:

@@ -1,14 +1,15 @@
-"""Layer-at-a-time quantization work for models of any size: RTN needs no activations, so
-its packed state is made tensor by tensor from the memory-mapped checkpoint, and its
-quality check (held-out perplexity, float vs RTN, and per-layer error) runs the two
-models side by side one decoder layer at a time. Peak memory: one float32 layer, the
+"""Layer-at-a-time quantization work for models of any size: RTN's packed state is made
+tensor by tensor from the checkpoint (it needs no activations); AWQ loads, searches and
+packs one decoder layer at a time, carrying the calibration activations from layer to
+layer; the quality check (held-out perplexity, float vs each method, per-layer error)
+runs the models side by side one decoder layer at a time. Peak memory: one float32 layer, the
 packed output, and the held-out hidden states — never a whole-model float copy."""
 from __future__ import annotations
 
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from edge_vila.modeling.llm import DecoderLayer, RMSNorm, rope_tables
 from edge_vila.modeling.weights import CheckpointWeights
 from edge_vila.quantfmt import pack_linear
 
-from .awq import LINEARS
+from .awq import LINEARS, AwqSettings, LayerRunner, apply_awq_layer, search_layer
 from .rtn import QuantConfig, fake_quant, quantize
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def write_shards(items: Iterator[tuple[str, torch.Tensor]], folder: Path, metada
     return final
 
 
-class _LayerLoader:
+class LayerLoader:
     """Float32 decoder layers built from the checkpoint, one at a time."""
 
     def __init__(self, w: CheckpointWeights, spec: LLMSpec):
@@ -124,55 +125,112 @@ class _LayerLoader:
         return self.w.get(key).float()
 
 
+def fake_quant_layer(layer: DecoderLayer, q: QuantConfig) -> None:
+    for name in LINEARS:
+        fc = layer.get_submodule(name)
+        fc.weight.data = fake_quant(fc.weight.data, q)
+
+
 @torch.no_grad()
-def streamed_rtn_quality(w: CheckpointWeights, spec: LLMSpec, ids: torch.Tensor, q: QuantConfig,
-                         lm_head: bool = False, seq_len: int = 512, progress: bool = True) -> dict:
-    """Held-out perplexity of the float model and of its RTN quantization, and each decoder
-    layer's relative output error (RTN vs float, both fed the float model's input to that
-    layer, on the first block), computed layer by layer."""
+def streamed_quality(w: CheckpointWeights, spec: LLMSpec, ids: torch.Tensor, q: QuantConfig,
+                     variants: dict[str, Callable[[DecoderLayer, int], None]], lm_head: bool = False,
+                     seq_len: int = 512, progress: bool = True) -> dict:
+    """Held-out perplexity of the float model and of each variant (a function that turns
+    float layer i into the quantized one, in place), and each variant's per-layer relative
+    output error (fed the float model's input to that layer, on the first block), computed
+    one decoder layer at a time."""
     blocks = [ids[i:i + seq_len] for i in range(0, len(ids) - 1, seq_len)]
-    blocks = [b for b in blocks if len(b) == seq_len] or blocks[:1]
-    x = torch.stack(blocks) if len({len(b) for b in blocks}) == 1 else blocks[0][None]
-    emb = w.get("model.embed_tokens.weight")
-    h_f = emb[x].float()
-    h_q = h_f.clone()
-    del emb
+    full = [b for b in blocks if len(b) == seq_len]
+    x = torch.stack(full) if full else blocks[0][None]
+    h = {"float": w.get("model.embed_tokens.weight")[x].float()}
+    for v in variants:
+        h[v] = h["float"].clone()
     T = x.shape[1]
     cos, sin = rope_tables(spec, T)
     cos, sin = cos[None, None], sin[None, None]
     pos = torch.arange(T)
-    loader = _LayerLoader(w, spec)
-    errs = []
+    loader = LayerLoader(w, spec)
+    errs: dict[str, list[float]] = {v: [] for v in variants}
 
-    def run(layer, h):
-        return torch.cat([layer(h[i:i + 1], cos, sin, pos, T, None) for i in range(len(h))])
+    def run(layer, hs):
+        return torch.cat([layer(hs[i:i + 1], cos, sin, pos, T, None) for i in range(len(hs))])
 
-    for i in tqdm(range(spec.num_layers), desc="RTN quality (layer by layer)", disable=not progress):
+    for i in tqdm(range(spec.num_layers), desc="quality check (layer by layer)", disable=not progress):
         layer = loader.layer(i)
-        y_f = run(layer, h_f)
-        for name in LINEARS:
-            fc = layer.get_submodule(name)
-            fc.weight.data = fake_quant(fc.weight.data, q)
-        y_ref = y_f[:1]
-        y_c = run(layer, h_f[:1])
-        errs.append(float(((y_c - y_ref).pow(2).mean() / (y_ref - h_f[:1]).pow(2).mean().clamp(min=1e-12)).sqrt()))
-        h_q = run(layer, h_q)
-        h_f = y_f
-        del layer
+        inp = h["float"]
+        h["float"] = run(layer, inp)
+        base = {k: p.detach().clone() for k, p in layer.state_dict().items()}
+        for v, make in variants.items():
+            layer.load_state_dict(base)
+            make(layer, i)
+            y_c, y_ref = run(layer, inp[:1]), h["float"][:1]
+            errs[v].append(float(((y_c - y_ref).pow(2).mean() / (y_ref - inp[:1]).pow(2).mean().clamp(min=1e-12)).sqrt()))
+            h[v] = run(layer, h[v])
+        del layer, base
     norm, head = loader.norm(), loader.head()
     head_q = fake_quant(head, q) if lm_head else head
 
-    def nll(h, W):
-        tot = 0.0
-        for b in range(len(h)):
-            logits = F.linear(norm(h[b, :-1]), W)
-            tot += float(F.cross_entropy(logits, x[b, 1:], reduction="sum"))
-        return tot
+    def nll(hs, W):
+        return sum(float(F.cross_entropy(F.linear(norm(hs[b, :-1]), W), x[b, 1:], reduction="sum"))
+                   for b in range(len(hs)))
 
     n = x.shape[0] * (T - 1)
-    return {"perplexity": {"tokens": int(x.numel()), "float": math.exp(nll(h_f, head) / n),
-                           "rtn": math.exp(nll(h_q, head_q) / n)},
-            "layer_error": {"rtn": errs}}
+    ppl = {"tokens": int(x.numel()), "float": math.exp(nll(h["float"], head) / n)}
+    ppl.update({v: math.exp(nll(h[v], head_q) / n) for v in variants})
+    return {"perplexity": ppl, "layer_error": errs}
+
+
+def streamed_rtn_quality(w: CheckpointWeights, spec: LLMSpec, ids: torch.Tensor, q: QuantConfig,
+                         lm_head: bool = False, seq_len: int = 512, progress: bool = True) -> dict:
+    return streamed_quality(w, spec, ids, q, {"rtn": lambda layer, i: fake_quant_layer(layer, q)}, lm_head,
+                            seq_len, progress)
+
+
+def awq_state(w: CheckpointWeights, spec: LLMSpec, st: AwqSettings, result: dict[str, torch.Tensor],
+              calib: torch.Tensor | None = None, lm_head: bool = False,
+              progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the AWQ-quantized LLM, one float32 decoder layer in memory at a time.
+    With `calib` ([N, T, D] input embeddings) each layer is searched and `result` filled;
+    without, the saved `result` is applied. Folded norms and linears are written in float32."""
+    q = st.quant
+    for name in w.names:
+        if name.startswith("model.layers.") or "rotary_emb" in name:
+            continue
+        if name == "lm_head.weight" and (spec.tie_word_embeddings or lm_head):
+            continue
+        yield name, w.get(name).contiguous()
+    if lm_head:
+        src = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
+        codes, s, z = quantize(w.get(src).float(), q)
+        for suffix, arr in pack_linear(codes.numpy(), s.numpy(), z.numpy()).items():
+            yield f"lm_head.{suffix}", torch.from_numpy(arr)
+    loader = LayerLoader(w, spec)
+    runner = LayerRunner(None, calib.shape[1], spec) if calib is not None else None
+    x = calib
+    for i in tqdm(range(spec.num_layers), desc="AWQ search" if calib is not None else "AWQ apply",
+                  disable=not progress):
+        layer = loader.layer(i)
+        if calib is not None:
+            x = search_layer(layer, i, runner, x, spec.family, st, result)
+        else:
+            apply_awq_layer(layer, i, result, q, spec.family)
+        for pname, p in layer.named_parameters():
+            key = f"model.layers.{i}.{pname}"
+            if pname.endswith(".weight") and pname.removesuffix(".weight") in LINEARS:
+                codes, s, z = quantize(p.data, q)
+                for suffix, arr in pack_linear(codes.numpy(), s.numpy(), z.numpy()).items():
+                    yield f"{key.removesuffix('.weight')}.{suffix}", torch.from_numpy(arr)
+            else:
+                yield key, p.data.contiguous()
+        del layer
+
+
+def embedding_module(w: CheckpointWeights, spec: LLMSpec):
+    """What calibration_embeds needs of a model (`.model.embed_tokens`, `.spec`), without the model."""
+    from types import SimpleNamespace
+
+    emb = nn.Embedding.from_pretrained(w.get("model.embed_tokens.weight").float(), freeze=True)
+    return SimpleNamespace(model=SimpleNamespace(embed_tokens=emb), spec=spec)
 
 
 def quantization_config(q: QuantConfig, method: str, lm_head: bool) -> dict:

@@ -144,3 +144,30 @@ def test_bundle_keeps_llm_weights_in_hashed_external_data(short_group_ckpt, tmp_
     (b / "llm.onnx.data").write_bytes(bytes(data))
     with pytest.raises(BundleError, match="llm.onnx.data: sha256 mismatch"):
         edge_vila.load(b)
+
+
+def test_streamed_awq_search_equals_the_whole_model_search(short_group_ckpt):
+    from edge_vila.prompt import TextTokenizer
+    from edge_vila.quant.awq import AwqSettings, apply_awq, run_awq
+    from edge_vila.quant.calib import calibration_embeds
+
+    src, _ = short_group_ckpt
+    cfg = load_config(src)
+    w = CheckpointWeights(cfg.llm_dir)
+    st = AwqSettings(quant=QuantConfig(4, 64, True), n_grid=4)
+    calib = calibration_embeds(stream.embedding_module(w, cfg.llm), TextTokenizer(cfg.llm_dir), 4, 32)
+    result: dict = {}
+    streamed = dict(stream.awq_state(w, cfg.llm, st, result, calib, progress=False))
+    lm = load_decoder(cfg.llm_dir, cfg.llm)
+    want = run_awq(lm, calib, st, progress=False)
+    assert set(result) == set(want) and all(torch.equal(result[k], want[k]) for k in want)
+    whole = pack_decoder(lm, st.quant)
+    assert set(streamed) == set(whole)
+    for k in whole:
+        assert torch.equal(streamed[k].float(), whole[k].float()), k
+    # re-applying the saved result layer by layer gives the same tensors again
+    again = dict(stream.awq_state(w, cfg.llm, st, result, None, progress=False))
+    assert all(torch.equal(again[k].float(), whole[k].float()) for k in whole)
+    fresh = load_decoder(cfg.llm_dir, cfg.llm)
+    apply_awq(fresh, result, st.quant)
+    assert all(torch.equal(pack_decoder(fresh, st.quant)[k].float(), whole[k].float()) for k in whole)

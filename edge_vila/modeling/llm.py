@@ -234,17 +234,27 @@ class Int4Linear(nn.Module):
         self.register_buffer("zeros", torch.from_numpy(np.ascontiguousarray(zeros, np.float32))[..., None])
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
+    ROWS_PER_CHUNK = 1024  # dequantize this many output rows at a time: bounded temporaries at any width
+
+    def _dequant(self, r0: int, r1: int) -> torch.Tensor:
+        p = self.packed[r0:r1]
+        G, g = self.scales.shape[1], self.group_size
+        q = torch.stack([p & 15, p >> 4], -1).reshape(len(p), -1)[:, : G * g].reshape(len(p), G, g)
+        w = (q.float() - self.zeros[r0:r1]) * self.scales[r0:r1]
+        return w.reshape(len(p), G * g)[:, : self.in_features]
+
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized float32 weight [out, in] (a fresh tensor: assigning to it changes nothing)."""
-        p = self.packed
-        G, g = self.scales.shape[1], self.group_size
-        q = torch.stack([p & 15, p >> 4], -1).reshape(p.shape[0], -1)[:, : G * g].reshape(p.shape[0], G, g)
-        w = (q.float() - self.zeros) * self.scales
-        return w.reshape(p.shape[0], G * g)[:, : self.in_features]
+        return self._dequant(0, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        outs = []
+        for r0 in range(0, self.out_features, self.ROWS_PER_CHUNK):
+            r1 = min(r0 + self.ROWS_PER_CHUNK, self.out_features)
+            b = None if self.bias is None else self.bias[r0:r1].to(x.dtype)
+            outs.append(F.linear(x, self._dequant(r0, r1).to(x.dtype), b))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
 
 
 def load_decoder(folder: Path, spec: LLMSpec, dtype: torch.dtype = torch.float32,
