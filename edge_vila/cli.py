@@ -55,7 +55,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     opts = ExportOptions(llm_quant=a.llm_quant, vision_quant=a.vision_quant, max_context=a.max_context,
                          group_size=a.group_size, check_trt=a.trt, report=not a.no_report, report_n=a.report_n,
-                         template=a.template)
+                         template=a.template, quant_method=a.quant_method)
     out = export_bundle(a.path, a.out, opts)
     chk = json.loads((Path(out) / "trt_check.json").read_text()) if (Path(out) / "trt_check.json").exists() else None
     if chk:
@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vision-quant", default="int8", choices=["int8", "fp32"])
     s.add_argument("--max-context", type=int, default=2048)
     s.add_argument("--group-size", type=int, default=128)
+    s.add_argument("--quant-method", default="awq", choices=["awq", "rtn"],
+                   help="how a float LLM is quantized on the way (default: awq; rtn is minutes at 3B on a CPU, "
+                        "AWQ's search hours)")
     s.add_argument("--trt", default="10.3", help="TensorRT version (or JetPack 6.x) to check against")
     s.add_argument("--report-n", type=int, default=200)
     s.add_argument("--no-report", action="store_true")

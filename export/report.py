@@ -74,10 +74,10 @@ def _score(pipe, keys_images, toks) -> list[np.ndarray]:
 def bundle_report(float_ckpt: Path, bundle: Path, n: int = 200, quantized_ref: Path | None = None) -> dict:
     """The reference runs first and is freed before the bundle loads: peak memory is the
     larger of the two, not their sum."""
-    import gc
     import json
 
     import edge_vila
+    from edge_vila.fsutil import release_freed_memory
     from edge_vila.config import load_config
     from edge_vila.train import world
     from edge_vila.train.eval import eval_shapes_vqa
@@ -92,6 +92,7 @@ def bundle_report(float_ckpt: Path, bundle: Path, n: int = 200, quantized_ref: P
     # reference's float32 KV small at 3B (the bundle's graph grows its cache as it goes)
     ctx = min(man["model"]["max_context"], 1024)
     recorded = None
+    release_freed_memory()  # what writing the bundle freed
     if quantized_ref is not None:
         ref = edge_vila.load(quantized_ref, max_context=ctx)
         # the torch reference dequantizes every INT4 weight at every step: at billions of
@@ -99,7 +100,7 @@ def bundle_report(float_ckpt: Path, bundle: Path, n: int = 200, quantized_ref: P
         big = (man["model"].get("params") or 0) > 1e9
         recorded = reference_logits(ref, PROMPTS[:3] if big else PROMPTS, images, steps=8 if big else 12)
         del ref
-        gc.collect()
+        release_freed_memory()
     # the TensorRT-meant graph itself, at ORT's exact accuracy level
     b = edge_vila.load(bundle, exact=True, variant="bundle")
     rep: dict = {"bundle": str(bundle), "onnxruntime_accuracy_level": 0}
@@ -109,7 +110,7 @@ def bundle_report(float_ckpt: Path, bundle: Path, n: int = 200, quantized_ref: P
     if multimodal and n and load_config(float_ckpt).knows_synthetic_world:
         rb = eval_shapes_vqa(b, n, progress=False)
         del b
-        gc.collect()
+        release_freed_memory()
         fl = edge_vila.load(float_ckpt, max_context=ctx)
         rf = eval_shapes_vqa(fl, n, progress=False)
         rep["shapes_vqa"] = {"n": n, "float": rf["accuracy"], "bundle": rb["accuracy"],
