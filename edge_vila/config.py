@@ -260,25 +260,31 @@ def weight_files(folder: Path) -> list[Path]:
 SIDE_FILES = ("awq_result.safetensors", "vision_int8.safetensors")
 
 
-def _safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from safetensors headers (reads no weights, needs no torch)."""
+def safetensors_header(f: Path) -> tuple[int, dict]:
+    """(byte offset where the tensor data starts, header dict) of one safetensors file."""
     import json
     import struct
 
+    with open(f, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(f"{f}: truncated safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{f}: corrupt safetensors header") from None
+    return 8 + n, header
+
+
+def _safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from safetensors headers (reads no weights, needs no torch)."""
     files = weight_files(folder)
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors weights found")
     shapes: dict[str, tuple[int, ...]] = {}
     for f in files:
-        with open(f, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) != 8:
-                raise CheckpointError(f"{f}: truncated safetensors file")
-            (n,) = struct.unpack("<Q", raw)
-            try:
-                header = json.loads(fh.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise CheckpointError(f"{f}: corrupt safetensors header") from None
+        _, header = safetensors_header(f)
         shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
     return shapes
 

@@ -258,4 +258,14 @@ def _save(model, out: Path) -> None:
     data = out.with_name(out.name + ".data")
     for f in (out, data):
         f.unlink(missing_ok=True)
-    ir.save(model, out, external_data=data.name, size_threshold_bytes=1024, max_workers=1)
+    from tqdm import tqdm
+
+    bar = tqdm(desc="llm.onnx weights", unit="tensor", total=len(model.graph.initializers))
+
+    def step(tensor, info) -> None:  # called once per tensor as it is written
+        bar.update(1)
+
+    try:
+        ir.save(model, out, external_data=data.name, size_threshold_bytes=1024, max_workers=1, callback=step)
+    finally:
+        bar.close()

@@ -96,8 +96,10 @@ def calibration_embeds(lm, tok, n_text: int, seq_len: int, vlm_parts=None, n_mm:
         vision, projector = vlm_parts
         rng = world.rng_for(4242)
         ids = tok.encode(text)
+        from tqdm import tqdm
+
         rows = []
-        for i in range(n_mm):
+        for i in tqdm(range(n_mm), desc="calibration images (vision tower)", unit="block"):
             qa = world.make_question(rng)
             pix = torch.from_numpy(preprocess_images([s.render(image_size) for s in qa.scenes], pre))
             img = projector(vision(pix)).reshape(-1, lm.spec.hidden_size)

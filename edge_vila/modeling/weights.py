@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import weight_files
+from ..config import safetensors_header, weight_files
 from ..errors import CheckpointError
 
 AWQ_PARTS = (".qweight", ".qzeros", ".scales")
@@ -30,33 +30,22 @@ class CheckpointWeights:
     read end to end counts 5.5 GB in the process's RSS until it is closed)."""
 
     def __init__(self, folder: Path):
-        import json
-        import struct
-
         self.folder = Path(folder)
         files = weight_files(self.folder)
         if not files:
             raise CheckpointError(f"{self.folder}: no *.safetensors weights found")
         self._where: dict[str, tuple[Path, int, str, tuple[int, ...], int]] = {}
         for f in files:
-            with open(f, "rb") as fh:
-                raw = fh.read(8)
-                if len(raw) != 8:
-                    raise CheckpointError(f"{f}: truncated safetensors file")
-                (n,) = struct.unpack("<Q", raw)
-                try:
-                    header = json.loads(fh.read(n))
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise CheckpointError(f"{f}: corrupt safetensors header") from None
+            data_start, header = safetensors_header(f)
             size = f.stat().st_size
             for k, v in header.items():
                 if k == "__metadata__":
                     continue
                 start, end = v["data_offsets"]
-                if v["dtype"] not in _DTYPES or 8 + n + end > size:
+                if v["dtype"] not in _DTYPES or data_start + end > size:
                     raise CheckpointError(f"{f}: tensor {k!r} ({v['dtype']}, bytes {start}-{end}) "
                                           f"is not readable (unknown dtype or file truncated)")
-                self._where[k] = (f, 8 + n + start, v["dtype"], tuple(v["shape"]), end - start)
+                self._where[k] = (f, data_start + start, v["dtype"], tuple(v["shape"]), end - start)
         self.names = list(self._where)
         # export asks for the codes, scales and zero correction of one linear in turn
         self.int4 = lru_cache(maxsize=4)(self._int4)
