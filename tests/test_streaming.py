@@ -171,3 +171,37 @@ def test_streamed_awq_search_equals_the_whole_model_search(short_group_ckpt):
     fresh = load_decoder(cfg.llm_dir, cfg.llm)
     apply_awq(fresh, result, st.quant)
     assert all(torch.equal(pack_decoder(fresh, st.quant)[k].float(), whole[k].float()) for k in whole)
+
+
+@pytest.mark.slow
+def test_quantize_and_export_never_hold_a_float32_copy_of_the_llm(tmp_path):
+    """A 4-layer replica at VILA1.5-3B's widths (0.48B LLM parameters: 1.9 GB as float32):
+    quantize (RTN) and export each stay below that in peak RSS, so the whole-model float
+    copies that made the full-size export run out of memory cannot come back unnoticed."""
+    import subprocess
+    import sys
+
+    from edge_vila.replicas import make_replica
+
+    src = make_replica(tmp_path / "r", "VILA1.5-3b", llm_layers=4, vision_layers=2)
+    fp32_bytes = 4 * load_config(src).llm.num_params
+
+    def peak(*args) -> float:
+        """The CLI's own high-water RSS (VmHWM: counted from its exec; a forked child's
+        ru_maxrss would include the test process's RSS at fork time)."""
+        hwm = tmp_path / "hwm"
+        code = ("import runpy, sys\n"
+                f"sys.argv = ['edge-vila'] + {[str(x) for x in args]!r}\n"
+                "try:\n    runpy.run_module('edge_vila', run_name='__main__')\n"
+                "finally:\n"
+                "    line = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+                f"    open({str(hwm)!r}, 'w').write(line.split()[1])\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return int(hwm.read_text()) * 1024
+
+    q = peak("quantize", src, "--out", tmp_path / "q", "--method", "rtn", "--no-eval", "--vision-int8", "none")
+    e = peak("export", tmp_path / "q", "--out", tmp_path / "b", "--vision-quant", "fp32", "--no-report",
+             "--max-context", "256")
+    print(f"peak RSS: quantize {q / 1e9:.2f} GB, export {e / 1e9:.2f} GB, float32 LLM {fp32_bytes / 1e9:.2f} GB")
+    assert q < fp32_bytes and e < fp32_bytes, (q / 1e9, e / 1e9, fp32_bytes / 1e9)
