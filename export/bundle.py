@@ -148,19 +148,39 @@ def export_bundle(ckpt: str | Path, out: str | Path, opts: ExportOptions | None 
 
 
 def _write_vision_isolated(cfg, src: Path, path: Path, opts: ExportOptions) -> dict:
-    """_write_vision in a fresh process: torch.export keeps the traced tower's float weights
-    alive after the export returns (measured: 2 GB of SigLIP-so400m still resident after
-    gc and malloc_trim), and the export report that follows needs that memory."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    """_write_vision in a fresh interpreter: torch.export keeps the traced tower's float
+    weights alive after the export returns (measured: 2 GB of SigLIP-so400m still resident
+    after gc and malloc_trim), and the export report that follows needs that memory. A
+    subprocess, not multiprocessing: spawn would re-import the caller's __main__ script."""
+    import subprocess
+    import sys
+    from dataclasses import asdict
 
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_child_logging,
-                             initargs=(logging.getLogger().getEffectiveLevel(),)) as ex:
-        return ex.submit(_write_vision, cfg, src, path, opts).result()
+    result = path.with_name(path.name + ".result.json")
+    job = json.dumps({"src": str(src), "path": str(path), "opts": asdict(opts), "result": str(result),
+                      "level": logging.getLogger().getEffectiveLevel()})
+    r = subprocess.run([sys.executable, "-c", "import sys; from edge_vila.export.bundle import _vision_child; "
+                        "_vision_child(sys.argv[1])", job], stdout=subprocess.PIPE, stderr=None, text=True)
+    out = json.loads(result.read_text()) if result.is_file() else None
+    result.unlink(missing_ok=True)
+    if out is not None and "error" in out:  # a one-line input error from the child: the same one here
+        raise InputError(out["error"])
+    if r.returncode != 0 or out is None:
+        raise RuntimeError(f"writing {path.name} failed in its subprocess (exit {r.returncode}; its error is above)")
+    return out
 
 
-def _child_logging(level: int) -> None:
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+def _vision_child(job_json: str) -> None:
+    job = json.loads(job_json)
+    logging.basicConfig(level=job["level"], format="%(levelname)s %(name)s: %(message)s")
+    from edge_vila.errors import EdgeVilaError
+
+    src = Path(job["src"])
+    try:
+        res = _write_vision(load_config(src), src, Path(job["path"]), ExportOptions(**job["opts"]))
+    except EdgeVilaError as e:
+        res = {"error": str(e)}
+    Path(job["result"]).write_text(json.dumps(res))
 
 
 def _write_vision(cfg, src: Path, path: Path, opts: ExportOptions) -> dict:
