@@ -22,6 +22,7 @@ from edge_vila.config import LLMSpec
 from edge_vila.errors import CheckpointError
 from edge_vila.modeling.llm import DecoderLM, rope_tables, rotate_half
 from edge_vila.modeling.weights import CheckpointWeights
+from edge_vila.quantfmt import unpack_cols
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +178,9 @@ def export_llm(spec: LLMSpec, weights: CheckpointWeights, out: Path, max_context
                 mm = _gemm_to_matmul(g, mm, key)
             if old_w is not None and old_w.producer() is not None and not list(old_w.uses()):
                 g.remove(old_w.producer(), safe=True)
-            _, _, z = weights.int4(base)
-            if (z != 8).any():
+            # only the zero points decide whether a correction is needed: read them alone
+            # (the codes are unpacked once, when the data file is written)
+            if (unpack_cols(weights.get(base + ".qzeros").numpy()) != 8).any():
                 if (in_f, gs) not in blocks:  # 0/1 [in, G] indicator: block sums as one MatMul
                     ind = np.zeros((in_f, G), np.float32)
                     ind[np.arange(in_f), np.arange(in_f) // gs] = 1.0

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from edge_vila.modeling.llm import DecoderLM
 
-from .awq import LINEARS, LayerRunner
+from .awq import LINEARS
 from .rtn import QuantConfig, fake_quant
 
 
@@ -40,18 +40,3 @@ def fake_quantize_model(lm: DecoderLM, q: QuantConfig, lm_head: bool = False) ->
             fc = layer.get_submodule(name)
             fc.weight.data = fake_quant(fc.weight.data, q)
     return out
-
-
-@torch.no_grad()
-def layer_errors(ref: DecoderLM, cand: DecoderLM, calib: torch.Tensor) -> list[float]:
-    """Relative output error of each decoder layer of `cand` vs `ref`, both fed the
-    reference model's inputs to that layer (errors do not accumulate across layers)."""
-    runner = LayerRunner(ref, calib.shape[1])
-    x = calib
-    errs = []
-    for lr, lc in zip(ref.model.layers, cand.model.layers):
-        y_ref = runner.layer(lr, x)
-        y = runner.layer(lc, x)
-        errs.append(float(((y - y_ref).pow(2).mean() / (y_ref - x).pow(2).mean().clamp(min=1e-12)).sqrt()))
-        x = y_ref
-    return errs

@@ -20,12 +20,11 @@ from edge_vila.modeling.int8 import INT8_FILE
 from edge_vila.modeling.llm import DecoderLM
 from edge_vila.modeling.weights import CheckpointWeights
 from edge_vila.prompt import TextTokenizer
-from edge_vila.quantfmt import pack_linear
 
 from .awq import LINEARS, AwqSettings, apply_awq_layer, load_awq_result, save_awq_result
 from .calib import HELDOUT_LICENSES, calibration_embeds, heldout_text
-from .rtn import QuantConfig, quantize
-from .stream import (auto_eval_tokens, awq_state, embedding_module, fake_quant_layer, llm_config_with,
+from .rtn import QuantConfig
+from .stream import (auto_eval_tokens, awq_state, embedding_module, fake_quant_layer, llm_config_with, packed,
                      quantization_config, rtn_state, streamed_quality, write_shards)
 
 log = logging.getLogger(__name__)
@@ -56,25 +55,19 @@ class QuantizeOptions:
 
 
 def pack_decoder(lm: DecoderLM, q: QuantConfig, lm_head: bool = False) -> dict[str, torch.Tensor]:
-    """State dict with every decoder linear as AutoAWQ GEMM tensors, the rest float.
-    lm_head=True also packs the output head (RTN; an edge-vila extension AutoAWQ does not
-    read): for small models with big vocabularies it is most of the bytes read per token."""
+    """State dict of a model in memory with every decoder linear as AutoAWQ GEMM tensors, the
+    rest float (quantize_checkpoint streams the same tensors from disk instead). lm_head=True
+    also packs the output head (RTN; an edge-vila extension AutoAWQ does not read)."""
     sd = {k: v.detach().cpu().contiguous() for k, v in lm.state_dict().items()}
-    if lm.spec.tie_word_embeddings:
+    if lm.spec.tie_word_embeddings or lm_head:
         sd.pop("lm_head.weight", None)
     if lm_head:
-        codes, s, z = quantize(lm.lm_head.weight.data, q)
-        sd.pop("lm_head.weight", None)
-        for suffix, arr in pack_linear(codes.numpy(), s.numpy(), z.numpy()).items():
-            sd[f"lm_head.{suffix}"] = torch.from_numpy(arr)
+        sd.update(packed("lm_head", lm.lm_head.weight.data, q))
     for i, layer in enumerate(lm.model.layers):
         for name in LINEARS:
-            fc = layer.get_submodule(name)
-            codes, s, z = quantize(fc.weight.data, q)
             key = f"model.layers.{i}.{name}"
             del sd[f"{key}.weight"]
-            for suffix, arr in pack_linear(codes.numpy(), s.numpy(), z.numpy()).items():
-                sd[f"{key}.{suffix}"] = torch.from_numpy(arr)
+            sd.update(packed(key, layer.get_submodule(name).weight.data, q))
     return sd
 
 

@@ -45,6 +45,13 @@ def _linear_names(spec: LLMSpec, lm_head: bool) -> set[str]:
     return out | ({"lm_head"} if lm_head else set())
 
 
+def packed(base: str, w: torch.Tensor, q: QuantConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Linear `base`'s float weight [out, in] quantized and packed as AutoAWQ GEMM tensors."""
+    codes, s, z = quantize(w.float(), q)
+    for suffix, arr in pack_linear(codes.numpy(), s.numpy(), z.numpy()).items():
+        yield f"{base}.{suffix}", torch.from_numpy(arr)
+
+
 def rtn_state(w: CheckpointWeights, spec: LLMSpec, q: QuantConfig, lm_head: bool = False,
               progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the RTN-quantized LLM: decoder linears (and the head, if asked) as
@@ -58,9 +65,7 @@ def rtn_state(w: CheckpointWeights, spec: LLMSpec, q: QuantConfig, lm_head: bool
         base = name.removesuffix(".weight")
         if base in lins and name.endswith(".weight"):
             src = "model.embed_tokens.weight" if name == "lm_head.weight" and spec.tie_word_embeddings else name
-            codes, s, z = quantize(w.get(src).float(), q)
-            for suffix, arr in pack_linear(codes.numpy(), s.numpy(), z.numpy()).items():
-                yield f"{base}.{suffix}", torch.from_numpy(arr)
+            yield from packed(base, w.get(src), q)
         else:
             yield name, w.get(name).contiguous()
 
@@ -201,9 +206,7 @@ def awq_state(w: CheckpointWeights, spec: LLMSpec, st: AwqSettings, result: dict
         yield name, w.get(name).contiguous()
     if lm_head:
         src = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
-        codes, s, z = quantize(w.get(src).float(), q)
-        for suffix, arr in pack_linear(codes.numpy(), s.numpy(), z.numpy()).items():
-            yield f"lm_head.{suffix}", torch.from_numpy(arr)
+        yield from packed("lm_head", w.get(src), q)
     loader = LayerLoader(w, spec)
     runner = LayerRunner(None, calib.shape[1], spec) if calib is not None else None
     x = calib
@@ -217,9 +220,7 @@ def awq_state(w: CheckpointWeights, spec: LLMSpec, st: AwqSettings, result: dict
         for pname, p in layer.named_parameters():
             key = f"model.layers.{i}.{pname}"
             if pname.endswith(".weight") and pname.removesuffix(".weight") in LINEARS:
-                codes, s, z = quantize(p.data, q)
-                for suffix, arr in pack_linear(codes.numpy(), s.numpy(), z.numpy()).items():
-                    yield f"{key.removesuffix('.weight')}.{suffix}", torch.from_numpy(arr)
+                yield from packed(key.removesuffix(".weight"), p.data, q)
             else:
                 yield key, p.data.contiguous()
         del layer

@@ -286,15 +286,14 @@ def load_decoder(folder: Path, spec: LLMSpec, dtype: torch.dtype = torch.float32
             raise CheckpointError(f"{folder}: {base} is {codes.shape[0]}x{codes.shape[1]}, config.json says "
                                   f"{old.out_features}x{old.in_features}")
         bias = w.get(base + ".bias").float() if base + ".bias" in w else None
-        if int4_linears:
-            setattr(parent, leaf, Int4Linear(codes, s, z, gsize, bias))
-        else:
-            lin = nn.Linear(old.in_features, old.out_features, bias=bias is not None)
-            idx = np.arange(codes.shape[1]) // gsize
-            lin.weight.data = torch.from_numpy((codes.astype(np.float32) - z[:, idx]) * s[:, idx])
+        lin = Int4Linear(codes, s, z, gsize, bias)
+        if not int4_linears:  # the same dequantized weight, held as a float nn.Linear
+            flat = nn.Linear(old.in_features, old.out_features, bias=bias is not None)
+            flat.weight.data = lin.weight
             if bias is not None:
-                lin.bias.data = bias
-            setattr(parent, leaf, lin)
+                flat.bias.data = bias
+            lin = flat
+        setattr(parent, leaf, lin)
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = {k for k, p in params.items() if p.is_meta}
     if spec.tie_word_embeddings:
