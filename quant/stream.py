@@ -14,14 +14,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
 from edge_vila.config import LLMSpec
 from edge_vila.fsutil import atomic_write_json
 from edge_vila.modeling.llm import DecoderLayer, RMSNorm, rope_tables
-from edge_vila.modeling.weights import CheckpointWeights
+from edge_vila.modeling.weights import CheckpointWeights, SafetensorsWriter
 from edge_vila.quantfmt import pack_linear
 
 from .awq import LINEARS, AwqSettings, LayerRunner, apply_awq_layer, search_layer
@@ -72,27 +71,29 @@ def rtn_state(w: CheckpointWeights, spec: LLMSpec, q: QuantConfig, lm_head: bool
 
 def write_shards(items: Iterator[tuple[str, torch.Tensor]], folder: Path, metadata: dict) -> list[Path]:
     """Safetensors shards of at most SHARD_BYTES, named as transformers names them, with
-    model.safetensors.index.json when there is more than one. Each shard is written as
-    soon as it is full, so only one shard's tensors are held."""
+    model.safetensors.index.json when there is more than one. Each tensor goes to disk as
+    it arrives (SafetensorsWriter), so only the tensor in hand is held, not the shard."""
     written: list[tuple[Path, list[str]]] = []
-    shard: dict[str, torch.Tensor] = {}
-    size = 0
-
-    def flush():
-        p = folder / f".shard-{len(written):05d}.tmp"
-        save_file(shard, str(p), metadata=metadata)
-        written.append((p, list(shard)))
-        shard.clear()
-
-    for name, t in items:
-        nbytes = t.numel() * t.element_size()
-        if shard and size + nbytes > SHARD_BYTES:
-            flush()
-            size = 0
-        shard[name] = t
-        size += nbytes
-    if shard or not written:
-        flush()
+    writer: SafetensorsWriter | None = None
+    keys: list[str] = []
+    try:
+        for name, t in items:
+            nbytes = t.numel() * t.element_size()
+            if writer is not None and keys and writer.nbytes + nbytes > SHARD_BYTES:
+                written.append((writer.close(), keys))
+                writer, keys = None, []
+            if writer is None:
+                writer = SafetensorsWriter(folder / f".shard-{len(written):05d}.part", metadata)
+            writer.add(name, t)
+            keys.append(name)
+            del t
+        if writer is None:
+            writer = SafetensorsWriter(folder / f".shard-{len(written):05d}.part", metadata)
+        written.append((writer.close(), keys))
+        writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
     total, weight_map, final = len(written), {}, []
     for i, (p, keys) in enumerate(written):
         dst = folder / ("model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors")

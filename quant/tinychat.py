@@ -129,7 +129,8 @@ def convert_tinychat_checkpoint(src: str | Path, out: str | Path) -> Path:
     """An official AWQ build (VILA layout, llm/ holding a TinyChat .pt) -> our quantized
     VILA checkpoint (llm/model.safetensors in AutoAWQ GEMM + quantization_config)."""
     import torch
-    from safetensors.torch import save_file
+
+    from .stream import write_shards
 
     src, out = Path(src), Path(out)
     cfg = load_config(src)
@@ -138,25 +139,27 @@ def convert_tinychat_checkpoint(src: str | Path, out: str | Path) -> Path:
         raise InputError(f"{cfg.llm_dir}: no TinyChat *.pt weights (an official *-AWQ build keeps its LLM there)")
     sd = read_tinychat_state(pt)
     group = group_size_of(pt)
-    state: dict[str, torch.Tensor] = {}
-    for key, t in sd.items():
-        if key.endswith(".qweight"):
-            base = key[: -len(".qweight")]
-            missing = [base + s for s in (".scales", ".scaled_zeros") if base + s not in sd]
-            if missing:
-                raise CheckpointError(f"{pt}: '{missing[0]}' missing for '{key}'")
-            packed = convert_linear(t.numpy(), sd[base + ".scales"].float().numpy(),
-                                    sd[base + ".scaled_zeros"].float().numpy(), group, pt, base)
-            state.update({f"{base}.{k}": torch.from_numpy(v) for k, v in packed.items()})
-        elif not key.endswith((".scales", ".scaled_zeros")):
-            state[key] = t.contiguous()
+
+    def items():  # one linear at a time: the .pt is memory-mapped, the output streamed to disk
+        for key, t in sd.items():
+            if key.endswith(".qweight"):
+                base = key[: -len(".qweight")]
+                missing = [base + s for s in (".scales", ".scaled_zeros") if base + s not in sd]
+                if missing:
+                    raise CheckpointError(f"{pt}: '{missing[0]}' missing for '{key}'")
+                packed = convert_linear(t.numpy(), sd[base + ".scales"].float().numpy(),
+                                        sd[base + ".scaled_zeros"].float().numpy(), group, pt, base)
+                yield from ((f"{base}.{k}", torch.from_numpy(v)) for k, v in packed.items())
+            elif not key.endswith((".scales", ".scaled_zeros")):
+                yield key, t.contiguous()
+
     llm_cfg = read_json(cfg.llm_dir / "config.json", "LLM config")
     llm_cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
                                       "version": "gemm", "modules_to_not_convert": ["lm_head"],
                                       "edge_vila_method": "tinychat", "edge_vila_source": pt.name}
     with atomic_dir(out) as tmp:
         llm_dir = copy_all_but_llm_weights(cfg, tmp)
-        save_file(state, str(llm_dir / "model.safetensors"), metadata={"format": "pt", "quant": "awq-gemm"})
+        write_shards(items(), llm_dir, {"format": "pt", "quant": "awq-gemm"})
         atomic_write_json(llm_dir / "config.json", llm_cfg)
     log.info("converted %s (TinyChat AWQ, g%d) to %s without re-quantizing", pt, group, out)
     return out

@@ -105,6 +105,35 @@ def test_write_shards_splits_indexes_and_reads_back(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_safetensors_writer_reads_back_with_safetensors_itself(tmp_path):
+    """Our streaming writer against the library's reader: every dtype we store, a scalar,
+    an empty tensor, numpy input, metadata; a failed write leaves no file behind."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from edge_vila.modeling.weights import SafetensorsWriter
+
+    g = torch.Generator().manual_seed(0)
+    ts = {"bf16": torch.randn(3, 5, generator=g).bfloat16(), "f16": torch.randn(7, generator=g).half(),
+          "i32": torch.randint(-9, 9, (2, 4), dtype=torch.int32), "u8": torch.arange(5, dtype=torch.uint8),
+          "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4), "strided": torch.randn(4, 6, generator=g).t()}
+    with SafetensorsWriter(tmp_path / "a.safetensors", {"format": "pt"}) as wr:
+        for k, t in ts.items():
+            wr.add(k, t)
+        wr.add("np", np.arange(6, dtype=np.float32).reshape(2, 3))
+    back = load_file(str(tmp_path / "a.safetensors"))
+    assert all(back[k].dtype == t.dtype and torch.equal(back[k], t) for k, t in ts.items())
+    assert torch.equal(back["np"], torch.arange(6.0).reshape(2, 3))
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    assert (tmp_path / "a.safetensors").read_bytes()[8:].index(b"{") == 0
+    with pytest.raises(RuntimeError):
+        with SafetensorsWriter(tmp_path / "b.safetensors") as wr:
+            wr.add("x", torch.ones(3))
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
 def test_layer_by_layer_quality_matches_the_whole_model_perplexity(short_group_ckpt):
     src, _ = short_group_ckpt
     cfg = load_config(src)

@@ -7,6 +7,9 @@ their stored dtype or as float32, and, for AutoAWQ GEMM linears, the integer cod
 scales and zero points (edge_vila.quantfmt's layout)."""
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -91,3 +94,73 @@ class CheckpointWeights:
 
     def int4_bases(self) -> list[str]:
         return [n[: -len(".qweight")] for n in self.names if n.endswith(".qweight")]
+
+
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_NP_NAMES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.float64): "F64",
+             np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.int16): "I16",
+             np.dtype(np.int32): "I32", np.dtype(np.int64): "I64", np.dtype(np.bool_): "BOOL"}
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file a tensor at a time, so a shard of several GB never sits in
+    memory (safetensors' save_file takes a dict of every tensor and serializes them into one
+    buffer first: twice the shard's size). Tensor bytes go to a scratch file as they arrive;
+    `close()` writes the header (8-byte length, JSON padded to 8 bytes, as safetensors
+    writes it) and copies the data behind it, then renames into place."""
+
+    def __init__(self, path: Path, metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.metadata = dict(metadata or {})
+        self._scratch = self.path.with_name(f".{self.path.name}.data.tmp")
+        self._fh = open(self._scratch, "wb")
+        self._header: dict[str, dict] = {}
+        self.nbytes = 0
+
+    def add(self, name: str, t: torch.Tensor | np.ndarray) -> None:
+        if name in self._header:
+            raise ValueError(f"{self.path}: tensor {name!r} written twice")
+        if isinstance(t, np.ndarray):
+            dtype, shape = _NP_NAMES[t.dtype], list(t.shape)
+            raw = np.ascontiguousarray(t).reshape(-1).view(np.uint8)
+        else:
+            dtype, shape = _NAMES[t.dtype], list(t.shape)
+            raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._fh.write(memoryview(raw))
+        self._header[name] = {"dtype": dtype, "shape": shape,
+                              "data_offsets": [self.nbytes, self.nbytes + raw.nbytes]}
+        self.nbytes += raw.nbytes
+
+    def close(self) -> Path:
+        self._fh.close()
+        header = dict(self._header)
+        if self.metadata:
+            header["__metadata__"] = self.metadata
+        js = json.dumps(header, separators=(",", ":")).encode()
+        js += b" " * (-len(js) % 8)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            with open(tmp, "wb") as out, open(self._scratch, "rb") as src:
+                out.write(len(js).to_bytes(8, "little"))
+                out.write(js)
+                shutil.copyfileobj(src, out, 16 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            for p in (tmp, self._scratch):
+                p.unlink(missing_ok=True)
+        return self.path
+
+    def abort(self) -> None:
+        self._fh.close()
+        self._scratch.unlink(missing_ok=True)
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
