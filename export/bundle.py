@@ -19,7 +19,7 @@ from edge_vila.config import TINYCHAT, load_config
 from edge_vila.errors import InputError
 from edge_vila.fsutil import atomic_dir, atomic_write_json, release_freed_memory, sha256_file
 from edge_vila.modeling.int8 import INT8_FILE, load_int8
-from edge_vila.modeling.weights import CheckpointWeights
+from edge_vila.modeling.weights import CheckpointWeights, SafetensorsWriter
 from edge_vila.prompt import TextTokenizer, get_template, guess_template
 
 from .graph_quant import quantize_vision_int8
@@ -91,6 +91,26 @@ def _ensure_quantized(ckpt: Path, opts: ExportOptions, work: Path) -> Path:
     return work / "quantized"
 
 
+def _write_embeddings(weights: CheckpointWeights, path: Path, rows: int = 8192) -> None:
+    """The host's token-embedding table in float16: half the bytes of float32 in an Orin's
+    shared memory, and exact for a bf16 checkpoint's values in fp16's range (bf16 has 8
+    mantissa bits, fp16 11; only |x| < 6e-5 loses bits, to 6e-8 absolute). A table with
+    values beyond fp16's range stays float32."""
+    import numpy as np
+
+    t = weights.get("model.embed_tokens.weight")
+    peak = max((float(t[i:i + rows].abs().max()) for i in range(0, t.shape[0], rows)), default=0.0)
+    dtype = np.float16 if peak < 65504 else np.float32
+    if dtype is np.float32:
+        log.warning("embed.safetensors kept float32: the table holds values up to %.3g, beyond float16", peak)
+    table = np.empty(tuple(t.shape), dtype)
+    for i in range(0, t.shape[0], rows):  # convert in slices: no whole float32 copy of the table
+        table[i:i + rows] = t[i:i + rows].float().numpy()
+    del t
+    with SafetensorsWriter(path) as wr:
+        wr.add("embed_tokens", table)
+
+
 def export_bundle(ckpt: str | Path, out: str | Path, opts: ExportOptions | None = None) -> Path:
     opts = opts or ExportOptions()
     if opts.llm_quant not in LLM_QUANTS:
@@ -118,9 +138,7 @@ def export_bundle(ckpt: str | Path, out: str | Path, opts: ExportOptions | None 
             if cfg.llm.quantization:
                 log.info("llm.onnx: %d linears as INT4 block-%d DequantizeLinear", res["int4_linears"],
                          cfg.llm.quantization["group_size"])
-            from safetensors.numpy import save_file
-
-            save_file({"embed_tokens": weights.float32("model.embed_tokens.weight")}, str(tmp / "embed.safetensors"))
+            _write_embeddings(weights, tmp / "embed.safetensors")
             del weights
             tok.save(tmp)
             for extra in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):

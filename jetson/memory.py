@@ -87,7 +87,7 @@ class BudgetOptions:
     kv_bytes: int = 4          # the bundle's KV I/O is float32
     kv_buffers: int = 2        # TensorRT backend ping-pongs past/present buffers
     act_bytes: int = 2         # fp16 activations inside the engines
-    embed_bytes: int = 4       # embed.safetensors is float32, held by the host process
+    embed_bytes: int = 2       # embed.safetensors is float16, held by the host process
     workspace_mb: int = 512
     os_reserve_gb: float = OS_RESERVE_GB
     runtime_overhead_gb: float = RUNTIME_OVERHEAD_GB

@@ -98,7 +98,7 @@ def test_memory_budget_vila15_3b_by_hand():
     o = M.BudgetOptions(max_context=4096)
     p = M.parts(d, o)
     assert p["llm_weights"] == lin // 2 + 4 * (lin // 128) + 2 * 32 * 2560 * 2
-    assert p["lm_head"] == 32000 * 2560 * 2 and p["embed_table_host"] == 32000 * 2560 * 4
+    assert p["lm_head"] == 32000 * 2560 * 2 and p["embed_table_host"] == 32000 * 2560 * 2
     # K and V, 32 layers x 20 heads x 128, fp32, two ping-pong buffers, 4096 positions = 5 GiB
     assert p["kv_cache"] == 2 * 32 * 20 * 128 * 4 * 2 * 4096 == 5 * M.GiB
     assert M.kv_cache_bytes(d, M.BudgetOptions(max_context=4096, kv_bytes=2, kv_buffers=1)) == 1.25 * M.GiB
