@@ -12,11 +12,12 @@ def _budget_dims(path: str | None, model: str | None):
     from .jetson.memory import ModelDims
 
     if model:
-        if model != "vila1.5-3b":
-            raise InputError(f"--model {model!r} unknown (expected vila1.5-3b, or give a bundle)")
-        return ModelDims.vila15_3b()
+        try:
+            return ModelDims.from_layout(model)
+        except ValueError as e:
+            raise InputError(f"--model: {e}") from None
     if not path:
-        raise InputError("give a bundle folder or --model vila1.5-3b")
+        raise InputError("give a bundle folder or --model NAME (a released checkpoint, e.g. VILA1.5-3b)")
     from .bundle import read_manifest
 
     return ModelDims.from_manifest(read_manifest(path, verify=False))
@@ -117,7 +118,8 @@ def register(sub) -> None:
 
     s = sub.add_parser("budget", help="will a bundle fit an 8/16/32/64 GB Orin? (memory budget)")
     s.add_argument("path", nargs="?")
-    s.add_argument("--model", default=None, help="a known model instead of a bundle: vila1.5-3b")
+    s.add_argument("--model", default=None,
+                   help="a released checkpoint instead of a bundle: VILA1.5-3b, VILA1.5-13b, Llama-3-VILA1.5-8B")
     s.add_argument("--board", default=None, help="orin-nano-8gb, orin-nx-16gb, agx-orin-32gb, agx-orin-64gb, ...")
     s.add_argument("--max-context", type=int, default=4096)
     s.add_argument("--max-images", type=int, default=1)

@@ -103,13 +103,13 @@ def write_tokenizer(folder: Path, lay: ReleasedLayout) -> None:
         "clean_up_tokenization_spaces": False})
 
 
-def _random_state(meta_state: dict, seed: int, dtype) -> dict:
-    """Normal(0, 0.02) for matrices, ones for norm weights, zeros for other vectors —
-    in the release's dtype, from the exact names and shapes transformers gives."""
+def _random_tensors(meta_state: dict, seed: int, dtype):
+    """(name, tensor) one at a time: Normal(0, 0.02) for matrices, ones for norm weights,
+    zeros for other vectors — in the release's dtype, from the exact names and shapes
+    transformers gives. One at a time, so an 8B replica never sits in memory whole."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    out = {}
     for name, t in meta_state.items():
         if "rotary" in name or name.endswith("position_ids"):
             continue
@@ -120,8 +120,11 @@ def _random_state(meta_state: dict, seed: int, dtype) -> dict:
             val = torch.zeros(t.shape)  # Qwen2's q/k/v biases are random, as trained ones are
         else:
             val = torch.randn(t.shape, generator=gen) * 0.02
-        out[name] = val.to(dtype).contiguous()
-    return out
+        yield name, val.to(dtype).contiguous()
+
+
+def _random_state(meta_state: dict, seed: int, dtype) -> dict:
+    return dict(_random_tensors(meta_state, seed, dtype))
 
 
 def _meta_state(model_cls, config) -> dict:
@@ -132,31 +135,39 @@ def _meta_state(model_cls, config) -> dict:
     return model.state_dict()
 
 
-def save_sharded(folder: Path, state: dict, shards: int) -> None:
-    """model-0000i-of-0000n.safetensors + model.safetensors.index.json, as HF writes them."""
-    from safetensors.torch import save_file
+def save_sharded(folder: Path, meta_state: dict, tensors, shards: int) -> None:
+    """model-0000i-of-0000n.safetensors + model.safetensors.index.json, as HF writes them:
+    shards planned from the shapes in `meta_state`, filled from the `tensors` stream."""
+    from .modeling.weights import SafetensorsWriter
 
-    names = list(state)
-    total = sum(t.numel() * t.element_size() for t in state.values())
+    def nbytes(t) -> int:
+        return t.numel() * 2  # stored as bf16, as released (the meta tensors are float32)
+
+    names = [n for n in meta_state if "rotary" not in n and not n.endswith("position_ids")]
+    total = sum(nbytes(meta_state[n]) for n in names)
     per = total / max(shards, 1)
-    groups: list[list[str]] = [[]]
-    size = 0
+    file_of, size, n_files = {}, 0, 1
     for n in names:
-        if size >= per * len(groups) and len(groups) < shards:
-            groups.append([])
-        groups[-1].append(n)
-        size += state[n].numel() * state[n].element_size()
-    n_files = len(groups)
-    if n_files == 1:
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, group in enumerate(groups, 1):
-        fname = f"model-{i:05d}-of-{n_files:05d}.safetensors"
-        save_file({k: state[k] for k in group}, str(folder / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in group})
-    atomic_write_json(folder / "model.safetensors.index.json",
-                      {"metadata": {"total_size": total}, "weight_map": weight_map})
+        if size >= per * n_files and n_files < shards:
+            n_files += 1
+        file_of[n] = n_files
+        size += nbytes(meta_state[n])
+    fname = {i: "model.safetensors" if n_files == 1 else f"model-{i:05d}-of-{n_files:05d}.safetensors"
+             for i in range(1, n_files + 1)}
+    writer, cur, weight_map = None, 0, {}
+    for name, t in tensors:
+        if file_of[name] != cur:
+            if writer is not None:
+                writer.close()
+            cur = file_of[name]
+            writer = SafetensorsWriter(folder / fname[cur], {"format": "pt"})
+        writer.add(name, t)
+        weight_map[name] = fname[cur]
+    if writer is not None:
+        writer.close()
+    if n_files > 1:
+        atomic_write_json(folder / "model.safetensors.index.json",
+                          {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def _hf_kwargs(cfg: dict) -> dict:
@@ -178,10 +189,10 @@ def _write_random_weights(tmp: Path, lay: ReleasedLayout, top: dict, seed: int) 
     llm_cfg = top["llm_cfg"]
     llm_cls, cfg_cls = (LlamaForCausalLM, LlamaConfig) if llm_cfg["model_type"] == "llama" else \
         (Qwen2ForCausalLM, Qwen2Config)
-    llm = _random_state(_meta_state(llm_cls, cfg_cls(**_hf_kwargs(llm_cfg))), seed, torch.bfloat16)
+    meta = _meta_state(llm_cls, cfg_cls(**_hf_kwargs(llm_cfg)))
     if llm_cfg.get("tie_word_embeddings"):
-        llm.pop("lm_head.weight", None)
-    save_sharded(tmp / "llm", llm, lay.llm_shards)
+        meta.pop("lm_head.weight", None)
+    save_sharded(tmp / "llm", meta, _random_tensors(meta, seed, torch.bfloat16), lay.llm_shards)
     vis = _random_state(_meta_state(SiglipVisionModel, SiglipVisionConfig(**_hf_kwargs(top["vision_tower_cfg"]))),
                         seed + 1, torch.bfloat16)
     # the releases were saved by transformers 4.x, whose SiglipVisionModel nests every

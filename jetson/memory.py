@@ -64,6 +64,30 @@ class ModelDims:
                    vision_patches=729, tokens_per_image=196, projector_in=4 * 1152)
 
     @classmethod
+    def from_layout(cls, name: str) -> "ModelDims":
+        """A released checkpoint's dims from its recorded config (edge_vila.released), for the
+        layouts with one fixed-size image grid (VILA1.5's `resize`, `mlp_downsample` 2x2 fold)."""
+        from edge_vila.released import get_layout
+
+        try:
+            lay = get_layout(name)
+        except KeyError as e:
+            raise ValueError(str(e).strip("'\"")) from None
+        if lay.top.get("image_aspect_ratio") != "resize" or lay.projector_type != "mlp_downsample":
+            raise ValueError(f"{lay.name}: tokens per image depend on its {lay.top.get('image_aspect_ratio')} "
+                             f"tiling, which the budget does not model yet; budget its exported bundle instead")
+        m, v = lay.llm, lay.vision
+        side = v["image_size"] // v["patch_size"]
+        heads = m["num_attention_heads"]
+        return cls(hidden=m["hidden_size"], intermediate=m["intermediate_size"], layers=m["num_hidden_layers"],
+                   heads=heads, kv_heads=m.get("num_key_value_heads", heads), head_dim=m["hidden_size"] // heads,
+                   vocab=m["vocab_size"], tie_embeddings=bool(m.get("tie_word_embeddings", False)),
+                   vision_hidden=v["hidden_size"], vision_intermediate=v["intermediate_size"],
+                   vision_layers=v["num_hidden_layers"], vision_heads=v["num_attention_heads"],
+                   vision_patches=side * side, tokens_per_image=(-(-side // 2)) ** 2, patch_size=v["patch_size"],
+                   projector_in=4 * v["hidden_size"])
+
+    @classmethod
     def from_manifest(cls, man: dict) -> "ModelDims":
         m = man["model"]
         v = man.get("vision_dims") or {}
