@@ -55,7 +55,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     opts = ExportOptions(llm_quant=a.llm_quant, vision_quant=a.vision_quant, max_context=a.max_context,
                          group_size=a.group_size, check_trt=a.trt, report=not a.no_report, report_n=a.report_n,
-                         template=a.template, quant_method=a.quant_method)
+                         template=a.template, quant_method=a.quant_method, kv_dtype=a.kv_dtype)
     out = export_bundle(a.path, a.out, opts)
     chk = json.loads((Path(out) / "trt_check.json").read_text()) if (Path(out) / "trt_check.json").exists() else None
     if chk:
@@ -301,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quant-method", default="awq", choices=["awq", "rtn"],
                    help="how a float LLM is quantized on the way (default: awq; rtn is minutes at 3B on a CPU, "
                         "AWQ's search hours)")
+    s.add_argument("--kv-dtype", default="fp16", choices=["fp16", "fp32"],
+                   help="llm.onnx's KV-cache inputs/outputs (default: fp16, half an Orin's cache bytes; "
+                        "the CPU runtime's own graph keeps its INT8/FP32 cache either way)")
     s.add_argument("--trt", default="10.3", help="TensorRT version (or JetPack 6.x) to check against")
     s.add_argument("--report-n", type=int, default=200)
     s.add_argument("--no-report", action="store_true")

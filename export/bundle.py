@@ -43,6 +43,7 @@ class ExportOptions:
     report_n: int = 200
     template: str | None = None  # overrides the checkpoint's (or VILA's by-name) chat template
     quant_method: str = "awq"  # how a float LLM is quantized on the way: awq | rtn
+    kv_dtype: str = "fp16"  # llm.onnx's past/present K/V: fp16 (an Orin's cache) | fp32
 
 
 @contextlib.contextmanager
@@ -134,7 +135,7 @@ def export_bundle(ckpt: str | Path, out: str | Path, opts: ExportOptions | None 
             log.info("writing llm.onnx (%d layers, %s)", cfg.llm.num_layers,
                      "INT4 AWQ" if cfg.llm.quantization else "float32")
             with _quiet():
-                res = export_llm(cfg.llm, weights, tmp / "llm.onnx", max_ctx)
+                res = export_llm(cfg.llm, weights, tmp / "llm.onnx", max_ctx, kv_dtype=opts.kv_dtype)
             if cfg.llm.quantization:
                 log.info("llm.onnx: %d linears as INT4 block-%d DequantizeLinear", res["int4_linears"],
                          cfg.llm.quantization["group_size"])
@@ -273,7 +274,8 @@ def _manifest(cfg, template, max_ctx, opts, vision_quant, folder: Path, files: l
         "quant": {"llm": "awq-w4" if q else "fp32", "group_size": q.get("group_size"), "zero_point": q.get("zero_point"),
                   "int4_encoding": "symmetric INT4 block DQ + exact zero-point correction" if q else None,
                   **(vision_quant or {})},
-        "io": {"llm": dict(zip(("inputs", "outputs"), io_names(s.num_layers)), kv_layout="[1, kv_heads, seq, head_dim]"),
+        "io": {"llm": dict(zip(("inputs", "outputs"), io_names(s.num_layers)), kv_layout="[1, kv_heads, seq, head_dim]",
+                       kv_dtype={"fp16": "float16", "fp32": "float32"}[opts.kv_dtype]),
                "vision": {"inputs": ["pixels"], "outputs": ["image_embeds"]} if cfg.is_multimodal else None},
         "toolchain": _versions(),
         "source": str(source),

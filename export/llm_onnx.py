@@ -58,9 +58,13 @@ class FlatDecoder(nn.Module):
             v = a.v_proj(x).view(B, T, a.nkv, a.hd).transpose(1, 2)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-            k = torch.cat([past[2 * li], k], dim=2)
-            v = torch.cat([past[2 * li + 1], v], dim=2)
+            # the cache in its I/O dtype (float16 in the bundle: half an Orin's KV bytes); the new
+            # positions are rounded to it before attention too, so a prompt gives the same
+            # answer whether it is prefilled at once or token by token
+            k = torch.cat([past[2 * li], k.to(past[2 * li].dtype)], dim=2)
+            v = torch.cat([past[2 * li + 1], v.to(past[2 * li + 1].dtype)], dim=2)
             presents += [k, v]
+            k, v = k.float(), v.float()
             # GQA without repeating K/V (which would copy the cache g times per step): the g
             # query heads sharing a KV head are stacked along the query axis instead
             g = a.nh // a.nkv
@@ -79,7 +83,10 @@ def io_names(n_layers: int) -> tuple[list[str], list[str]]:
     return ["inputs_embeds", "position_ids", *past], ["logits", *present]
 
 
-def trace_graph(spec: LLMSpec, max_context: int, opset: int = 21):
+KV_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+def trace_graph(spec: LLMSpec, max_context: int, opset: int = 21, kv_dtype: str = "fp16"):
     """The decoder's ONNX graph without weights: traced on the meta device (no memory for
     parameters at any model size), optimised with every parameter as a graph input (so the
     optimiser cannot fold or merge them), -> (onnx_ir Model, the parameter inputs by name)."""
@@ -93,7 +100,8 @@ def trace_graph(spec: LLMSpec, max_context: int, opset: int = 21):
     T, P = 3, 5
     meta = dict(device="meta")
     args = (torch.empty(1, T, s.hidden_size, **meta), torch.arange(P, P + T, **meta),
-            *[torch.empty(1, s.num_kv_heads, P, s.head_dim, **meta) for _ in range(2 * s.num_layers)])
+            *[torch.empty(1, s.num_kv_heads, P, s.head_dim, dtype=KV_DTYPES[kv_dtype], **meta)
+              for _ in range(2 * s.num_layers)])
     ins, outs = io_names(s.num_layers)
     seq = torch.export.Dim("seq_len", min=1, max=max_context)
     past = torch.export.Dim("past_len", min=0, max=max_context)
@@ -134,13 +142,14 @@ def _int4_zcorr(w: CheckpointWeights, base: str) -> np.ndarray:
     return np.ascontiguousarray(((8.0 - z) * s).T, np.float32)
 
 
-def export_llm(spec: LLMSpec, weights: CheckpointWeights, out: Path, max_context: int, opset: int = 21) -> dict:
+def export_llm(spec: LLMSpec, weights: CheckpointWeights, out: Path, max_context: int, opset: int = 21,
+               kv_dtype: str = "fp16") -> dict:
     """Write llm.onnx + llm.onnx.data: the traced graph with the checkpoint's weights bound
     tensor by tensor. AutoAWQ linears become symmetric INT4 block DequantizeLinear ->
     MatMul (TensorRT's weight-only form) and asymmetric zero points are carried exactly by
     ReduceSum_g(x) @ ((8 - z)·s); float linears are stored transposed for MatMul. Only one
     tensor is in memory at a time while the file is written."""
-    model, params = trace_graph(spec, max_context, opset)
+    model, params = trace_graph(spec, max_context, opset, kv_dtype)
     g = model.graph
     cos, sin = (a.numpy() for a in rope_tables(spec, max_context))
     blocks: dict[tuple[int, int], ir.Value] = {}

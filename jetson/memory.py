@@ -108,7 +108,7 @@ class BudgetOptions:
     group_size: int = 128
     lm_head_bits: int = 16
     vision_weight_bits: int = 8
-    kv_bytes: int = 4          # the bundle's KV I/O is float32
+    kv_bytes: int = 2          # the bundle's KV I/O is float16 (export --kv-dtype fp16, the default)
     kv_buffers: int = 2        # TensorRT backend ping-pongs past/present buffers
     act_bytes: int = 2         # fp16 activations inside the engines
     embed_bytes: int = 2       # embed.safetensors is float16, held by the host process

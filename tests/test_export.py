@@ -127,6 +127,23 @@ def test_bundle_generation_prefix_reuse_and_eval(w4_bundle, variant):
     assert text_perplexity(pipe, ["A red circle on the left."])["perplexity"] > 1
 
 
+def test_bundle_kv_io_is_float16_unless_asked(w4_bundle, qckpt):
+    """llm.onnx's past/present K/V are float16 (an Orin's cache size) and the manifest says so;
+    `kv_dtype="fp32"` traces them float32. (The float16 graph's agreement with the torch
+    reference is test_bundle_matches_torch_reference's bundle variant.)"""
+    from edge_vila.export.llm_onnx import trace_graph
+
+    m = onnx.load(str(w4_bundle / "llm.onnx"), load_external_data=False)
+    kinds = {v.name: v.type.tensor_type.elem_type for v in [*m.graph.input, *m.graph.output]}
+    kv = {k: t for k, t in kinds.items() if k.startswith(("past_", "present_"))}
+    assert kv and set(kv.values()) == {onnx.TensorProto.FLOAT16}
+    assert kinds["inputs_embeds"] == kinds["logits"] == onnx.TensorProto.FLOAT
+    assert json.loads((w4_bundle / "manifest.json").read_text())["io"]["llm"]["kv_dtype"] == "float16"
+    spec = edge_vila.config.load_config(qckpt[0]).llm
+    g32, _ = trace_graph(spec, 64, kv_dtype="fp32")
+    assert {str(v.dtype) for v in g32.graph.inputs if v.name.startswith("past_")} == {"FLOAT"}
+
+
 def test_int8_kv_cache_scales_and_agreement(w4_bundle):
     """The fast graph's INT8 KV cache: each channel's calibrated scale maps the largest value
     seen in calibration to 127/margin (pins the [kv_heads, head_dim] scale layout ORT reads),

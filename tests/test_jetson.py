@@ -99,20 +99,34 @@ def test_memory_budget_vila15_3b_by_hand():
     p = M.parts(d, o)
     assert p["llm_weights"] == lin // 2 + 4 * (lin // 128) + 2 * 32 * 2560 * 2
     assert p["lm_head"] == 32000 * 2560 * 2 and p["embed_table_host"] == 32000 * 2560 * 2
-    # K and V, 32 layers x 20 heads x 128, fp32, two ping-pong buffers, 4096 positions = 5 GiB
-    assert p["kv_cache"] == 2 * 32 * 20 * 128 * 4 * 2 * 4096 == 5 * M.GiB
+    # K and V, 32 layers x 20 heads x 128, fp16, two ping-pong buffers, 4096 positions = 2.5 GiB
+    assert p["kv_cache"] == 2 * 32 * 20 * 128 * 2 * 2 * 4096 == 2.5 * M.GiB
     assert M.kv_cache_bytes(d, M.BudgetOptions(max_context=4096, kv_bytes=2, kv_buffers=1)) == 1.25 * M.GiB
     assert M.available_bytes("orin-nano-8gb", o) == int((8 * 0.95 - 1.2 - 0.6) * M.GiB)
-    assert M.budget(d, "agx-orin-32gb", o).fits
-    small = M.budget(d, "orin-nano-8gb", o)
+    assert M.budget(d, "agx-orin-32gb", o).fits and M.budget(d, "orin-nano-8gb", o).fits
+    fp32_kv = M.BudgetOptions(max_context=4096, kv_bytes=4)  # a bundle exported with --kv-dtype fp32
+    small = M.budget(d, "orin-nano-8gb", fp32_kv)
     assert not small.fits and "--max-context" in small.suggestion
     ctx = int(small.suggestion.split("--max-context ")[1].split()[0])
-    assert M.budget(d, "orin-nano-8gb", M.BudgetOptions(max_context=ctx)).fits
-    assert not M.budget(d, "orin-nano-8gb", M.BudgetOptions(max_context=ctx + 256)).fits
+    assert M.budget(d, "orin-nano-8gb", M.BudgetOptions(max_context=ctx, kv_bytes=4)).fits
+    assert not M.budget(d, "orin-nano-8gb", M.BudgetOptions(max_context=ctx + 256, kv_bytes=4)).fits
     tiny_board = M.budget(d, "orin-nano-4gb", o)
     assert "does not fit orin-nano-4gb at any context" in tiny_board.suggestion
     with pytest.raises(ValueError, match="board 'orin-mega'"):
         M.budget(d, "orin-mega")
+
+
+def test_budget_of_released_layouts_from_their_configs():
+    assert M.ModelDims.from_layout("VILA1.5-3b") == M.ModelDims.vila15_3b()
+    d = M.ModelDims.from_layout("Llama-3-VILA1.5-8B")  # GQA: 8 KV heads of 128
+    assert (d.hidden, d.layers, d.heads, d.kv_heads, d.head_dim, d.vocab) == (4096, 32, 32, 8, 128, 128256)
+    # q 4096x4096, k/v 4096x1024 each, o 4096x4096, MLP 3 x 4096x14336, per layer
+    assert d.llm_linear_params() == 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
+    assert M.kv_cache_bytes(d, M.BudgetOptions(max_context=4096)) == 2 * 32 * 8 * 128 * 2 * 2 * 4096
+    with pytest.raises(ValueError, match="dynamic_s2 tiling"):
+        M.ModelDims.from_layout("NVILA-8B")
+    with pytest.raises(ValueError, match="unknown"):
+        M.ModelDims.from_layout("VILA9-1b")
 
 
 def test_budget_from_bundle_manifest(tiny_bundle):
@@ -220,9 +234,14 @@ def test_setup_sh_dry_run():
 
 def test_budget_cli():
     exe = [sys.executable, "-m", "edge_vila"]
-    r = subprocess.run([*exe, "budget", "--model", "vila1.5-3b", "--board", "orin-nano-8gb"], capture_output=True,
-                       text=True)
+    r = subprocess.run([*exe, "budget", "--model", "Llama-3-VILA1.5-8B", "--board", "orin-nano-8gb"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "DOES NOT FIT" in r.stdout and "try orin-nx-16gb" in r.stdout
+    r = subprocess.run([*exe, "budget", "--model", "vila1.5-3b", "--board", "orin-nano-8gb", "--max-context", "8192"],
+                       capture_output=True, text=True)
     assert r.returncode == 1 and "DOES NOT FIT" in r.stdout and "--max-context" in r.stdout
+    r = subprocess.run([*exe, "budget", "--model", "NVILA-8B"], capture_output=True, text=True)
+    assert r.returncode == 2 and "dynamic_s2" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([*exe, "budget", "--model", "vila1.5-3b", "--board", "agx-orin-64gb", "--json"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and json.loads(r.stdout)[0]["fits"]

@@ -128,6 +128,9 @@ class OrtBackend(BundleBackend):
         self._kv_shape = (1, m.num_kv_heads, 0, m.head_dim)
         self._past_names = [i.name for i in self.llm.get_inputs() if i.name.startswith("past_")]
         self._present_names = [o.name for o in self.llm.get_outputs() if o.name.startswith("present_")]
+        # the bundle graph's cache dtype: float16 as export writes it by default, float32 with --kv-dtype fp32
+        past_type = next(i.type for i in self.llm.get_inputs() if i.name in self._past_names)
+        self._kv_np = np.float16 if past_type == "tensor(float16)" else np.float32
         self.reset()
 
     def _calibrate_kv(self, fp32_graph: Path, so) -> np.ndarray:
@@ -182,7 +185,7 @@ class OrtBackend(BundleBackend):
                           for i in self.llm.get_inputs() if i.name in self._past_names}
                 self.past = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shapes[n], dtype)) for n in self._past_names]
         else:
-            empty = np.zeros(self._kv_shape, np.float32)
+            empty = np.zeros(self._kv_shape, self._kv_np)
             self.past = [empty] * len(self._past_names)
         self.length = 0
 

@@ -67,7 +67,8 @@ class TensorRTBackend(BundleBackend):
         self._in, self._out = io["inputs"], io["outputs"]
         m = cfg.llm
         D, V = m.hidden_size, m.vocab_size
-        kv_bytes = m.num_kv_heads * self.max_context * m.head_dim * 4
+        kv_elem = 2 if io.get("kv_dtype", "float32") == "float16" else 4  # the engine's KV I/O as exported
+        kv_bytes = m.num_kv_heads * self.max_context * m.head_dim * kv_elem
         self._kv = [[self.cuda.alloc(kv_bytes) for _ in range(2 * m.num_layers)] for _ in range(2)]
         self._embeds = self.cuda.alloc(self.max_prefill * D * 4)
         self._pos = self.cuda.alloc(self.max_prefill * 8)
