@@ -55,7 +55,8 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     opts = ExportOptions(llm_quant=a.llm_quant, vision_quant=a.vision_quant, max_context=a.max_context,
                          group_size=a.group_size, check_trt=a.trt, report=not a.no_report, report_n=a.report_n,
-                         template=a.template, quant_method=a.quant_method, kv_dtype=a.kv_dtype)
+                         template=a.template, quant_method=a.quant_method, kv_dtype=a.kv_dtype,
+                         device=a.device)
     out = export_bundle(a.path, a.out, opts)
     chk = json.loads((Path(out) / "trt_check.json").read_text()) if (Path(out) / "trt_check.json").exists() else None
     if chk:
@@ -239,7 +240,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     opts = QuantizeOptions(method=a.method, w_bit=a.w_bit, group_size=a.group_size, zero_point=not a.symmetric,
                            n_text=a.calib_blocks, n_mm=a.calib_images, seq_len=a.calib_seq_len, n_grid=a.n_grid,
                            awq_result=a.awq_result, eval=not a.no_eval, vqa_n=a.vqa_n, vision_int8=a.vision_int8,
-                           int8_images=a.int8_images, int8_image_dir=a.int8_image_dir, lm_head=a.quantize_lm_head)
+                           int8_images=a.int8_images, int8_image_dir=a.int8_image_dir, lm_head=a.quantize_lm_head,
+                           device=a.device)
     rep = quantize_checkpoint(a.path, a.out, opts)
     ppl = rep.get("perplexity")
     if ppl:
@@ -301,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quant-method", default="awq", choices=["awq", "rtn"],
                    help="how a float LLM is quantized on the way (default: awq; rtn is minutes at 3B on a CPU, "
                         "AWQ's search hours)")
+    s.add_argument("--device", default="auto",
+                   help="where quantizing a float checkpoint on the way runs: auto (CUDA when torch sees "
+                        "a GPU, else the CPU), cpu, cuda, cuda:N")
     s.add_argument("--kv-dtype", default="fp16", choices=["fp16", "fp32"],
                    help="llm.onnx's KV-cache inputs/outputs (default: fp16, half an Orin's cache bytes; "
                         "the CPU runtime's own graph keeps its INT8/FP32 cache either way)")
@@ -368,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quantize-lm-head", action="store_true",
                    help="also INT4 the output head (faster for big vocabularies; AutoAWQ does not read it)")
     s.add_argument("--int8-image-dir", default=None, help="calibration images (default: the synthetic world)")
+    s.add_argument("--device", default="auto",
+                   help="where AWQ search, INT8 calibration and the quality check run: auto (CUDA when torch sees "
+                        "a GPU, else the CPU), cpu, cuda, cuda:N")
     s.add_argument("--no-eval", action="store_true")
     s.set_defaults(fn=cmd_quantize)
 

@@ -44,6 +44,7 @@ class ExportOptions:
     template: str | None = None  # overrides the checkpoint's (or VILA's by-name) chat template
     quant_method: str = "awq"  # how a float LLM is quantized on the way: awq | rtn
     kv_dtype: str = "fp16"  # llm.onnx's past/present K/V: fp16 (an Orin's cache) | fp32
+    device: str = "auto"  # where a float checkpoint's quantization on the way runs: auto | cpu | cuda[:N]
 
 
 @contextlib.contextmanager
@@ -81,7 +82,7 @@ def _ensure_quantized(ckpt: Path, opts: ExportOptions, work: Path) -> Path:
         return ckpt
     from edge_vila.quant.quantize import QuantizeOptions, calibrate_vision_int8, quantize_checkpoint
 
-    q = QuantizeOptions(group_size=opts.group_size, eval=False, method=opts.quant_method)
+    q = QuantizeOptions(group_size=opts.group_size, eval=False, method=opts.quant_method, device=opts.device)
     if not need_llm:  # a float or already-quantized LLM: calibrate the ViT alone
         log.info("calibrating the INT8 ViT of %s before export", ckpt)
         calibrate_vision_int8(ckpt, work / "quantized", q)

@@ -60,7 +60,7 @@ class AwqSettings:
 class LayerRunner:
     """Calls one decoder layer (or its parts) on full calibration sequences, no KV cache."""
 
-    def __init__(self, lm: DecoderLM | None, seq_len: int, spec=None):
+    def __init__(self, lm: DecoderLM | None, seq_len: int, spec=None, device: torch.device | str = "cpu"):
         pos = torch.arange(seq_len)
         if lm is not None:
             cos, sin = lm.rope_cos, lm.rope_sin
@@ -68,9 +68,9 @@ class LayerRunner:
             from edge_vila.modeling.llm import rope_tables
 
             cos, sin = rope_tables(spec, seq_len)
-        self.cos = cos[pos][None, None]
-        self.sin = sin[pos][None, None]
-        self.pos, self.end = pos, seq_len
+        self.cos = cos[pos][None, None].to(device)
+        self.sin = sin[pos][None, None].to(device)
+        self.pos, self.end = pos.to(device), seq_len
 
     def attn(self, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
         return layer.self_attn(x, self.cos, self.sin, self.pos, self.end, None)
@@ -221,7 +221,8 @@ def apply_awq_layer(layer: DecoderLayer, i: int, result: dict[str, torch.Tensor]
                     family: str) -> None:
     groups = {g.prev: g for g in SCALE_GROUPS[family]}
     prefix = f"layers.{i}."
-    mine = {k[len(prefix):]: v for k, v in result.items() if k.startswith(prefix)}
+    dev = next(layer.parameters()).device  # results are kept on the host, the layer may be on a GPU
+    mine = {k[len(prefix):]: v.to(dev) for k, v in result.items() if k.startswith(prefix)}
     for rest, val in mine.items():  # scales first: the clips were searched on scaled weights
         if rest.endswith(".scale"):
             fold_scale(layer, groups[rest[: -len(".scale")]], val)

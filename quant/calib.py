@@ -83,9 +83,10 @@ def text_blocks(tok, text: str, n: int, seq_len: int, bos: int | None) -> torch.
 
 @torch.no_grad()
 def calibration_embeds(lm, tok, n_text: int, seq_len: int, vlm_parts=None, n_mm: int = 0,
-                       image_size: int = 64, pre=None) -> torch.Tensor:
-    """[N, seq_len, D] input embeddings: text blocks, plus (for a VLM) blocks that start
-    with projected image tokens followed by a question and calibration text."""
+                       image_size: int = 64, pre=None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[N, seq_len, D] input embeddings (on the host): text blocks, plus (for a VLM) blocks
+    that start with projected image tokens (the vision tower run on `device`) followed by a
+    question and calibration text."""
     emb = lm.model.embed_tokens
     text = calibration_text()
     out = [emb(text_blocks(tok, text, n_text, seq_len, tok.bos_id))]
@@ -93,7 +94,7 @@ def calibration_embeds(lm, tok, n_text: int, seq_len: int, vlm_parts=None, n_mm:
         from edge_vila.preprocess import preprocess_images
         from edge_vila.train import world
 
-        vision, projector = vlm_parts
+        vision, projector = (m.to(device) for m in vlm_parts)
         rng = world.rng_for(4242)
         ids = tok.encode(text)
         from tqdm import tqdm
@@ -102,7 +103,7 @@ def calibration_embeds(lm, tok, n_text: int, seq_len: int, vlm_parts=None, n_mm:
         for i in tqdm(range(n_mm), desc="calibration images (vision tower)", unit="block"):
             qa = world.make_question(rng)
             pix = torch.from_numpy(preprocess_images([s.render(image_size) for s in qa.scenes], pre))
-            img = projector(vision(pix)).reshape(-1, lm.spec.hidden_size)
+            img = projector(vision(pix.to(device))).reshape(-1, lm.spec.hidden_size).cpu()
             head = emb(torch.tensor(([tok.bos_id] if tok.bos_id is not None else [])))
             q = emb(torch.tensor(tok.encode(f"\n{qa.question} {qa.answer}\n")))
             fill = seq_len - len(head) - len(img) - len(q)

@@ -26,7 +26,7 @@ CALIBRATORS = ("minmax", "percentile", "entropy")
 
 def weight_scales(m: nn.Module) -> torch.Tensor:
     w = m.weight.detach().float().reshape(m.weight.shape[0], -1)
-    return (w.abs().amax(1) / QMAX).clamp(min=1e-8)
+    return (w.abs().amax(1) / QMAX).clamp(min=1e-8).cpu()
 
 
 def entropy_threshold(hist: np.ndarray, edges: np.ndarray, n_quant: int = 128) -> float:
@@ -67,7 +67,7 @@ class _Collector:
             # large ViT (millions per call, per layer) was most of the calibration's time
             k = min(len(a), self.max_samples // 8)
             idx = torch.randint(len(a), (k,), generator=torch.Generator().manual_seed(self.n))
-            self.samples.append(a[idx].numpy())
+            self.samples.append(a[idx.to(a.device)].cpu().numpy())
             self.n += k
 
     def threshold(self, method: str, percentile: float) -> float:
@@ -98,11 +98,12 @@ def calibrate_int8_methods(model: nn.Module, batches: list[torch.Tensor], method
         if m not in CALIBRATORS:
             raise ValueError(f"calibrator {m!r} unknown (expected one of {CALIBRATORS})")
     mods = quantizable(model)
+    dev = next(model.parameters()).device
     cols = {n: _Collector() for n in mods}
     hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: cols[n](inp[0])) for n, m in mods.items()]
     try:
         for b in tqdm(batches, desc="INT8 ViT calibration", unit="batch", disable=not progress):
-            model(b)
+            model(b.to(dev))
     finally:
         for h in hooks:
             h.remove()

@@ -23,6 +23,7 @@ from edge_vila.prompt import TextTokenizer
 
 from .awq import LINEARS, AwqSettings, apply_awq_layer, load_awq_result, save_awq_result
 from .calib import HELDOUT_LICENSES, calibration_embeds, heldout_text
+from .device import describe, resolve_device
 from .rtn import QuantConfig
 from .stream import (auto_eval_tokens, awq_state, embedding_module, fake_quant_layer, llm_config_with, packed,
                      quantization_config, rtn_state, streamed_quality, write_shards)
@@ -48,6 +49,7 @@ class QuantizeOptions:
     int8_images: int = 64
     int8_image_dir: str | None = None
     lm_head: bool = False  # also quantize the output head (edge-vila extension to the AutoAWQ format)
+    device: str = "auto"  # AWQ search, INT8 calibration, quality check: auto (CUDA if present) | cpu | cuda[:N]
 
     @property
     def quant(self) -> QuantConfig:
@@ -82,6 +84,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, opts: QuantizeOptions,
     if opts.method not in ("awq", "rtn"):
         raise InputError(f"method {opts.method!r} unknown (expected awq or rtn)")
     torch.manual_seed(0)
+    device = resolve_device(opts.device)
+    log.info("quantize: heavy work on %s", describe(device))
     w = CheckpointWeights(cfg.llm_dir)
     q, spec = opts.quant, cfg.llm
     st = AwqSettings(quant=q, n_grid=opts.n_grid)
@@ -101,12 +105,12 @@ def quantize_checkpoint(src: str | Path, out: str | Path, opts: QuantizeOptions,
             n_mm = opts.n_mm if parts is not None else 0
             calib = calibration_embeds(embedding_module(w, spec), TextTokenizer(cfg.llm_dir), opts.n_text,
                                        opts.seq_len, parts, n_mm, cfg.preprocess.height if cfg.preprocess else 0,
-                                       cfg.preprocess)
+                                       cfg.preprocess, device)
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
         llm_dir = copy_all_but_llm_weights(cfg, tmp)
         items = (rtn_state(w, spec, q, opts.lm_head, progress) if opts.method == "rtn"
-                 else awq_state(w, spec, st, result, calib, opts.lm_head, progress))
+                 else awq_state(w, spec, st, result, calib, opts.lm_head, progress, device))
         write_shards(items, llm_dir, {"format": "pt", "quant": "awq-gemm"})
         search_s = time.perf_counter() - t0
         del calib
@@ -114,15 +118,15 @@ def quantize_checkpoint(src: str | Path, out: str | Path, opts: QuantizeOptions,
                           llm_config_with(cfg.llm_dir, quantization_config(q, opts.method, opts.lm_head)))
         if result is not None:
             save_awq_result(tmp / "awq_result.safetensors", result, q)
-        report = {"method": opts.method, "options": asdict(opts),
+        report = {"method": opts.method, "options": asdict(opts), "device": describe(device),
                   "search_seconds": round(search_s, 1) if opts.method == "awq" and not opts.awq_result else 0.0,
                   "calibration": {"text_blocks": opts.n_text, "image_blocks": opts.n_mm if parts else 0,
                                   "seq_len": opts.seq_len} if opts.method == "awq" and not opts.awq_result else None}
         if cfg.is_multimodal and opts.vision_int8 != "none":
-            report["vision_int8"] = _int8(parts, cfg, opts, tmp / INT8_FILE)
+            report["vision_int8"] = _int8(parts, cfg, opts, tmp / INT8_FILE, device)
         del parts
         if opts.eval:
-            report.update(_quality(w, cfg, q, opts, result, tmp, progress))
+            report.update(_quality(w, cfg, q, opts, result, tmp, progress, device))
         atomic_write_json(tmp / "quant_report.json", report)
     if opts.eval and cfg.knows_synthetic_world and opts.vqa_n:
         report["vqa"] = _vqa(src, out, opts.vqa_n)
@@ -131,7 +135,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, opts: QuantizeOptions,
 
 
 def _quality(w: CheckpointWeights, cfg, q: QuantConfig, opts: QuantizeOptions, result: dict | None, folder: Path,
-             progress: bool) -> dict:
+             progress: bool, device: torch.device | str = "cpu") -> dict:
     """Held-out perplexity (float / RTN / AWQ) and per-layer errors, one layer at a time."""
     n = auto_eval_tokens(cfg.llm, opts.eval_tokens)
     if n < opts.eval_tokens:
@@ -145,7 +149,7 @@ def _quality(w: CheckpointWeights, cfg, q: QuantConfig, opts: QuantizeOptions, r
             fake_quant_layer(layer, q)
 
         variants["awq"] = awq
-    qual = streamed_quality(w, cfg.llm, ids, q, variants, opts.lm_head, progress=progress)
+    qual = streamed_quality(w, cfg.llm, ids, q, variants, opts.lm_head, progress=progress, device=device)
     qual["perplexity"]["heldout"] = "/usr/share/common-licenses: " + ", ".join(HELDOUT_LICENSES)
     _plot_layer_errors(qual["layer_error"], folder / "layer_error.png", q)
     return qual
@@ -183,7 +187,7 @@ def calibrate_vision_int8(ckpt: str | Path, out: str | Path, opts: QuantizeOptio
     with atomic_dir(out) as tmp:
         for f in src.iterdir():
             (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
-        rep = _int8(parts, cfg, opts, tmp / INT8_FILE)
+        rep = _int8(parts, cfg, opts, tmp / INT8_FILE, resolve_device(opts.device))
     return rep
 
 
@@ -200,7 +204,7 @@ def int8_image_counts(enc, cfg, requested: int) -> tuple[int, int]:
     return n_cal, n_held
 
 
-def _int8(parts, cfg, opts: QuantizeOptions, path: Path) -> dict:
+def _int8(parts, cfg, opts: QuantizeOptions, path: Path, device: torch.device | str = "cpu") -> dict:
     """Calibrate the ViT + projector with each calibrator, keep the requested (or best) one."""
     import copy
 
@@ -210,13 +214,14 @@ def _int8(parts, cfg, opts: QuantizeOptions, path: Path) -> dict:
 
     from .int8 import CALIBRATORS, calibrate_int8_methods, fake_quant_vision, int8_report
 
-    enc = ImageEncoder(*parts).eval()
+    enc = ImageEncoder(*parts).eval().to(device)
     n_cal, n_held = int8_image_counts(enc, cfg, opts.int8_images)
     if n_cal < opts.int8_images:
         log.info("INT8 ViT calibration on %d images (%d asked; capped for a %.0fM-parameter tower)", n_cal,
                  opts.int8_images, sum(p.numel() for p in enc.parameters()) / 1e6)
     batches = int8_calibration_pixels(cfg, n_cal, opts.int8_image_dir)
     held = torch.cat(int8_calibration_pixels(cfg, n_held, None)) if not opts.int8_image_dir else torch.cat(batches[-2:])
+    held = held.to(device)
     methods = CALIBRATORS if opts.vision_int8 == "auto" else (opts.vision_int8,)
     cals = calibrate_int8_methods(enc, batches, methods, progress=True)
     rep = {}

@@ -140,7 +140,7 @@ def fake_quant_layer(layer: DecoderLayer, q: QuantConfig) -> None:
 @torch.no_grad()
 def streamed_quality(w: CheckpointWeights, spec: LLMSpec, ids: torch.Tensor, q: QuantConfig,
                      variants: dict[str, Callable[[DecoderLayer, int], None]], lm_head: bool = False,
-                     seq_len: int = 512, progress: bool = True) -> dict:
+                     seq_len: int = 512, progress: bool = True, device: torch.device | str = "cpu") -> dict:
     """Held-out perplexity of the float model and of each variant (a function that turns
     float layer i into the quantized one, in place), and each variant's per-layer relative
     output error (fed the float model's input to that layer, on the first block), computed
@@ -148,13 +148,14 @@ def streamed_quality(w: CheckpointWeights, spec: LLMSpec, ids: torch.Tensor, q: 
     blocks = [ids[i:i + seq_len] for i in range(0, len(ids) - 1, seq_len)]
     full = [b for b in blocks if len(b) == seq_len]
     x = torch.stack(full) if full else blocks[0][None]
-    h = {"float": w.get("model.embed_tokens.weight")[x].float()}
+    h = {"float": w.get("model.embed_tokens.weight")[x].float().to(device)}
     for v in variants:
         h[v] = h["float"].clone()
     T = x.shape[1]
     cos, sin = rope_tables(spec, T)
-    cos, sin = cos[None, None], sin[None, None]
-    pos = torch.arange(T)
+    cos, sin = cos[None, None].to(device), sin[None, None].to(device)
+    pos = torch.arange(T, device=device)
+    x = x.to(device)
     loader = LayerLoader(w, spec)
     errs: dict[str, list[float]] = {v: [] for v in variants}
 
@@ -162,7 +163,7 @@ def streamed_quality(w: CheckpointWeights, spec: LLMSpec, ids: torch.Tensor, q: 
         return torch.cat([layer(hs[i:i + 1], cos, sin, pos, T, None) for i in range(len(hs))])
 
     for i in tqdm(range(spec.num_layers), desc="quality check (layer by layer)", disable=not progress):
-        layer = loader.layer(i)
+        layer = loader.layer(i).to(device)
         inp = h["float"]
         h["float"] = run(layer, inp)
         base = {k: p.detach().clone() for k, p in layer.state_dict().items()}
@@ -173,7 +174,7 @@ def streamed_quality(w: CheckpointWeights, spec: LLMSpec, ids: torch.Tensor, q: 
             errs[v].append(float(((y_c - y_ref).pow(2).mean() / (y_ref - inp[:1]).pow(2).mean().clamp(min=1e-12)).sqrt()))
             h[v] = run(layer, h[v])
         del layer, base
-    norm, head = loader.norm(), loader.head()
+    norm, head = loader.norm().to(device), loader.head().to(device)
     head_q = fake_quant(head, q) if lm_head else head
 
     def nll(hs, W):
@@ -187,17 +188,20 @@ def streamed_quality(w: CheckpointWeights, spec: LLMSpec, ids: torch.Tensor, q: 
 
 
 def streamed_rtn_quality(w: CheckpointWeights, spec: LLMSpec, ids: torch.Tensor, q: QuantConfig,
-                         lm_head: bool = False, seq_len: int = 512, progress: bool = True) -> dict:
+                         lm_head: bool = False, seq_len: int = 512, progress: bool = True,
+                         device: torch.device | str = "cpu") -> dict:
     return streamed_quality(w, spec, ids, q, {"rtn": lambda layer, i: fake_quant_layer(layer, q)}, lm_head,
-                            seq_len, progress)
+                            seq_len, progress, device)
 
 
 def awq_state(w: CheckpointWeights, spec: LLMSpec, st: AwqSettings, result: dict[str, torch.Tensor],
-              calib: torch.Tensor | None = None, lm_head: bool = False,
-              progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+              calib: torch.Tensor | None = None, lm_head: bool = False, progress: bool = True,
+              device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the AWQ-quantized LLM, one float32 decoder layer in memory at a time.
-    With `calib` ([N, T, D] input embeddings) each layer is searched and `result` filled;
-    without, the saved `result` is applied. Folded norms and linears are written in float32."""
+    With `calib` ([N, T, D] input embeddings) each layer is searched on `device` (the layer
+    and the activations carried between layers live there; results come back to the host)
+    and `result` filled; without, the saved `result` is applied. Folded norms and linears
+    are written in float32."""
     q = st.quant
     for name in w.names:
         if name.startswith("model.layers.") or "rotary_emb" in name:
@@ -209,13 +213,17 @@ def awq_state(w: CheckpointWeights, spec: LLMSpec, st: AwqSettings, result: dict
         src = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
         yield from packed("lm_head", w.get(src), q)
     loader = LayerLoader(w, spec)
-    runner = LayerRunner(None, calib.shape[1], spec) if calib is not None else None
-    x = calib
+    runner = LayerRunner(None, calib.shape[1], spec, device) if calib is not None else None
+    x = calib.to(device) if calib is not None else None
     for i in tqdm(range(spec.num_layers), desc="AWQ search" if calib is not None else "AWQ apply",
                   disable=not progress):
         layer = loader.layer(i)
         if calib is not None:
+            layer = layer.to(device)
             x = search_layer(layer, i, runner, x, spec.family, st, result)
+            layer = layer.cpu()
+            for k in [k for k in result if k.startswith(f"layers.{i}.")]:
+                result[k] = result[k].cpu()
         else:
             apply_awq_layer(layer, i, result, q, spec.family)
         for pname, p in layer.named_parameters():

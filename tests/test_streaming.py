@@ -234,3 +234,18 @@ def test_quantize_and_export_never_hold_a_float32_copy_of_the_llm(tmp_path):
              "--max-context", "256")
     print(f"peak RSS: quantize {q / 1e9:.2f} GB, export {e / 1e9:.2f} GB, float32 LLM {fp32_bytes / 1e9:.2f} GB")
     assert q < fp32_bytes and e < fp32_bytes, (q / 1e9, e / 1e9, fp32_bytes / 1e9)
+
+
+def test_quantize_device_choice_and_its_errors():
+    """--device: auto is CUDA only where torch sees a GPU; asking for CUDA without one, or for
+    an unknown device, is one line naming the option (the CUDA results: tests/test_quant_gpu.py)."""
+    from edge_vila.errors import InputError
+    from edge_vila.quant.device import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(InputError, match="--device 'tpu' unknown"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="--device cuda: torch sees no CUDA device"):
+            resolve_device("cuda")

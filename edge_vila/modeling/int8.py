@@ -52,7 +52,7 @@ def fake_quant_vision(model: nn.Module, cal: Int8Calibration) -> list:
     for n, m in quantizable(model).items():
         if n not in cal.act_scale:
             continue
-        ws = cal.weight_scale[n].to(m.weight.dtype).reshape(-1, *([1] * (m.weight.dim() - 1)))
+        ws = cal.weight_scale[n].to(m.weight.device, m.weight.dtype).reshape(-1, *([1] * (m.weight.dim() - 1)))
         m.weight.data = _fq(m.weight.data, ws)
         s = cal.act_scale[n]
         handles.append(m.register_forward_pre_hook(lambda mod, inp, s=s: (_fq(inp[0], s),) + tuple(inp[1:])))
