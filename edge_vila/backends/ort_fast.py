@@ -68,49 +68,91 @@ class Int4Linear:
         return self.q.shape
 
 
-def _unpack_int4(t, shape) -> np.ndarray:
-    raw = np.frombuffer(t.raw_data, np.uint8)
+def _unpack_int4(raw: bytes, shape) -> np.ndarray:
+    raw = np.frombuffer(raw, np.uint8)
     lo, hi = (raw & 0xF), (raw >> 4)
     v = np.stack([lo, hi], -1).reshape(-1)[: int(np.prod(shape))].astype(np.int8)
     v = np.where(v > 7, v - 16, v)  # signed nibbles
     return v.reshape(shape)
 
 
-def read_int4_linears(model) -> dict[str, Int4Linear]:
-    """name (e.g. 'model.layers.0.self_attn.q_proj', 'lm_head') -> weights, from the bundle graph."""
-    from onnx import numpy_helper
+class TensorReader:
+    """The initializers of an ONNX model loaded without its external data, each read from its
+    data file only when asked: the fast graph is built one linear at a time, so a bundle's
+    weights are never all in memory at once (loading an 8B llm.onnx whole, then unpacking its
+    4-bit codes to a byte each, would take several times its size)."""
 
-    inits = {i.name: i for i in model.graph.initializer}
+    def __init__(self, model, folder: Path):
+        self.inits = {i.name: i for i in model.graph.initializer}
+        self.folder = Path(folder)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.inits
+
+    def dims(self, name: str) -> tuple[int, ...]:
+        return tuple(self.inits[name].dims)
+
+    def raw(self, name: str) -> bytes:
+        from onnx import TensorProto
+
+        t = self.inits[name]
+        if t.data_location != TensorProto.EXTERNAL:
+            return t.raw_data
+        info = {e.key: e.value for e in t.external_data}
+        path, off = self.folder / info["location"], int(info.get("offset", 0))
+        with open(path, "rb") as f:
+            f.seek(off)
+            data = f.read(int(info["length"])) if "length" in info else f.read()
+        if "length" in info and len(data) != int(info["length"]):
+            raise ValueError(f"{path}: truncated at {name!r} (offset {off}, {info['length']} bytes expected)")
+        return data
+
+    def array(self, name: str) -> np.ndarray:
+        from onnx import TensorProto, helper, numpy_helper
+
+        t = self.inits[name]
+        if t.data_location != TensorProto.EXTERNAL:
+            return numpy_helper.to_array(t)
+        return np.frombuffer(self.raw(name), helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
+
+
+class LazyInt4Linears(dict):
+    """base name -> Int4Linear, each read from the bundle and unpacked when looked up (not kept)."""
+
+    def __init__(self, reader: TensorReader, parts: dict[str, dict[str, str]], block_of: dict[str, int]):
+        super().__init__({b: p for b, p in parts.items() if "q4" in p and "scale" in p})
+        self.reader, self.block_of = reader, block_of
+
+    def __getitem__(self, base: str) -> Int4Linear:
+        parts, r = super().__getitem__(base), self.reader
+        signed = _unpack_int4(r.raw(parts["q4"]), r.dims(parts["q4"]))
+        scale = r.array(parts["scale"]).astype(np.float32)
+        if "zcorr" in parts:  # zcorr = s * (8 - z)  ->  z = 8 - zcorr / s
+            zc = r.array(parts["zcorr"]).astype(np.float32)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z = np.where(scale != 0, 8 - zc / scale, 8)
+            zero = np.clip(np.rint(z), 0, 15).astype(np.uint8)
+        else:
+            zero = np.full(scale.shape, 8, np.uint8)
+        bias = r.array(f"lm.{base}.bias").astype(np.float32) if f"lm.{base}.bias" in r else None
+        return Int4Linear((signed + 8).astype(np.uint8), scale, zero, self.block_of.get(parts["q4"], 0) or 128, bias)
+
+
+def read_int4_linears(model, reader: TensorReader | None = None) -> LazyInt4Linears:
+    """name (e.g. 'model.layers.0.self_attn.q_proj', 'lm_head') -> weights, from the bundle graph
+    (read lazily through `reader`; without one, from the model's own loaded tensors)."""
+    reader = reader or TensorReader(model, Path("."))
     block_of = {}
     for n in model.graph.node:
         if n.op_type == "DequantizeLinear" and len(n.input) >= 2:
             bs = next((a.i for a in n.attribute if a.name == "block_size"), 0)
             block_of[n.input[0]] = bs
     groups: dict[str, dict[str, str]] = {}
-    for name in inits:
+    for name in reader.inits:
         m = re.match(r"(.+)\.(q4|scale|zcorr)__q\d+$", name)
         if m:
             groups.setdefault(m.group(1), {})[m.group(2)] = name
-    out = {}
-    for base, parts in groups.items():
-        if "q4" not in parts or "scale" not in parts:
-            continue
-        t = inits[parts["q4"]]
-        signed = _unpack_int4(t, tuple(t.dims))
-        scale = numpy_helper.to_array(inits[parts["scale"]]).astype(np.float32)
-        if "zcorr" in parts:  # zcorr = s * (8 - z)  ->  z = 8 - zcorr / s
-            zc = numpy_helper.to_array(inits[parts["zcorr"]]).astype(np.float32)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                z = np.where(scale != 0, 8 - zc / scale, 8)
-            zero = np.clip(np.rint(z), 0, 15).astype(np.uint8)
-        else:
-            zero = np.full(scale.shape, 8, np.uint8)
-        out[base] = Int4Linear((signed + 8).astype(np.uint8), scale, zero, block_of.get(parts["q4"], 0) or 128)
-    for base, lin in out.items():
-        b = inits.get(f"lm.{base}.bias")
-        if b is not None:
-            lin.bias = numpy_helper.to_array(b).astype(np.float32)
-    return out
+    return LazyInt4Linears(reader, groups, block_of)
 
 
 def pack_matmulnbits(lin: Int4Linear) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -164,13 +206,11 @@ def fuse(lins: list[Int4Linear]) -> Int4Linear:
                       np.concatenate([l.zero for l in lins], 1), lins[0].block, bias)
 
 
-def _find_rope(model, max_ctx: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    from onnx import numpy_helper
-
+def _find_rope(reader: TensorReader, max_ctx: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
     cos = sin = None
-    for i in model.graph.initializer:
+    for i in reader.inits.values():
         if len(i.dims) == 2 and i.dims[1] == head_dim and i.dims[0] >= max_ctx and i.data_type == 1:
-            a = numpy_helper.to_array(i)
+            a = reader.array(i.name)
             if np.allclose(a[0], 1.0):
                 cos = a
             elif np.allclose(a[0], 0.0) and a.shape[0] > 1 and abs(a[1, 0]) > 0.5:
@@ -183,15 +223,13 @@ def _find_rope(model, max_ctx: int, head_dim: int) -> tuple[np.ndarray, np.ndarr
     return np.ascontiguousarray(cos[:max_ctx, :half]), np.ascontiguousarray(sin[:max_ctx, :half])
 
 
-def _norm_weights(model) -> list[np.ndarray]:
+def _norm_weights(model, reader: TensorReader) -> list[np.ndarray]:
     """RMSNorm weights in graph order (layer 0 input, layer 0 post-attention, ..., final norm).
 
     Found by structure, not by name: the exporter merges identical initializers (a randomly
     initialised model has every norm weight equal to ones), so names are not reliable.
     RMSNorm here is ReduceMean -> Add(eps) -> Sqrt -> Reciprocal -> Mul(x) -> Mul(weight)."""
-    from onnx import numpy_helper
-
-    inits = {i.name: i for i in model.graph.initializer}
+    inits = reader.inits
     consumers: dict[str, list] = {}
     for n in model.graph.node:
         for i in n.input:
@@ -209,27 +247,38 @@ def _norm_weights(model) -> list[np.ndarray]:
         w = [i for i in cur.input if i in inits]
         if len(w) != 1:
             raise ValueError(f"RMSNorm weight not found after {n.name}")
-        out.append(numpy_helper.to_array(inits[w[0]]).astype(np.float32))
+        out.append(reader.array(w[0]).astype(np.float32))
     return out
 
 
-def _rms_eps(model) -> float:
+def _rms_eps(model, reader: TensorReader) -> float:
     from onnx import numpy_helper
 
-    inits = {i.name: i for i in model.graph.initializer}
+    inits = reader.inits
     consts = {n.output[0]: next(a.t for a in n.attribute if a.name == "value") for n in model.graph.node
               if n.op_type == "Constant"}
     means = {n.output[0] for n in model.graph.node if n.op_type == "ReduceMean"}
     for n in model.graph.node:
         if n.op_type == "Add" and n.input[0] in means:
-            t = inits.get(n.input[1]) or consts.get(n.input[1])
-            if t is not None:
-                return float(numpy_helper.to_array(t).reshape(-1)[0])
+            if n.input[1] in inits:
+                return float(reader.array(n.input[1]).reshape(-1)[0])
+            if n.input[1] in consts:
+                return float(numpy_helper.to_array(consts[n.input[1]]).reshape(-1)[0])
     raise ValueError("RMSNorm epsilon not found in llm.onnx")
 
 
 def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int = 4,
                    kv_scales: np.ndarray | None = None, attention: str = "gqa", matmul: str = "nbits") -> Path:
+    try:
+        return _build_fast_llm(bundle_llm, man, Path(out), accuracy_level, kv_scales, attention, matmul)
+    except BaseException:  # no half-written temporaries left beside the cache
+        for p in Path(out).parent.glob(f"{Path(out).name}*.{os.getpid()}.tmp"):
+            p.unlink(missing_ok=True)
+        raise
+
+
+def _build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int,
+                    kv_scales: np.ndarray | None, attention: str, matmul: str) -> Path:
     """Write the fast graph for `bundle_llm` (the bundle's llm.onnx) to `out` (atomically).
     `kv_scales` ([layers, 2 (key, value), kv_heads, head_dim], from `calibrate_kv_scales`)
     makes the KV cache INT8. `attention="edge"` (INT8 cache only) runs attention in our own
@@ -244,15 +293,15 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
     H, nh, nkv, hd, L, V = (m["hidden_size"], m["num_heads"], m["num_kv_heads"], m["head_dim"], m["num_layers"],
                             m["vocab_size"])
     max_ctx = m["max_context"]
-    model = onnx.load(str(bundle_llm))
-    lins = read_int4_linears(model)
+    model = onnx.load(str(bundle_llm), load_external_data=False)  # weights are read one at a time
+    reader = TensorReader(model, Path(bundle_llm).parent)
+    lins = read_int4_linears(model, reader)
     if f"model.layers.0.{PROJ[0]}" not in lins:
         raise ValueError("llm.onnx has no INT4 linears (fp32 bundle): nothing to accelerate")
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name.startswith("lm.lm_head")}
-    norms = _norm_weights(model)
+    norms = _norm_weights(model, reader)
     if len(norms) != 2 * L + 1:
         raise ValueError(f"found {len(norms)} RMSNorms in llm.onnx, expected {2 * L + 1}")
-    cos, sin = _find_rope(model, max_ctx, hd)
+    cos, sin = _find_rope(reader, max_ctx, hd)
     if kv_scales is not None and kv_scales.shape != (L, 2, nkv, hd):
         raise ValueError(f"kv_scales has shape {kv_scales.shape}, expected {(L, 2, nkv, hd)}")
     kv_type = TensorProto.FLOAT if kv_scales is None else TensorProto.INT8
@@ -260,12 +309,27 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
         raise ValueError(f"attention {attention!r}: expected 'gqa', or 'edge' with an INT8 cache (kv_scales)")
     if matmul not in ("nbits", "edge"):
         raise ValueError(f"matmul {matmul!r}: expected 'nbits' or 'edge'")
-    eps = _rms_eps(model)
-    del model
+    eps = _rms_eps(model, reader)
     nodes, weights = [], []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # unique temporaries: two processes may build the same cache at once; the last rename wins
+    tag = f"{os.getpid()}.tmp"
+    tmp, data = out.with_name(f"{out.name}.{tag}"), out.name + ".data"
+    data_file = open(out.parent / f"{data}.{tag}", "wb")
 
     def w(name, arr):
-        weights.append(numpy_helper.from_array(arr, name))
+        """An initializer; its bytes go to the data file now (only the graph stays in memory)."""
+        arr = np.asarray(arr, order="C")  # (ascontiguousarray would make a 0-d index 1-d)
+        if arr.nbytes < 1024:
+            weights.append(numpy_helper.from_array(arr, name))
+            return name
+        data_file.write(b"\0" * (-data_file.tell() % 64))  # aligned, as ORT maps it
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape,
+                        data_location=TensorProto.EXTERNAL)
+        for k, v in (("location", data), ("offset", str(data_file.tell())), ("length", str(arr.nbytes))):
+            t.external_data.add(key=k, value=v)
+        data_file.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        weights.append(t)
         return name
 
     def linear(x, lin: Int4Linear, name, skip: str | None = None, norm: str | None = None, total: str | None = None,
@@ -351,7 +415,7 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
         if fused:  # the op applies SwiGLU to gate | up as it reads its input
             d = linear(gu, lins[p + PROJ[6]], f"l{i}.down", activation=1)
         else:
-            I = lins[p + PROJ[4]].kn[1]
+            I = gu_lin.kn[1] // 2
             nodes += [helper.make_node("Split", [gu, w(f"l{i}.split", np.array([I, I], np.int64))],
                                        [f"l{i}.gate", f"l{i}.up"], axis=-1),
                       helper.make_node("Sigmoid", [f"l{i}.gate"], [f"l{i}.sig"]),
@@ -378,25 +442,15 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
         head = linear("final_h3", lins["lm_head"], "lm_head")
         nodes.append(helper.make_node("Squeeze", [head, "ax1"], ["logits"]))
     else:
-        wt = inits["lm.lm_head.weight"]  # [V, H]
+        wt = reader.array("lm.lm_head.weight")  # [V, H]
         nodes.append(helper.make_node("MatMul", ["final_h", w("lm_head.wT", np.ascontiguousarray(wt.T))], ["logits"]))
     graph = helper.make_graph(nodes, "edge_vila_fast_llm", ins, outs, weights)
     fast = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)]
                              + ([helper.make_opsetid(EDGE_DOMAIN, 1)] if "edge" in (attention, matmul) else []),
                              producer_name="edge-vila", ir_version=10)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # unique temporaries: two processes may build the same cache at once; the last rename wins
-    tag = f"{os.getpid()}.tmp"
-    tmp, data = out.with_name(f"{out.name}.{tag}"), out.name + ".data"
-    onnx.save_model(fast, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{data}.{tag}", size_threshold=1024)
-    # point the graph at the final data file name, then rename data first and the graph last
-    m2 = onnx.load(str(tmp), load_external_data=False)
-    for t in m2.graph.initializer:
-        for e in t.external_data:
-            if e.key == "location":
-                e.value = data
-    onnx.save_model(m2, str(tmp))
+    data_file.close()
+    # the graph names the final data file: rename the data first and the graph last
+    onnx.save_model(fast, str(tmp))
     (out.parent / f"{data}.{tag}").replace(out.parent / data)
     tmp.replace(out)
     log.info("built the fast CPU graph %s", out)
