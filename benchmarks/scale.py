@@ -2,14 +2,14 @@
 replica of a released checkpoint (released config, bf16 shards, random weights).
 
     python benchmarks/scale.py [--model VILA1.5-3b] [--work runs/scale] [--keep] [--llm-layers N]
-        [--max-context 2048] [--quantize-args ...]
+        [--max-context 2048] [--decode [--decode-args ...]] [--quantize-args ...]
 
 Steps, each its own process (its peak RSS is the kernel's figure for that process, from
 wait4): make the replica -> `edge-vila quantize --method rtn` -> `edge-vila export` (whose
 report.json checks the bundle against the torch reference of the quantized checkpoint, in
-exact mode). Decode speed beside llama.cpp is decode_speed.py's job: hf_to_gguf.py writes a Q4_0
-GGUF of the replica's llm/ (streamed, its sentencepiece vocabulary), then
-`decode_speed.py --hf <replica>/llm --bundle <bundle> --gguf <gguf> --no-hf`. Writes
+exact mode). With --decode, then: hf_to_gguf.py writes a Q4_0 GGUF of the replica's llm/
+(streamed, its sentencepiece vocabulary), onnxruntime-genai's builder its int4 build, and
+decode_speed.py times the bundle, llama.cpp and genai side by side (median of 5). Writes
 <work>/scale.json and prints a table. Not a test: timings depend on the machine, which is
 recorded.
 """
@@ -47,6 +47,20 @@ def run_step(name: str, cmd: list[str], log_dir: Path) -> dict:
     return res
 
 
+def _decode_steps(py: str, work: Path, replica: Path, bundle: Path, args: list[str], steps: list) -> dict | None:
+    """The peers' builds of the replica's LLM (kept in `work` for the next run), then
+    decode_speed.py with all three in one run; its JSON is folded into scale.json."""
+    gguf, genai, res = work / "llm-q4_0.gguf", work / "genai-int4", work / "decode_speed.json"
+    if not gguf.is_file():
+        steps.append(run_step("gguf_q4_0", [py, HERE / "hf_to_gguf.py", replica / "llm", gguf], work / "logs"))
+    if not (genai / "genai_config.json").is_file():
+        steps.append(run_step("genai_int4_build", [py, "-m", "onnxruntime_genai.models.builder", "-i", replica / "llm",
+                                                   "-o", genai, "-p", "int4", "-e", "cpu"], work / "logs"))
+    steps.append(run_step("decode", [py, HERE / "decode_speed.py", "--hf", replica / "llm", "--bundle", bundle,
+                                     "--gguf", gguf, "--genai", genai, "--no-hf", "--out", res, *args], work / "logs"))
+    return json.loads(res.read_text()) if res.is_file() else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="VILA1.5-3b", help="a released layout edge_vila.released knows")
@@ -56,6 +70,11 @@ def main() -> int:
                     help="reuse the replica (and a quantized checkpoint with its recorded figures) already in --work")
     ap.add_argument("--quantize-args", nargs=argparse.REMAINDER, default=[])
     ap.add_argument("--max-context", type=int, default=2048)
+    ap.add_argument("--decode", action="store_true",
+                    help="then decode tokens/s of the bundle beside llama.cpp (a Q4_0 GGUF of the replica's LLM) and "
+                         "onnxruntime-genai's int4 build of it, via decode_speed.py (needs llama-cpp-python and "
+                         "onnxruntime-genai)")
+    ap.add_argument("--decode-args", nargs="*", default=["--contexts", "64", "512", "1024", "--runs", "5"])
     a = ap.parse_args()
 
     py = sys.executable
@@ -76,6 +95,9 @@ def main() -> int:
                                                "--method", "rtn", *a.quantize_args], work / "logs"))
     steps.append(run_step("export", [py, "-m", "edge_vila", "export", quant, "--out", bundle,
                                      "--max-context", a.max_context], work / "logs"))
+    decode = None
+    if a.decode and (bundle / "manifest.json").is_file():
+        decode = _decode_steps(py, work, replica, bundle, a.decode_args, steps)
     out = {"model": a.model, "date": time.strftime("%Y-%m-%d"), "machine": {
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3, 1)},
@@ -94,13 +116,19 @@ def main() -> int:
     if qrep.is_file():
         r = json.loads(qrep.read_text())
         out["quality"] = {"perplexity": r.get("perplexity"), "vision_int8": (r.get("vision_int8") or {}).get("chosen")}
-    out["quantize_plus_export"] = {"seconds": round(sum(s["seconds"] for s in steps if s["step"] != "replica"), 1),
-                                   "peak_rss_gb": max(s["peak_rss_gb"] for s in steps if s["step"] != "replica")}
+    tool = [s for s in steps if s["step"] in ("quantize_rtn", "export")]
+    out["quantize_plus_export"] = {"seconds": round(sum(s["seconds"] for s in tool), 1),
+                                   "peak_rss_gb": max(s["peak_rss_gb"] for s in tool)}
+    if decode is not None:
+        out["decode"] = decode
     (work / "scale.json").write_text(json.dumps(out, indent=2))
     print(f"\n{a.model}: quantize(rtn)+export {out['quantize_plus_export']['seconds']} s, "
           f"peak RSS {out['quantize_plus_export']['peak_rss_gb']} GB; bundle {out.get('bundle_gb')} GB")
     for s in steps:
-        print(f"  {s['step']:<14} {s['seconds']:>8.1f} s  {s['peak_rss_gb']:>6.2f} GB  exit {s['returncode']}")
+        print(f"  {s['step']:<16} {s['seconds']:>8.1f} s  {s['peak_rss_gb']:>6.2f} GB  exit {s['returncode']}")
+    for ctx, row in ((decode or {}).get("results") or {}).items():
+        print(f"  decode at {ctx:>5}: edge-vila {row['edge_vila_ort']:.1f} tok/s, x{row.get('ratio_vs_llama_cpp', 0):.2f} "
+              f"llama.cpp Q4_0, x{row.get('ratio_vs_genai', 0):.2f} onnxruntime-genai int4")
     print(f"wrote {work / 'scale.json'}")
     return 0 if all(s["returncode"] == 0 for s in steps) else 1
 
