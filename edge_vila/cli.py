@@ -56,7 +56,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     opts = ExportOptions(llm_quant=a.llm_quant, vision_quant=a.vision_quant, max_context=a.max_context,
                          group_size=a.group_size, check_trt=a.trt, report=not a.no_report, report_n=a.report_n,
                          template=a.template, quant_method=a.quant_method, kv_dtype=a.kv_dtype,
-                         device=a.device)
+                         embed_dtype=a.embed_dtype, device=a.device)
     out = export_bundle(a.path, a.out, opts)
     chk = json.loads((Path(out) / "trt_check.json").read_text()) if (Path(out) / "trt_check.json").exists() else None
     if chk:
@@ -306,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto",
                    help="where quantizing a float checkpoint on the way runs: auto (CUDA when torch sees "
                         "a GPU, else the CPU), cpu, cuda, cuda:N")
+    s.add_argument("--embed-dtype", default="auto", choices=["auto", "fp16", "fp32"],
+                   help="the host embedding table (default auto: fp16 for a bf16/fp16 checkpoint, where it is exact; "
+                        "fp32 for a float32 one)")
     s.add_argument("--kv-dtype", default="fp16", choices=["fp16", "fp32"],
                    help="llm.onnx's KV-cache inputs/outputs (default: fp16, half an Orin's cache bytes; "
                         "the CPU runtime's own graph keeps its INT8/FP32 cache either way)")

@@ -9,28 +9,30 @@ from .errors import InputError
 
 
 def _budget_dims(path: str | None, model: str | None):
-    from .jetson.memory import ModelDims
+    """(dims, the byte widths the bundle stores: KV and embedding table; {} for --model)."""
+    from .jetson.memory import ModelDims, bundle_byte_widths
 
     if model:
         try:
-            return ModelDims.from_layout(model)
+            return ModelDims.from_layout(model), {}
         except ValueError as e:
             raise InputError(f"--model: {e}") from None
     if not path:
         raise InputError("give a bundle folder or --model NAME (a released checkpoint, e.g. VILA1.5-3b)")
     from .bundle import read_manifest
 
-    return ModelDims.from_manifest(read_manifest(path, verify=False))
+    man = read_manifest(path, verify=False)
+    return ModelDims.from_manifest(man), bundle_byte_widths(Path(path), man)
 
 
 def cmd_budget(a: argparse.Namespace) -> int:
     from .jetson.detect import detect
     from .jetson.memory import BOARD_RAM_GB, BudgetOptions, budget
 
-    dims = _budget_dims(a.path, a.model)
+    dims, widths = _budget_dims(a.path, a.model)
     here = None if a.board else detect().board
     boards = [a.board] if a.board else ([here] if here else list(BOARD_RAM_GB))
-    o = BudgetOptions(max_context=a.max_context, max_images=a.max_images, workspace_mb=a.workspace)
+    o = BudgetOptions(max_context=a.max_context, max_images=a.max_images, workspace_mb=a.workspace, **widths)
     results = [budget(dims, b, o) for b in boards]
     if a.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
@@ -53,14 +55,15 @@ def cmd_build(a: argparse.Namespace) -> int:
     from .bundle import read_manifest
     from .export.trt_build import BuildOptions, build_engines
     from .jetson.detect import detect
-    from .jetson.memory import BudgetOptions, ModelDims, budget
+    from .jetson.memory import BudgetOptions, ModelDims, budget, bundle_byte_widths
 
     man = read_manifest(a.path)
     board = detect().board
     max_ctx = a.max_context or man["model"]["max_context"]
     if board:
         b = budget(ModelDims.from_manifest(man), board,
-                   BudgetOptions(max_context=max_ctx, max_images=a.max_images, workspace_mb=a.workspace))
+                   BudgetOptions(max_context=max_ctx, max_images=a.max_images, workspace_mb=a.workspace,
+                                 **bundle_byte_widths(Path(a.path), man)))
         print(b.table())
         if not b.fits and not a.force:
             raise InputError(f"{a.path}: the engines at context {max_ctx} would not fit {board} "

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import torch
 
 from edge_vila import __version__
 from edge_vila.bundle import FORMAT, FORMAT_VERSION
@@ -44,6 +45,7 @@ class ExportOptions:
     template: str | None = None  # overrides the checkpoint's (or VILA's by-name) chat template
     quant_method: str = "awq"  # how a float LLM is quantized on the way: awq | rtn
     kv_dtype: str = "fp16"  # llm.onnx's past/present K/V: fp16 (an Orin's cache) | fp32
+    embed_dtype: str = "auto"  # embed.safetensors: auto (fp16 for a bf16/fp16 checkpoint, exact) | fp16 | fp32
     device: str = "auto"  # where a float checkpoint's quantization on the way runs: auto | cpu | cuda[:N]
 
 
@@ -93,24 +95,30 @@ def _ensure_quantized(ckpt: Path, opts: ExportOptions, work: Path) -> Path:
     return work / "quantized"
 
 
-def _write_embeddings(weights: CheckpointWeights, path: Path, rows: int = 8192) -> None:
-    """The host's token-embedding table in float16: half the bytes of float32 in an Orin's
-    shared memory, and exact for a bf16 checkpoint's values in fp16's range (bf16 has 8
-    mantissa bits, fp16 11; only |x| < 6e-5 loses bits, to 6e-8 absolute). A table with
-    values beyond fp16's range stays float32."""
+def _write_embeddings(weights: CheckpointWeights, path: Path, dtype: str = "auto", rows: int = 8192) -> str:
+    """The host's token-embedding table. float16 halves its bytes in an Orin's shared memory and
+    is exact for a bf16 or fp16 checkpoint's values in fp16's range (bf16 has 8 mantissa bits,
+    fp16 11; only |x| < 6e-5 loses bits, to 6e-8 absolute), so `auto` takes it for those and
+    keeps float32 for a float32 checkpoint (where fp16 would round every value). Returns the
+    dtype written."""
     import numpy as np
 
     t = weights.get("model.embed_tokens.weight")
-    peak = max((float(t[i:i + rows].abs().max()) for i in range(0, t.shape[0], rows)), default=0.0)
-    dtype = np.float16 if peak < 65504 else np.float32
-    if dtype is np.float32:
-        log.warning("embed.safetensors kept float32: the table holds values up to %.3g, beyond float16", peak)
-    table = np.empty(tuple(t.shape), dtype)
+    if dtype not in ("auto", "fp16", "fp32"):
+        raise InputError(f"embed dtype {dtype!r} unknown (expected auto, fp16 or fp32)")
+    want = dtype if dtype != "auto" else ("fp16" if t.dtype in (torch.bfloat16, torch.float16) else "fp32")
+    if want == "fp16":
+        peak = max((float(t[i:i + rows].abs().max()) for i in range(0, t.shape[0], rows)), default=0.0)
+        if peak >= 65504:
+            log.warning("embed.safetensors kept float32: the table holds values up to %.3g, beyond float16", peak)
+            want = "fp32"
+    table = np.empty(tuple(t.shape), np.float16 if want == "fp16" else np.float32)
     for i in range(0, t.shape[0], rows):  # convert in slices: no whole float32 copy of the table
         table[i:i + rows] = t[i:i + rows].float().numpy()
     del t
     with SafetensorsWriter(path) as wr:
         wr.add("embed_tokens", table)
+    return want
 
 
 def export_bundle(ckpt: str | Path, out: str | Path, opts: ExportOptions | None = None) -> Path:
@@ -140,7 +148,7 @@ def export_bundle(ckpt: str | Path, out: str | Path, opts: ExportOptions | None 
             if cfg.llm.quantization:
                 log.info("llm.onnx: %d linears as INT4 block-%d DequantizeLinear", res["int4_linears"],
                          cfg.llm.quantization["group_size"])
-            _write_embeddings(weights, tmp / "embed.safetensors")
+            _write_embeddings(weights, tmp / "embed.safetensors", opts.embed_dtype)
             del weights
             tok.save(tmp)
             for extra in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):

@@ -12,6 +12,7 @@ libraries with CUDA lazy loading. Override them when you have measured your boar
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
@@ -144,6 +145,19 @@ class Budget:
                 "fits": self.fits, "suggestion": self.suggestion, "options": self.options}
 
 
+def bundle_byte_widths(root: Path, man: dict) -> dict[str, int]:
+    """kv_bytes / embed_bytes as this bundle stores them: its manifest's KV dtype (a bundle
+    without one is float32) and its embedding table's dtype."""
+    from edge_vila.config import safetensors_header
+
+    out = {"kv_bytes": 2 if man.get("io", {}).get("llm", {}).get("kv_dtype", "float32") == "float16" else 4}
+    embed = Path(root) / "embed.safetensors"
+    if embed.is_file():
+        dtype = safetensors_header(embed)[1].get("embed_tokens", {}).get("dtype", "F32")
+        out["embed_bytes"] = {"F16": 2, "BF16": 2, "F32": 4}.get(dtype, 4)
+    return out
+
+
 def available_bytes(board: str, o: BudgetOptions) -> int:
     if board not in BOARD_RAM_GB:
         raise ValueError(f"board {board!r} unknown (expected one of {', '.join(BOARD_RAM_GB)})")
@@ -199,4 +213,5 @@ def suggest(d: ModelDims, board: str, o: BudgetOptions) -> str:
 
 
 __all__ = ["ModelDims", "BudgetOptions", "Budget", "budget", "parts", "kv_cache_bytes", "available_bytes",
+           "bundle_byte_widths",
            "BOARD_RAM_GB", "suggest"]

@@ -135,6 +135,9 @@ def test_budget_from_bundle_manifest(tiny_bundle):
     assert d.hidden == 128 and d.vision_layers > 0 and d.tokens_per_image == man["tokens_per_image"]
     b = M.budget(d, "orin-nano-8gb", M.BudgetOptions(max_context=512))
     assert b.fits and b.parts["vision_weights"] > 0
+    # what the bundle stores: fp16 KV I/O; the tiny checkpoint is float32, so its table stays fp32
+    assert M.bundle_byte_widths(tiny_bundle, man) == {"kv_bytes": 2, "embed_bytes": 4}
+    assert M.bundle_byte_widths(tiny_bundle, {})["kv_bytes"] == 4  # a manifest from before kv_dtype
 
 
 def _key(man, **kw):

@@ -305,6 +305,15 @@ def test_official_awq_replica_converts_exactly_and_exports(tmp_path, photo):
     assert r.returncode == 0, r.stderr
     man = json.loads((bundle / "manifest.json").read_text())
     assert man["quant"]["llm"] == "awq-w4" and man["tokens_per_image"] == 196
+    # the release's 16-bit embedding table goes to the bundle as fp16, value for value
+    from safetensors.numpy import load_file
+
+    from edge_vila.modeling.weights import CheckpointWeights
+
+    table = load_file(str(bundle / "embed.safetensors"))["embed_tokens"]
+    src_table = CheckpointWeights(conv / "llm").get("model.embed_tokens.weight")
+    assert src_table.dtype in (torch.float16, torch.bfloat16)
+    assert table.dtype == np.float16 and np.array_equal(table.astype(np.float32), src_table.float().numpy())
     r = cli("run", bundle, "--image", photo, "--prompt", "Describe the image.", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
     res = edge_vila.load(bundle, exact=True, variant="bundle")
