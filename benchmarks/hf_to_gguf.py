@@ -100,7 +100,7 @@ def main() -> None:
         _copy_smollm2_vocab(w)
 
     def put(name: str, t: np.ndarray, q=qt) -> None:
-        t = t.astype(np.float32)
+        t = np.asarray(t, np.float32)  # CheckpointWeights.float32 already is: no copy
         if t.ndim == 1:
             w.add_tensor(name, t)
         else:

@@ -138,10 +138,9 @@ class LazyInt4Linears(dict):
         return Int4Linear((signed + 8).astype(np.uint8), scale, zero, self.block_of.get(parts["q4"], 0) or 128, bias)
 
 
-def read_int4_linears(model, reader: TensorReader | None = None) -> LazyInt4Linears:
+def read_int4_linears(model, reader: TensorReader) -> LazyInt4Linears:
     """name (e.g. 'model.layers.0.self_attn.q_proj', 'lm_head') -> weights, from the bundle graph
-    (read lazily through `reader`; without one, from the model's own loaded tensors)."""
-    reader = reader or TensorReader(model, Path("."))
+    (each read through `reader` when looked up)."""
     block_of = {}
     for n in model.graph.node:
         if n.op_type == "DequantizeLinear" and len(n.input) >= 2:
