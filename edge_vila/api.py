@@ -20,7 +20,7 @@ import numpy as np
 from .config import VilaConfig, load_config
 from .errors import InputError
 from .generate import GenerationStats, Generator, SamplingParams
-from .preprocess import ImageLike, preprocess_images
+from .preprocess import ImageLike, message_tiles
 from .prompt import (IMAGE_PLACEHOLDER, ChatTemplate, ImageKey, Key, TextTokenizer, encode_with_images,
                      get_template, guess_template)
 
@@ -120,15 +120,17 @@ class Pipeline:
     def tokens_per_image(self) -> int:
         return self.cfg.tokens_per_image
 
-    def encode_images(self, images: Sequence[ImageLike]) -> list[str]:
-        """Preprocess + encode images (cached by pixel hash); returns their hashes."""
+    def encode_images(self, images: Sequence[ImageLike]) -> list[list[str]]:
+        """Preprocess + encode the images of one message (cached by pixel hash); returns each
+        image's vision-input hashes (one, or its tiles then thumbnail in dynamic mode)."""
         if not images:
             return []
         if not self.cfg.is_multimodal:
             raise InputError(f"{self.cfg.root}: text-only model, it cannot take images")
-        pixels = preprocess_images(images, self.cfg.preprocess)
+        per_image = message_tiles(images, self.cfg.preprocess)
+        pixels = np.concatenate(per_image)
         hashes = [hashlib.sha1(p.tobytes()).hexdigest()[:16] for p in pixels]
-        todo = [i for i, h in enumerate(hashes) if h not in self._image_cache]
+        todo = sorted({h: i for i, h in enumerate(hashes) if h not in self._image_cache}.values())
         if todo:
             emb = self.backend.encode_images(pixels[todo])
             for i, e in zip(todo, emb):
@@ -137,7 +139,11 @@ class Pipeline:
             self._image_cache.move_to_end(h)
         while len(self._image_cache) > max(32, len(hashes)):
             self._image_cache.popitem(last=False)
-        return hashes
+        out, at = [], 0
+        for p in per_image:
+            out.append(hashes[at:at + len(p)])
+            at += len(p)
+        return out
 
     def image_embeds(self, hashes: Sequence[str]) -> dict[str, np.ndarray]:
         return {h: self._image_cache[h] for h in hashes}
@@ -180,15 +186,18 @@ class Chat:
         """Keys of the conversation so far plus this user turn; also the image hashes and
         the message with its <image> markers placed as the template places them."""
         pipe, t = self.pipe, self.pipe.template
-        hashes = pipe.encode_images(images)
+        tiles = pipe.encode_images(images)
+        layout = pipe.cfg.image_tokens
         n_marks = message.count(IMAGE_PLACEHOLDER)
-        if hashes and n_marks == 0:
-            message = t.attach_images(message, len(hashes))
-        elif n_marks != len(hashes):
-            raise InputError(f"message has {n_marks} {IMAGE_PLACEHOLDER} markers but {len(hashes)} images were given")
+        if tiles and n_marks == 0:
+            message = t.attach_images(message, len(tiles), layout.marker_sep if layout else "\n")
+        elif n_marks != len(tiles):
+            raise InputError(f"message has {n_marks} {IMAGE_PLACEHOLDER} markers but {len(tiles)} images were given")
         keys = list(self.keys) if self.keys else self._head()
-        turn, _ = encode_with_images(pipe.tokenizer, t.user(message), hashes, pipe.tokens_per_image)
-        return keys + turn, hashes, message
+        tiled = len(tiles) == 1 and pipe.cfg.preprocess is not None and pipe.cfg.preprocess.tiled
+        turn, _ = encode_with_images(pipe.tokenizer, t.user(message), tiles, pipe.tokens_per_image,
+                                     layout=layout, tiled=tiled)
+        return keys + turn, [h for image in tiles for h in image], message
 
     def stream(self, message: str, images: Sequence[ImageLike] = (), params: SamplingParams | None = None,
                **sampling) -> Iterator[str]:

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import PreprocessSpec
+from .config import ImageTokens, PreprocessSpec
 from .errors import CheckpointError
 from .fsutil import sha256_file
 
@@ -63,6 +63,8 @@ class BundleConfig:
         self.tokens_per_image = int(manifest.get("tokens_per_image", 0))
         pre = manifest.get("preprocess")
         self.preprocess = PreprocessSpec(**pre) if pre else None
+        it = manifest.get("image_tokens")
+        self.image_tokens = ImageTokens(**it) if it else ImageTokens(per_tile=self.tokens_per_image)
         self.max_context = int(m["max_context"])
 
     @property
@@ -72,7 +74,7 @@ class BundleConfig:
     def summary(self) -> dict:
         return {"path": str(self.root), "kind": "bundle", **{k: self.manifest[k] for k in
                                                                ("model", "template", "quant", "tokens_per_image",
-                                                                "preprocess", "toolchain") if k in self.manifest}}
+                                                                "image_tokens", "preprocess", "toolchain") if k in self.manifest}}
 
 
 def read_manifest(root: str | Path, verify: bool = True) -> dict:

@@ -11,6 +11,7 @@ naming the file and key, not deep inside torch.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,9 +22,11 @@ from .released import template_for_name
 LLM_FAMILIES = ("llama", "qwen2")
 VISION_TYPES = {"siglip_vision_model": "siglip", "siglip": "siglip",
                 "clip_vision_model": "clip", "clip": "clip"}
-PROJECTOR_TYPES = ("linear", "mlp2x_gelu", "mlp_downsample")
+PROJECTOR_TYPES = ("linear", "mlp2x_gelu", "mlp_downsample", "mlp_downsample_2x2_fix", "mlp_downsample_3x3_fix")
+# side of the square of ViT patches each projector folds into one LLM token
+PROJECTOR_FOLD = {"mlp_downsample": 2, "mlp_downsample_2x2_fix": 2, "mlp_downsample_3x3_fix": 3}
 SELECT_FEATURES = ("patch", "cls_patch")
-ASPECT_MODES = ("resize", "pad")
+ASPECT_MODES = ("resize", "pad", "dynamic")
 VILA_ARCHITECTURES = ("LlavaLlamaModel", "LlavaLlamaForCausalLM", "LlavaQwenForCausalLM")
 
 
@@ -156,9 +159,23 @@ class PreprocessSpec:
     width: int
     mean: list[float]
     std: list[float]
-    mode: str = "resize"  # resize | pad (pad to square with the mean colour, then resize)
+    mode: str = "resize"  # resize | pad (pad to square with the mean colour, then resize) | dynamic (tiles)
     resample: int = 3  # PIL enum: 3 = bicubic, 2 = bilinear
     rescale_factor: float = 1 / 255
+    # dynamic mode (NVILA-Lite): an image alone in a message is cut into 1..max_tiles tiles of
+    # height x width on the grid closest to its aspect ratio, plus a thumbnail when there is
+    # more than one tile (VILA's dynamic_preprocess; its defaults are 1 and 12)
+    min_tiles: int = 1
+    max_tiles: int = 1
+
+    @property
+    def tiled(self) -> bool:
+        return self.mode == "dynamic"
+
+    @property
+    def max_inputs_per_image(self) -> int:
+        """Vision-tower inputs one image can take: its tiles plus the thumbnail."""
+        return self.max_tiles + (1 if self.tiled and self.max_tiles > 1 else 0)
 
     @classmethod
     def from_processor(cls, cfg: dict, src: Path, mode: str, image_size: int) -> "PreprocessSpec":
@@ -175,19 +192,74 @@ class PreprocessSpec:
                    rescale_factor=float(cfg.get("rescale_factor", 1 / 255)))
 
 
+def _tiles(top: dict, src: Path, pre: PreprocessSpec) -> PreprocessSpec:
+    """min_tiles / max_tiles of a dynamic-mode config.json (VILA's defaults 1 and 12 when absent)."""
+    lo, hi = top.get("min_tiles", 1), top.get("max_tiles", 12)
+    for key, val in (("min_tiles", lo), ("max_tiles", hi)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise CheckpointError(f"{src}: key '{key}' should be a positive integer, got {val!r}")
+    if lo > hi:
+        raise CheckpointError(f"{src}: min_tiles {lo} is more than max_tiles {hi}")
+    if pre.height != pre.width:
+        raise CheckpointError(f"{src}: image_aspect_ratio 'dynamic' needs square tiles, the image processor "
+                              f"gives {pre.height}x{pre.width}")
+    pre.min_tiles, pre.max_tiles = lo, hi
+    return pre
+
+
+@dataclass
+class ImageTokens:
+    r"""How an image's vision outputs sit among the LLM's positions (mirrored into the manifest).
+
+    VILA1.5 splices each image's `per_tile` embeddings where its `<image>` marker is, and the
+    API writes "<image>\n" before the text. NVILA's image encoder appends the embedding of
+    "\n" after every vision input (`end_text`), so its markers are written back to back
+    (`marker_sep` ""); in dynamic mode VILA rewrites a lone image's marker as "<image>\n" once
+    per tile (`tile_text`), each of which then takes one tile's embeddings plus `end_text`.
+    """
+    per_tile: int
+    end_text: str = ""
+    marker_sep: str = "\n"
+    tile_text: str = ""
+
+    def positions(self, inputs: int) -> int:
+        r"""LLM positions of an image cut into `inputs` vision inputs (its "\n" texts count one
+        token each, as in every tokenizer of the family)."""
+        return inputs * (self.per_tile + bool(self.end_text) + bool(self.tile_text))
+
+    @classmethod
+    def from_config(cls, top: dict, per_tile: int, mode: str) -> "ImageTokens":
+        # NVILA-generation configs carry image_encoder (VILA's BasicImageEncoder, end_tokens "\n"
+        # by default) or the dynamic_s2 switch; VILA1.5's carry neither
+        enc = top.get("image_encoder")
+        if isinstance(enc, str):
+            try:
+                enc = json.loads(enc)
+            except json.JSONDecodeError:
+                enc = {}
+        if enc is None and "dynamic_s2" not in top:
+            return cls(per_tile=per_tile)
+        end = (enc or {}).get("end_tokens", "\n")
+        return cls(per_tile=per_tile, end_text=end or "", marker_sep="", tile_text="\n" if mode == "dynamic" else "")
+
+
 @dataclass
 class ProjectorSpec:
     kind: str
     in_dim: int
     out_dim: int
 
+    @property
+    def fold(self) -> int:
+        return PROJECTOR_FOLD.get(self.kind, 1)
+
     def num_tokens(self, num_patches: int) -> int:
-        if self.kind != "mlp_downsample":
+        if self.fold == 1:
             return num_patches
         side = math.isqrt(num_patches)
         if side * side != num_patches:
-            raise CheckpointError(f"mlp_downsample needs a square token grid, got {num_patches} tokens")
-        return math.ceil(side / 2) ** 2
+            raise CheckpointError(f"{self.kind} needs a square token grid, got {num_patches} tokens")
+        return math.ceil(side / self.fold) ** 2
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Weight shapes in VILA's mm_projector safetensors (nn.Sequential names)."""
@@ -196,8 +268,13 @@ class ProjectorSpec:
             return {"layers.weight": (h, c), "layers.bias": (h,)}
         if self.kind == "mlp2x_gelu":
             return {"layers.0.weight": (h, c), "layers.0.bias": (h,), "layers.2.weight": (h, h), "layers.2.bias": (h,)}
+        if self.fold == 3:  # LayerNorm(9C), Linear(9C, 3C), GELU, LayerNorm(3C), Linear(3C, H), GELU, Linear(H, H)
+            return {"layers.1.weight": (9 * c,), "layers.1.bias": (9 * c,), "layers.2.weight": (3 * c, 9 * c),
+                    "layers.2.bias": (3 * c,), "layers.4.weight": (3 * c,), "layers.4.bias": (3 * c,),
+                    "layers.5.weight": (h, 3 * c), "layers.5.bias": (h,), "layers.7.weight": (h, h),
+                    "layers.7.bias": (h,)}
         return {"layers.1.weight": (4 * c,), "layers.1.bias": (4 * c,), "layers.2.weight": (h, 4 * c),
-                "layers.2.bias": (h,), "layers.3.weight": None, "layers.4.weight": (h, h), "layers.4.bias": (h,)}
+                "layers.2.bias": (h,), "layers.4.weight": (h, h), "layers.4.bias": (h,)}
 
 
 @dataclass
@@ -214,6 +291,7 @@ class VilaConfig:
     select_layer: int = -2
     select_feature: str = "patch"
     preprocess: PreprocessSpec | None = None
+    image_tokens: ImageTokens | None = None
     raw: dict = field(default_factory=dict)
 
     @property
@@ -235,6 +313,7 @@ class VilaConfig:
 
     @property
     def tokens_per_image(self) -> int:
+        """Embeddings per vision-tower input (one image, or one tile in dynamic mode)."""
         if self.projector is None:
             return 0
         return self.projector.num_tokens(self.num_patches)
@@ -246,7 +325,8 @@ class VilaConfig:
         if self.is_multimodal:
             out.update(vision=asdict(self.vision), projector=asdict(self.projector),
                        select_layer=self.select_layer, select_feature=self.select_feature,
-                       tokens_per_image=self.tokens_per_image, preprocess=asdict(self.preprocess))
+                       tokens_per_image=self.tokens_per_image, preprocess=asdict(self.preprocess),
+                       image_tokens=asdict(self.image_tokens))
         return out
 
 
@@ -331,10 +411,17 @@ def load_config(path: str | Path) -> VilaConfig:
         raise CheckpointError(f"{src}: mm_vision_select_feature {feature!r} (expected patch or cls_patch)")
     mode = top.get("image_aspect_ratio", "resize")
     if mode not in ASPECT_MODES:
-        raise CheckpointError(f"{src}: image_aspect_ratio {mode!r} (expected resize or pad)")
+        hint = " (NVILA's multi-scale S2 tiling is not supported yet)" if mode == "dynamic_s2" else ""
+        raise CheckpointError(f"{src}: image_aspect_ratio {mode!r} is not supported{hint} "
+                              f"(expected one of {', '.join(ASPECT_MODES)})")
+    if top.get("s2") or top.get("dynamic_s2"):
+        raise CheckpointError(f"{src}: s2 / dynamic_s2 multi-scale features are not supported yet "
+                              "(expected both false or absent)")
     proc_path = vt_dir / "preprocessor_config.json"
     proc = read_json(proc_path, "image processor config") if proc_path.exists() else {}
     pre = PreprocessSpec.from_processor(proc, proc_path, mode, vision.image_size)
+    if pre.tiled:
+        pre = _tiles(top, src, pre)
 
     tinychat = tinychat_weights(llm_dir)
     if tinychat:  # an official *-AWQ build: converted (not re-quantized) at export
@@ -357,7 +444,7 @@ def load_config(path: str | Path) -> VilaConfig:
     cfg = VilaConfig(root=root, llm_dir=llm_dir, llm=llm, chat_template=template, template_source=source,
                      vision_dir=vt_dir, vision=vision, projector_dir=pj_dir, projector=projector,
                      select_layer=select_layer, select_feature=feature, preprocess=pre, raw=top)
-    cfg.tokens_per_image  # validates the token grid for mlp_downsample
+    cfg.image_tokens = ImageTokens.from_config(top, cfg.tokens_per_image, mode)  # validates the token grid
     return cfg
 
 

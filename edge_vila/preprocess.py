@@ -1,5 +1,6 @@
 """Image -> pixels, exactly as the checkpoint's image processor and VILA's
-`image_aspect_ratio` say (resize, or pad to a square with the mean colour first).
+`image_aspect_ratio` say (resize; pad to a square with the mean colour first; or NVILA's
+dynamic tiling).
 
 Pure numpy + Pillow so the device runtime never needs torch for this.
 """
@@ -84,6 +85,52 @@ def preprocess_images(images: Sequence[ImageLike], spec: PreprocessSpec) -> np.n
     if not images:
         return np.zeros((0, 3, spec.height, spec.width), np.float32)
     return _normalise(np.stack([_resized(i, spec) for i in images]), spec)
+
+
+def tile_grid(width: int, height: int, spec: PreprocessSpec) -> tuple[int, int]:
+    """(columns, rows) of the tile grid VILA's dynamic_preprocess picks for an image.
+
+    Candidates are every grid with min_tiles <= columns*rows <= max_tiles, visited by tile
+    count; the one whose columns/rows is closest to the image's width/height wins. On a tie
+    a later (larger) grid wins only if the image has more than half the pixels of the grid
+    at tile size. Grids with the same tile count are visited in the order of VILA's Python
+    set of (columns, rows) pairs, which we reproduce by building the same set.
+    """
+    lo, hi, size = spec.min_tiles, spec.max_tiles, spec.width
+    grids = {(c, r) for n in range(lo, hi + 1) for c in range(1, n + 1) for r in range(1, n + 1) if lo <= c * r <= hi}
+    aspect, area = width / height, width * height
+    best, best_diff = (1, 1), float("inf")
+    for c, r in sorted(grids, key=lambda g: g[0] * g[1]):
+        diff = abs(aspect - c / r)
+        if diff < best_diff:
+            best, best_diff = (c, r), diff
+        elif diff == best_diff and area > 0.5 * size * size * c * r:
+            best = (c, r)
+    return best
+
+
+def image_tiles(img: ImageLike, spec: PreprocessSpec, tiled: bool = True) -> np.ndarray:
+    """One image -> float32 [n, 3, H, W]: n = 1 outside dynamic mode (or with tiled=False,
+    VILA's treatment of an image that shares its message with others); else the grid's tiles
+    row by row, then the thumbnail (the whole image at tile size) when there are several."""
+    if not (spec.tiled and tiled):
+        return preprocess_image(img, spec)[None]
+    im = load_image(img)
+    cols, rows = tile_grid(im.width, im.height, spec)
+    size = spec.width
+    # VILA resizes with PIL's default filter (bicubic); the processor's own resize of a
+    # tile already at its size is the identity
+    grid = np.asarray(im.resize((cols * size, rows * size), resample=Image.Resampling.BICUBIC))
+    tiles = [grid[r * size:(r + 1) * size, c * size:(c + 1) * size] for r in range(rows) for c in range(cols)]
+    if len(tiles) > 1:
+        tiles.append(np.asarray(im.resize((size, size), resample=Image.Resampling.BICUBIC)))
+    return _normalise(np.stack(tiles), spec)
+
+
+def message_tiles(images: Sequence[ImageLike], spec: PreprocessSpec) -> list[np.ndarray]:
+    """The images of one message, each as [n_i, 3, H, W]. VILA tiles an image only when it
+    is the message's only one; several images are each resized whole."""
+    return [image_tiles(i, spec, tiled=len(images) == 1) for i in images]
 
 
 def sample_frame_indices(num_frames: int, want: int) -> list[int]:

@@ -42,11 +42,13 @@ class ChatTemplate:
     # from the answer to every image token make position readout easy for a small LLM)
     image_first: bool = True
 
-    def attach_images(self, msg: str, n: int) -> str:
+    def attach_images(self, msg: str, n: int, sep: str = "\n") -> str:
+        """`msg` with n <image> markers, joined by `sep` (NVILA: "", its encoder ends each
+        image with a newline itself)."""
         if n == 0 or IMAGE_PLACEHOLDER in msg:
             return msg
-        marks = "\n".join([IMAGE_PLACEHOLDER] * n)
-        return f"{marks}\n{msg}" if self.image_first else f"{msg}\n{marks}"
+        marks = sep.join([IMAGE_PLACEHOLDER] * n)
+        return f"{marks}{sep}{msg}" if self.image_first else f"{msg}{sep}{marks}"
 
     def head(self, system: str | None = None) -> str:
         return self.system_fmt.replace("{system}", self.system if system is None else system)
@@ -211,25 +213,56 @@ def split_images(text: str) -> list[str | None]:
     return parts
 
 
-def encode_with_images(tok: TextTokenizer, text: str, image_hashes: Sequence[str],
-                       tokens_per_image: int, start_image: int = 0) -> tuple[list[Key], int]:
+def encode_with_images(tok: TextTokenizer, text: str, images: Sequence[str | Sequence[str]],
+                       tokens_per_image: int, start_image: int = 0, layout=None,
+                       tiled: bool = False) -> tuple[list[Key], int]:
     """Tokenize text whose `<image>` markers take the next images in order.
 
+    An image is its hash, or the hashes of its vision inputs (tiles, then thumbnail). With
+    `layout` (an ImageTokens), every input's embeddings are followed by end_text's tokens
+    (NVILA), and with `tiled` (the message's lone image was cut into tiles) the marker is
+    first rewritten as one marker + tile_text per input, as VILA rewrites the prompt.
     Returns the keys and how many images were consumed. Text chunks are tokenized
-    separately (as VILA's tokenizer_image_token does) so image tokens never merge
-    with neighbouring text.
+    separately (as VILA's tokenizer_image_token does) so image tokens never merge with
+    neighbouring text.
     """
+    inputs = [[i] if isinstance(i, str) else list(i) for i in images]
+    end_ids = tok.encode(layout.end_text) if layout is not None and layout.end_text else []
+    chunks = split_images(text)
+    if tiled and layout is not None and layout.tile_text:
+        chunks = _expand_markers(chunks, [len(i) for i in inputs[start_image:]], layout.tile_text)
     keys: list[Key] = []
-    used = start_image
-    for part in split_images(text):
-        if part is None:
-            if used >= len(image_hashes):
-                raise InputError(f"prompt has more {IMAGE_PLACEHOLDER} markers than images given ({len(image_hashes)})")
-            keys.extend(ImageKey(image_hashes[used], j) for j in range(tokens_per_image))
-            used += 1
-        else:
+    used, k = start_image, 0
+    for part in chunks:
+        if part is not None:
             keys.extend(tok.encode(part))
+            continue
+        if used >= len(inputs):
+            raise InputError(f"prompt has more {IMAGE_PLACEHOLDER} markers than images given ({len(inputs)})")
+        keys.extend(ImageKey(inputs[used][k], j) for j in range(tokens_per_image))
+        keys.extend(end_ids)
+        k += 1
+        if k == len(inputs[used]):
+            used, k = used + 1, 0
+    if k:
+        raise InputError(f"prompt's {IMAGE_PLACEHOLDER} markers end inside an image's tiles")
     return keys, used - start_image
+
+
+def _expand_markers(chunks: list[str | None], counts: Sequence[int], text: str) -> list[str | None]:
+    r"""Each marker -> (marker, text) x its image's input count, then adjacent texts joined
+    (VILA tokenizes the rewritten prompt as one string: the last "\n" meets what follows)."""
+    out: list[str | None] = []
+    images = iter(counts)
+    for part in chunks:
+        if part is None:
+            for _ in range(next(images, 1)):
+                out += [None, text]
+        elif out and isinstance(out[-1], str):
+            out[-1] += part
+        else:
+            out.append(part)
+    return out
 
 
 class StreamDetokenizer:

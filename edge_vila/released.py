@@ -107,7 +107,11 @@ _QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "bos_token_id": 151643, "eos_to
 _NVILA_TOP = {"dynamic_s2": True, "fps": 0.0, "chat_template": None, "mm_use_im_patch_token": True,
               "num_time_tokens": 0, "s2_max_split_size": 448, "s2_resize_output_to_scale_idx": -1,
               "s2_scales": "448,896,1344", "soft_ce_std": 1.0, "time_token_format": "<t{t}>", "time_token_ids": [],
-              "transformers_version": "4.46.0"}
+              "transformers_version": "4.46.0",
+              # VILA's LlavaConfig writes its media encoders as JSON strings (BasicImageEncoder
+              # appends the embedding of "\n" after every image or tile)
+              "image_encoder": '{"_target_": "llava.model.encoders.BasicImageEncoder"}',
+              "video_encoder": '{"_target_": "llava.model.encoders.TSPVideoEncoder"}'}
 
 LAYOUTS: dict[str, ReleasedLayout] = {lay.name.lower(): lay for lay in (
     # Sheared-LLaMA-2.7B + SigLIP-so400m/14@384, 2x2 downsample: 27x27 patches -> 14x14 = 196 tokens
@@ -121,6 +125,14 @@ LAYOUTS: dict[str, ReleasedLayout] = {lay.name.lower(): lay for lay in (
                                        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
                                        "pad_token_id": None, "rope_theta": 500000.0, "vocab_size": 128256},
             tokenizer="llama3", template="llama_3", llm_shards=4),
+    # Qwen2-1.5B + SigLIP-so400m/14@448 + 3x3 fold: 32x32 patches -> 11x11 = 121 tokens per tile;
+    # `dynamic`: 1-12 tiles of 448 px on the grid nearest the aspect ratio, plus a thumbnail
+    _layout("NVILA-Lite-2B", llm={**_QWEN2, "hidden_size": 1536, "intermediate_size": 8960, "num_attention_heads": 12,
+                                  "num_hidden_layers": 28, "num_key_value_heads": 2, "max_window_layers": 21,
+                                  "tie_word_embeddings": True},
+            vision={"image_size": 448}, projector="mlp_downsample_3x3_fix",
+            top={**_NVILA_TOP, "dynamic_s2": False, "image_aspect_ratio": "dynamic", "mm_hidden_size": 1152},
+            tokenizer="qwen2", template="chatml", llm_shards=1),
     _layout("NVILA-8B", llm={**_QWEN2, "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
                              "num_hidden_layers": 28, "num_key_value_heads": 4},
             vision={"image_size": 448}, top={**_NVILA_TOP, "image_aspect_ratio": "dynamic_s2", "mm_hidden_size": 3456},

@@ -78,6 +78,12 @@ def qwen2_specials() -> dict[str, int]:
     return {n: 151643 + i for i, n in enumerate(names)}
 
 
+QWEN2_VILA_JINJA = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant"
+                    "<|im_end|>\\n' }}{% endif %}{% for message in messages if message['content'] is not none %}"
+                    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+                    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
 def write_tokenizer(folder: Path, lay: ReleasedLayout) -> None:
     vocab = lay.llm["vocab_size"]
     if lay.tokenizer == "sentencepiece":
@@ -97,10 +103,12 @@ def write_tokenizer(folder: Path, lay: ReleasedLayout) -> None:
     else:
         raise ValueError(f"tokenizer kind {lay.tokenizer!r} unknown")
     (folder / "tokenizer.json").write_text(bpe_tokenizer_json(vocab, specials))
-    atomic_write_json(folder / "tokenizer_config.json", {
-        "bos_token": bos, "eos_token": eos, "model_max_length": lay.llm["model_max_length"],
-        "tokenizer_class": "PreTrainedTokenizerFast" if lay.tokenizer == "llama3" else "Qwen2Tokenizer",
-        "clean_up_tokenization_spaces": False})
+    cfg = {"bos_token": bos, "eos_token": eos, "model_max_length": lay.llm["model_max_length"],
+           "tokenizer_class": "PreTrainedTokenizerFast" if lay.tokenizer == "llama3" else "Qwen2Tokenizer",
+           "clean_up_tokenization_spaces": False}
+    if lay.tokenizer == "qwen2":  # VILA's chat_templates/qwen2.jinja, stored with its indents and newlines cut
+        cfg["chat_template"] = QWEN2_VILA_JINJA
+    atomic_write_json(folder / "tokenizer_config.json", cfg)
 
 
 def _random_tensors(meta_state: dict, seed: int, dtype):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import dataclasses
 import json
 import logging
 import shutil
@@ -259,7 +260,8 @@ def _vision_dims(cfg) -> dict:
     return {"kind": v.kind, "hidden_size": v.hidden_size, "num_layers": v.num_layers,
             "intermediate_size": raw.get("intermediate_size"), "num_heads": raw.get("num_attention_heads"),
             "image_size": v.image_size, "patch_size": v.patch_size, "patches": cfg.num_patches, "projector": cfg.projector.kind,
-            "projector_in": cfg.projector.in_dim}
+            "projector_in": cfg.projector.fold ** 2 * cfg.projector.in_dim,
+            "projector_mid": 3 * cfg.projector.in_dim if cfg.projector.fold == 3 else 0}
 
 
 def _manifest(cfg, template, max_ctx, opts, vision_quant, folder: Path, files: list[str], source: Path) -> dict:
@@ -277,7 +279,8 @@ def _manifest(cfg, template, max_ctx, opts, vision_quant, folder: Path, files: l
                   "tie_word_embeddings": s.tie_word_embeddings},
         "template": {"name": template.name, "system": template.system},
         "image_token": "<image>",
-        "tokens_per_image": cfg.tokens_per_image if cfg.is_multimodal else 0,
+        "tokens_per_image": cfg.tokens_per_image if cfg.is_multimodal else 0,  # per vision input (tile)
+        "image_tokens": dataclasses.asdict(cfg.image_tokens) if cfg.is_multimodal else None,
         "vision_dims": _vision_dims(cfg) if cfg.is_multimodal else None,
         "preprocess": cfg.preprocess.__dict__ if cfg.is_multimodal else None,
         "quant": {"llm": "awq-w4" if q else "fp32", "group_size": q.get("group_size"), "zero_point": q.get("zero_point"),

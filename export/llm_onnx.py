@@ -207,6 +207,8 @@ def export_llm(spec: LLMSpec, weights: CheckpointWeights, out: Path, max_context
                 g.insert_after(mm, [xs, yc, add])
             n_int4 += 1
             continue
+        if key == "lm_head.weight" and key not in weights and spec.tie_word_embeddings:
+            key = "model.embed_tokens.weight"  # a tied head (Qwen2-1.5B, NVILA-Lite) is the embedding table
         shape = weights.shape(key) if key in weights else None
         if shape is None:
             raise CheckpointError(f"{weights.folder}: tensor {key!r} not found (config.json expects it)")

@@ -144,10 +144,20 @@ def llm_profiles(man: dict, max_context: int, max_prefill: int) -> list[Profile]
         p.validate()
         return p
 
-    opt_prefill = min(max_prefill, max(1, man.get("tokens_per_image", 0) + 64))
+    from .memory import _manifest_positions
+
+    opt_prefill = min(max_prefill, max(1, _manifest_positions(man) + 64))
     prefill = build("prefill", (1, opt_prefill, max_prefill), (0, 0, max_context - 1))
     decode = build("decode", (1, 1, 1), (1, max(1, max_context // 2), max_context - 1))
     return [prefill, decode]
+
+
+def vision_batch(man: dict, max_images: int) -> int:
+    """Vision inputs per engine call: every tile (and thumbnail) of max_images images."""
+    from edge_vila.config import PreprocessSpec
+
+    pre = man.get("preprocess")
+    return max_images * (PreprocessSpec(**pre).max_inputs_per_image if pre else 1)
 
 
 def vision_profile(man: dict, max_images: int) -> Profile:
@@ -155,11 +165,11 @@ def vision_profile(man: dict, max_images: int) -> Profile:
     if not pre:
         raise ValueError("text-only bundle: no vision engine to build")
     hw = (pre["height"], pre["width"])
-    p = Profile("vision", {"pixels": tuple((n, 3, *hw) for n in (1, 1, max_images))})
+    p = Profile("vision", {"pixels": tuple((n, 3, *hw) for n in (1, 1, vision_batch(man, max_images)))})
     p.validate()
     return p
 
 
 __all__ = ["EngineKey", "EngineMismatch", "Profile", "engine_dir", "write_key", "check_engines",
-           "compatibility_problems", "find_engines", "select_engines", "llm_profiles", "vision_profile",
+           "compatibility_problems", "find_engines", "select_engines", "llm_profiles", "vision_batch", "vision_profile",
            "KEY_FILE", "LLM_PLAN", "VISION_PLAN", "TIMING_CACHE"]

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edge_vila.config import ImageTokens, PreprocessSpec
+
 GiB = 1024 ** 3
 MiB = 1024 ** 2
 BOARD_RAM_GB = {"orin-nano-4gb": 4, "orin-nano-8gb": 8, "orin-nx-8gb": 8, "orin-nx-16gb": 16,
@@ -39,9 +41,12 @@ class ModelDims:
     vision_layers: int = 0
     vision_heads: int = 0
     vision_patches: int = 0       # tokens inside the ViT per image
-    tokens_per_image: int = 0     # tokens the LLM sees per image (after the projector)
+    tokens_per_image: int = 0     # embeddings per vision input (after the projector)
     patch_size: int = 14
     projector_in: int = 0         # input width of the projector (4*vision_hidden for mlp_downsample)
+    projector_mid: int = 0        # the 3x3 projector's middle width (3*vision_hidden); 0: none
+    positions_per_image: int = 0  # LLM positions of one image at most (tiles, thumbnail, newlines)
+    inputs_per_image: int = 1     # vision-tower inputs of one image at most (dynamic: tiles + thumbnail)
 
     def llm_linear_params(self) -> int:
         q = self.hidden * self.heads * self.head_dim
@@ -55,38 +60,51 @@ class ModelDims:
         return self.vision_layers * per_layer + 3 * self.patch_size ** 2 * h + self.vision_patches * h
 
     def projector_params(self) -> int:
-        return (self.projector_in * self.hidden + self.hidden * self.hidden) if self.vision_layers else 0
+        if not self.vision_layers:
+            return 0
+        mid = self.projector_mid
+        return self.projector_in * (mid or self.hidden) + mid * self.hidden + self.hidden * self.hidden
+
+    @property
+    def image_positions(self) -> int:
+        return self.positions_per_image or self.tokens_per_image
 
     @classmethod
     def vila15_3b(cls) -> "ModelDims":
         """VILA1.5-3B: Sheared-LLaMA-2.7B + SigLIP-so400m/14@384 + mlp_downsample (2x2 fold)."""
         return cls(hidden=2560, intermediate=6912, layers=32, heads=20, kv_heads=20, head_dim=128, vocab=32000,
                    vision_hidden=1152, vision_intermediate=4304, vision_layers=27, vision_heads=16,
-                   vision_patches=729, tokens_per_image=196, projector_in=4 * 1152)
+                   vision_patches=729, tokens_per_image=196, projector_in=4 * 1152, positions_per_image=196)
 
     @classmethod
     def from_layout(cls, name: str) -> "ModelDims":
-        """A released checkpoint's dims from its recorded config (edge_vila.released), for the
-        layouts with one fixed-size image grid (VILA1.5's `resize`, `mlp_downsample` 2x2 fold)."""
+        """A released checkpoint's dims from its recorded config (edge_vila.released): the
+        fixed grid of VILA1.5 (`resize`) and NVILA-Lite's `dynamic` tiling at its most tiles."""
+        from edge_vila.config import PROJECTOR_FOLD
         from edge_vila.released import get_layout
 
         try:
             lay = get_layout(name)
         except KeyError as e:
             raise ValueError(str(e).strip("'\"")) from None
-        if lay.top.get("image_aspect_ratio") != "resize" or lay.projector_type != "mlp_downsample":
-            raise ValueError(f"{lay.name}: tokens per image depend on its {lay.top.get('image_aspect_ratio')} "
-                             f"tiling, which the budget does not model yet; budget its exported bundle instead")
-        m, v = lay.llm, lay.vision
+        mode = lay.top.get("image_aspect_ratio")
+        if mode not in ("resize", "pad", "dynamic") or lay.projector_type not in PROJECTOR_FOLD:
+            raise ValueError(f"{lay.name}: tokens per image depend on its {mode} tiling, which the budget does "
+                             f"not model yet; budget its exported bundle instead")
+        m, v, k = lay.llm, lay.vision, PROJECTOR_FOLD[lay.projector_type]
         side = v["image_size"] // v["patch_size"]
         heads = m["num_attention_heads"]
+        per_tile = (-(-side // k)) ** 2
+        tiles = lay.top.get("max_tiles", 12) + 1 if mode == "dynamic" else 1
         return cls(hidden=m["hidden_size"], intermediate=m["intermediate_size"], layers=m["num_hidden_layers"],
                    heads=heads, kv_heads=m.get("num_key_value_heads", heads), head_dim=m["hidden_size"] // heads,
                    vocab=m["vocab_size"], tie_embeddings=bool(m.get("tie_word_embeddings", False)),
                    vision_hidden=v["hidden_size"], vision_intermediate=v["intermediate_size"],
                    vision_layers=v["num_hidden_layers"], vision_heads=v["num_attention_heads"],
-                   vision_patches=side * side, tokens_per_image=(-(-side // 2)) ** 2, patch_size=v["patch_size"],
-                   projector_in=4 * v["hidden_size"])
+                   vision_patches=side * side, tokens_per_image=per_tile, patch_size=v["patch_size"],
+                   projector_in=k * k * v["hidden_size"], projector_mid=3 * v["hidden_size"] if k == 3 else 0,
+                   positions_per_image=ImageTokens.from_config(lay.top, per_tile, mode).positions(tiles),
+                   inputs_per_image=tiles)
 
     @classmethod
     def from_manifest(cls, man: dict) -> "ModelDims":
@@ -98,7 +116,18 @@ class ModelDims:
                    vision_hidden=v.get("hidden_size", 0), vision_intermediate=v.get("intermediate_size", 0),
                    vision_layers=v.get("num_layers", 0), vision_heads=v.get("num_heads", 0),
                    vision_patches=v.get("patches", 0), tokens_per_image=man.get("tokens_per_image", 0),
-                   patch_size=v.get("patch_size", 14), projector_in=v.get("projector_in", 0))
+                   patch_size=v.get("patch_size", 14), projector_in=v.get("projector_in", 0),
+                   projector_mid=v.get("projector_mid", 0), positions_per_image=_manifest_positions(man),
+                   inputs_per_image=PreprocessSpec(**man["preprocess"]).max_inputs_per_image
+                   if man.get("preprocess") else 1)
+
+
+def _manifest_positions(man: dict) -> int:
+    """A bundle's LLM positions per image at most (older bundles: tokens_per_image)."""
+    it, pre = man.get("image_tokens"), man.get("preprocess")
+    if not it or not pre:
+        return man.get("tokens_per_image", 0)
+    return ImageTokens(**it).positions(PreprocessSpec(**pre).max_inputs_per_image)
 
 
 @dataclass
@@ -173,17 +202,18 @@ def parts(d: ModelDims, o: BudgetOptions) -> dict[str, int]:
     groups = lin // o.group_size
     # INT4: packed weights + one fp16 scale per group + the zero-point correction (one fp16 per group)
     llm_w = lin * o.llm_weight_bits // 8 + (4 * groups if o.llm_weight_bits < 16 else 0)
-    head = 0 if d.tie_embeddings and o.lm_head_bits == 16 else d.vocab * d.hidden * o.lm_head_bits // 8
+    # a tied head (Qwen2-1.5B) still costs its own copy: the engine holds it, the host table is separate
+    head = d.vocab * d.hidden * o.lm_head_bits // 8
     out = {"llm_weights": llm_w + 2 * d.layers * d.hidden * 2, "lm_head": head,
            "embed_table_host": d.vocab * d.hidden * o.embed_bytes, "kv_cache": kv_cache_bytes(d, o)}
     # prefill peak: residual + norms + q/k/v/o, the MLP's gate/up/act, and one layer's scores
-    prefill = o.max_images * d.tokens_per_image + 256 if d.vision_layers else o.max_context
+    prefill = o.max_images * d.image_positions + 256 if d.vision_layers else o.max_context
     prefill = min(prefill, o.max_context)
     llm_act = (prefill * (6 * d.hidden + 3 * d.intermediate) + d.heads * prefill * o.max_context) * o.act_bytes
     out["llm_activations"] = llm_act
     if d.vision_layers:
         out["vision_weights"] = d.vision_params() * o.vision_weight_bits // 8 + d.projector_params() * 2
-        n, s = o.max_images, d.vision_patches
+        n, s = o.max_images * d.inputs_per_image, d.vision_patches
         out["vision_activations"] = n * (s * (6 * d.vision_hidden + 2 * d.vision_intermediate)
                                          + d.vision_heads * s * s) * o.act_bytes
     out["workspace"] = o.workspace_mb * MiB

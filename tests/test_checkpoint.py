@@ -172,3 +172,48 @@ def test_text_only_model_refuses_images(tmp_path):
     assert isinstance(pipe.generate("hello", max_new_tokens=3), str)
     with pytest.raises(InputError, match="text-only model"):
         pipe.generate("hello", images=[np.zeros((4, 4, 3), np.uint8)])
+
+
+def _vila_fold3_reference(x: torch.Tensor) -> torch.Tensor:
+    """VILA DownSample3x3BlockFix's views (flat_square_3x3), spelled out as the format definition."""
+    n, length, c = x.shape
+    s = int(length ** 0.5)
+    x = x.reshape(n, s, s, c)
+    if s % 3:
+        x = torch.cat([x, torch.zeros(n, 3 - s % 3, s, c)], 1)
+        x = torch.cat([x, torch.zeros(n, x.shape[1], 3 - s % 3, c)], 2)
+    n, w, h, c = x.shape
+    x = x.reshape(n, w, h // 3, c * 3).permute(0, 2, 1, 3).reshape(n, h // 3, w // 3, c * 9)
+    return x.permute(0, 2, 1, 3).reshape(n, -1, c * 9)
+
+
+@pytest.mark.parametrize("side", [3, 4, 5, 32])
+def test_fold_3x3_matches_vila_layout(side):
+    from edge_vila.modeling.projector import fold
+
+    x = torch.randn(2, side * side, 3)
+    assert torch.equal(fold(x, 3), _vila_fold3_reference(x))
+    assert fold(x, 3).shape == (2, (-(-side // 3)) ** 2, 27)
+
+
+def test_fold_3x3_by_hand():
+    """A 4x4 grid of one channel holding 0..15 row by row pads to 6x6 with zeros; output
+    cell (a, b) is the 3x3 block at rows 3a.., columns 3b.., read row by row, and the cells
+    come out row-major: (0,0) (0,1) (1,0) (1,1)."""
+    from edge_vila.modeling.projector import fold
+
+    x = torch.arange(16.0).reshape(1, 16, 1)
+    got = fold(x, 3)[0].tolist()
+    assert got == [[0, 1, 2, 4, 5, 6, 8, 9, 10],
+                   [3, 0, 0, 7, 0, 0, 11, 0, 0],
+                   [12, 13, 14, 0, 0, 0, 0, 0, 0],
+                   [15, 0, 0, 0, 0, 0, 0, 0, 0]]
+
+
+def test_nvila_lite_tokens_per_tile():
+    """SigLIP at 448 px, patch 14: 32x32 = 1024 patches (no CLS); the 3x3 fold pads to 33x33
+    and gives 11x11 = 121 tokens per tile — 1024 // 9 would be 113, the padding matters."""
+    from edge_vila.config import ProjectorSpec
+
+    assert ProjectorSpec("mlp_downsample_3x3_fix", 1152, 1536).num_tokens(1024) == 121
+    assert ProjectorSpec("mlp_downsample_2x2_fix", 1152, 1536).num_tokens(729) == 196

@@ -111,9 +111,13 @@ def test_llama3_vila_8b_replica_tokenizer_and_template(tmp_path):
 
 @pytest.mark.parametrize("edit, needle", [
     (lambda top: top.update(image_aspect_ratio="dynamic_s2"),
-     "image_aspect_ratio 'dynamic_s2' (expected resize or pad)"),
-    (lambda top: top.update(image_aspect_ratio="anyres"), "image_aspect_ratio 'anyres' (expected resize or pad)"),
-    (lambda top: top.update(image_aspect_ratio="dynamic"), "image_aspect_ratio 'dynamic' (expected resize or pad)"),
+     "image_aspect_ratio 'dynamic_s2' is not supported (NVILA's multi-scale S2 tiling is not supported yet)"),
+    (lambda top: top.update(image_aspect_ratio="anyres"),
+     "image_aspect_ratio 'anyres' is not supported (expected one of resize, pad, dynamic)"),
+    (lambda top: top.update(s2=True), "s2 / dynamic_s2 multi-scale features are not supported yet"),
+    (lambda top: top.update(image_aspect_ratio="dynamic", max_tiles=0), "key 'max_tiles' should be a positive integer"),
+    (lambda top: top.update(image_aspect_ratio="dynamic", min_tiles=6, max_tiles=4),
+     "min_tiles 6 is more than max_tiles 4"),
 ])
 def test_unsupported_preprocessing_is_refused_in_one_line(vila15_3b, tmp_path, edit, needle):
     import shutil
@@ -134,10 +138,16 @@ def test_unsupported_projector_and_vision_tower_are_refused(vila15_3b, tmp_path)
     root = tmp_path / "ckpt"
     shutil.copytree(vila15_3b, root)
     pj = root / "mm_projector" / "config.json"
+    pj.write_text(json.dumps({**json.loads(pj.read_text()), "mm_projector_type": "mlp_downsample_3x3_s2"}))
+    r = cli("info", root)
+    assert r.returncode == 2 and "mm_projector_type 'mlp_downsample_3x3_s2' is not supported" in r.stderr
+    assert "expected one of linear, mlp2x_gelu, mlp_downsample, mlp_downsample_2x2_fix, mlp_downsample_3x3_fix" \
+        in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # a supported type whose weights are another's: the shapes say so, in one line
     pj.write_text(json.dumps({**json.loads(pj.read_text()), "mm_projector_type": "mlp_downsample_3x3_fix"}))
     r = cli("info", root)
-    assert r.returncode == 2 and "mm_projector_type 'mlp_downsample_3x3_fix' is not supported" in r.stderr
-    assert "expected one of linear, mlp2x_gelu, mlp_downsample" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and "'layers.1.weight' has shape [4608], expected [10368]" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
     pj.write_text(json.dumps({**json.loads(pj.read_text()), "mm_projector_type": "mlp_downsample"}))
     vt = root / "vision_tower" / "config.json"  # VILA1.5-40B's InternViT-6B
     vt.write_text(json.dumps({**json.loads(vt.read_text()), "model_type": "intern_vit_6b"}))
@@ -318,3 +328,98 @@ def test_official_awq_replica_converts_exactly_and_exports(tmp_path, photo):
     assert r.returncode == 0, r.stderr
     res = edge_vila.load(bundle, exact=True, variant="bundle")
     assert res.cfg.tokens_per_image == 196
+
+
+# ---- NVILA-Lite-2B: Qwen2 + SigLIP-448 + 3x3 projector + dynamic tiling ------------------
+@pytest.fixture(scope="module")
+def nvila_lite(tmp_path_factory):
+    from edge_vila.replicas import make_replica
+
+    return make_replica(tmp_path_factory.mktemp("rel") / "NVILA-Lite-2B", "NVILA-Lite-2B", llm_layers=2,
+                        vision_layers=3)
+
+
+def test_nvila_lite_replica_config_tokens_and_layout(nvila_lite):
+    cfg = load_config(nvila_lite)
+    assert cfg.llm.family == "qwen2" and cfg.llm.tie_word_embeddings and cfg.llm.hidden_size == 1536
+    assert not (nvila_lite / "llm" / "model.safetensors.index.json").exists()  # one shard, as released
+    assert cfg.projector.kind == "mlp_downsample_3x3_fix" and cfg.tokens_per_image == 121
+    assert (cfg.preprocess.mode, cfg.preprocess.min_tiles, cfg.preprocess.max_tiles) == ("dynamic", 1, 12)
+    it = cfg.image_tokens
+    assert (it.end_text, it.marker_sep, it.tile_text) == ("\n", "", "\n")
+    from edge_vila.jetson.memory import ModelDims
+
+    d = ModelDims.from_layout("NVILA-Lite-2B")  # at most 12 tiles + thumbnail, each 121 + "\n" + "\n"
+    assert (d.tokens_per_image, d.inputs_per_image, d.positions_per_image) == (121, 13, 13 * 123)
+    assert ModelDims.from_layout("VILA1.5-3b").positions_per_image == 196
+
+
+def test_nvila_prompt_is_what_vila_builds(nvila_lite):
+    """VILA (generate_content, dynamic): a lone image's "<image>" becomes "<image>\\n" once per
+    tile, and its BasicImageEncoder appends the embedding of "\\n" after every tile. For a
+    2-tile image and "Describe": [tile0 x121] \\n \\n [tile1 x121] \\n then "\\nDescribe" as text."""
+    from edge_vila.prompt import ImageKey, TextTokenizer, encode_with_images
+
+    cfg = load_config(nvila_lite)
+    tok = TextTokenizer(nvila_lite / "llm")
+    nl = tok.encode("\n")
+    keys, used = encode_with_images(tok, "<image>Describe", [["a", "b"]], 121, layout=cfg.image_tokens, tiled=True)
+    want = [ImageKey("a", j) for j in range(121)] + nl + nl + [ImageKey("b", j) for j in range(121)] + nl + \
+        tok.encode("\nDescribe")
+    assert used == 1 and keys == want
+    # two images in one message are each resized whole: no rewrite, only the end newline
+    keys, used = encode_with_images(tok, "<image><image>Hi", ["a", "b"], 121, layout=cfg.image_tokens)
+    assert used == 2 and keys == [ImageKey("a", j) for j in range(121)] + nl + \
+        [ImageKey("b", j) for j in range(121)] + nl + tok.encode("Hi")
+
+
+@pytest.mark.slow
+def test_nvila_lite_replica_info_quantize_export_run(nvila_lite, tmp_path, photo):
+    """info -> quantize --method rtn -> export -> run (ONNX Runtime and torch) on NVILA-Lite-2B's
+    layout; the bundle agrees with the torch reference on text and on a tiled photo."""
+    import shutil
+
+    from PIL import Image
+
+    import edge_vila
+    from edge_vila.export.bundle import ExportOptions, export_bundle
+    from edge_vila.export.report import PROMPTS, logit_agreement
+    from edge_vila.modeling.int8 import INT8_FILE
+
+    r = cli("info", nvila_lite)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["tokens_per_image"] == 121 and info["preprocess"]["mode"] == "dynamic"
+    q, b = tmp_path / "q", tmp_path / "b"
+    r = cli("quantize", nvila_lite, "--out", q, "--method", "rtn", "--vision-int8", "percentile", "--int8-images", "4",
+            "--no-eval")
+    assert r.returncode == 0, r.stderr
+    r = cli("export", q, "--out", b, "--max-context", "2048", "--no-report")
+    assert r.returncode == 0, r.stderr
+    man = json.loads((b / "manifest.json").read_text())
+    assert man["tokens_per_image"] == 121 and man["template"]["name"] == "chatml"
+    assert man["template"]["system"] == "You are a helpful assistant"  # VILA's qwen2.jinja, no full stop
+    assert man["image_tokens"] == {"per_tile": 121, "end_text": "\n", "marker_sep": "", "tile_text": "\n"}
+    assert (man["preprocess"]["mode"], man["preprocess"]["max_tiles"]) == ("dynamic", 12)
+    r = cli("budget", b, "--board", "orin-nano-8gb")
+    assert r.returncode == 0, r.stderr
+    for path, backend in ((b, "onnxruntime"), (q, "torch")):
+        r = cli("run", path, "--backend", backend, "--image", photo, "--prompt", "Describe the image.",
+                "--max-new-tokens", "4")
+        assert r.returncode == 0, (backend, r.stderr)
+
+    wide = Image.open(photo).convert("RGB").resize((600, 300))  # 2:1 -> a 2x1 grid + thumbnail
+    ref = edge_vila.load(q, max_context=2048)
+    keys, hashes, _ = ref.chat().prompt_keys("Describe.", [wide])
+    assert len(hashes) == 3 and sum(not isinstance(k, int) for k in keys) == 3 * 121
+    bundle = edge_vila.load(b, exact=True, variant="bundle")
+    text = logit_agreement(ref, bundle, PROMPTS[:2], [], steps=6)
+    assert text["max_rel_logit_err"] <= 1e-3 and text["greedy_agreement"] == 1.0, text
+    img = logit_agreement(ref, bundle, PROMPTS[:1], [wide], steps=6)  # INT8 ViT: the looser bound, as for 3B
+    assert img["max_rel_logit_err"] <= 0.05 and img["greedy_agreement"] >= 0.8, img
+    qf = tmp_path / "q-float-vit"
+    shutil.copytree(q, qf, ignore=shutil.ignore_patterns(INT8_FILE))
+    bf = export_bundle(qf, tmp_path / "bf", ExportOptions(vision_quant="fp32", max_context=2048, report=False))
+    res = logit_agreement(edge_vila.load(qf, max_context=2048), edge_vila.load(bf, exact=True, variant="bundle"),
+                          PROMPTS[:1], [wide], steps=6)
+    assert res["max_rel_logit_err"] <= 1e-3 and res["greedy_agreement"] == 1.0, res

@@ -86,7 +86,8 @@ class TensorRTBackend(BundleBackend):
         if cfg.is_multimodal:
             self.vision = rt.deserialize_cuda_engine((folder / VISION_PLAN).read_bytes())
             self.vctx = self.vision.create_execution_context()
-            self.max_images = built.max_images
+            # the vision profile takes every tile of built.max_images images (jetson.engines.vision_batch)
+            self.max_images = built.max_images * cfg.preprocess.max_inputs_per_image
             pre = cfg.preprocess
             self._pix_shape = (3, pre.height, pre.width)
             self._pix = self.cuda.alloc(self.max_images * int(np.prod(self._pix_shape)) * 4)
