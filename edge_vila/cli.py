@@ -56,7 +56,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     opts = ExportOptions(llm_quant=a.llm_quant, vision_quant=a.vision_quant, max_context=a.max_context,
                          group_size=a.group_size, check_trt=a.trt, report=not a.no_report, report_n=a.report_n,
                          template=a.template, quant_method=a.quant_method, kv_dtype=a.kv_dtype,
-                         embed_dtype=a.embed_dtype, device=a.device)
+                         embed_dtype=a.embed_dtype, device=a.device, max_drop=a.max_drop)
     out = export_bundle(a.path, a.out, opts)
     chk = json.loads((Path(out) / "trt_check.json").read_text()) if (Path(out) / "trt_check.json").exists() else None
     if chk:
@@ -241,7 +241,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
                            n_text=a.calib_blocks, n_mm=a.calib_images, seq_len=a.calib_seq_len, n_grid=a.n_grid,
                            awq_result=a.awq_result, eval=not a.no_eval, vqa_n=a.vqa_n, vision_int8=a.vision_int8,
                            int8_images=a.int8_images, int8_image_dir=a.int8_image_dir, lm_head=a.quantize_lm_head,
-                           device=a.device)
+                           device=a.device, max_drop=a.max_drop, eval_tokens=a.eval_tokens)
     rep = quantize_checkpoint(a.path, a.out, opts)
     ppl = rep.get("perplexity")
     if ppl:
@@ -255,6 +255,27 @@ def cmd_quantize(a: argparse.Namespace) -> int:
               f"{rep['vqa']['quantized']['accuracy'] * 100:.1f}%")
     print(f"search {rep['search_seconds']:.0f} s -> {a.out}")
     return 0
+
+
+def _max_drop(v: str) -> float | None:
+    if v.lower() in ("none", "off"):
+        return None
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number (percent / points) or none, got {v!r}") from None
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or none, got {v!r}")
+    return x
+
+
+def _max_drop_arg(s: argparse.ArgumentParser) -> None:
+    from .quant.gate import DEFAULT_MAX_DROP
+
+    s.add_argument("--max-drop", type=_max_drop, default=DEFAULT_MAX_DROP, metavar="X|none",
+                   help=f"quality gate (default {DEFAULT_MAX_DROP:g}): refuse to write the output when the held-out "
+                        "text perplexity rises more than X percent over the float model's, or (checkpoints of the "
+                        "synthetic world) shapes-VQA accuracy falls more than X points; none: off")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trt", default="10.3", help="TensorRT version (or JetPack 6.x) to check against")
     s.add_argument("--report-n", type=int, default=200)
     s.add_argument("--no-report", action="store_true")
+    _max_drop_arg(s)
     s.add_argument("--template", default=None,
                    help="chat template stored in the bundle (default: config.json's, else VILA's choice by model name "
                         "-- vicuna_v1 for VILA1.5-3B/13B, llama_3 for Llama-3-VILA1.5-8B -- else the tokenizer's)")
@@ -379,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto",
                    help="where AWQ search, INT8 calibration and the quality check run: auto (CUDA when torch sees "
                         "a GPU, else the CPU), cpu, cuda, cuda:N")
-    s.add_argument("--no-eval", action="store_true")
+    s.add_argument("--eval-tokens", type=int, default=30_000, help="held-out tokens of the quality check")
+    s.add_argument("--no-eval", action="store_true", help="skip the quality check (and so the quality gate)")
+    _max_drop_arg(s)
     s.set_defaults(fn=cmd_quantize)
 
     s = sub.add_parser("convert-awq", help="official *-AWQ build (TinyChat .pt) -> edge-vila quantized checkpoint, "

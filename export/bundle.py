@@ -24,6 +24,8 @@ from edge_vila.modeling.int8 import INT8_FILE, load_int8
 from edge_vila.modeling.weights import CheckpointWeights, SafetensorsWriter
 from edge_vila.prompt import TextTokenizer, get_template, guess_template
 
+from edge_vila.quant.gate import DEFAULT_MAX_DROP, bundle_drops, check, quality_drops
+
 from .graph_quant import quantize_vision_int8
 from .llm_onnx import export_llm, io_names
 from .vision_onnx import export_vision
@@ -48,6 +50,9 @@ class ExportOptions:
     kv_dtype: str = "fp16"  # llm.onnx's past/present K/V: fp16 (an Orin's cache) | fp32
     embed_dtype: str = "auto"  # embed.safetensors: auto (fp16 for a bf16/fp16 checkpoint, exact) | fp16 | fp32
     device: str = "auto"  # where a float checkpoint's quantization on the way runs: auto | cpu | cuda[:N]
+    # quality gate (quant/gate.py): held-out perplexity increase (%) of the quantization on the
+    # way (or the checkpoint's own quant_report.json) and the bundle's shapes-VQA drop (points)
+    max_drop: float | None = DEFAULT_MAX_DROP
 
 
 @contextlib.contextmanager
@@ -85,7 +90,10 @@ def _ensure_quantized(ckpt: Path, opts: ExportOptions, work: Path) -> Path:
         return ckpt
     from edge_vila.quant.quantize import QuantizeOptions, calibrate_vision_int8, quantize_checkpoint
 
-    q = QuantizeOptions(group_size=opts.group_size, eval=False, method=opts.quant_method, device=opts.device)
+    # the gate's perplexity is measured while quantizing; its VQA on the bundle (export's report)
+    q = QuantizeOptions(group_size=opts.group_size, eval=need_llm and opts.max_drop is not None, vqa_n=0,
+                        eval_tokens=8192,  # enough to see a lossy quantization, a fraction of a 3B's pass
+                        method=opts.quant_method, device=opts.device, max_drop=None)  # gated by export
     if not need_llm:  # a float or already-quantized LLM: calibrate the ViT alone
         log.info("calibrating the INT8 ViT of %s before export", ckpt)
         calibrate_vision_int8(ckpt, work / "quantized", q)
@@ -133,6 +141,7 @@ def export_bundle(ckpt: str | Path, out: str | Path, opts: ExportOptions | None 
     with tempfile.TemporaryDirectory(prefix="edge-vila-export-") as work_s:
         work = Path(work_s)
         src = _ensure_quantized(ckpt, opts, work) if (opts.llm_quant != "fp32" or opts.vision_quant != "fp32") else ckpt
+        gate = _gate_quantized(src, opts, out)  # before hours of export work, not after
         cfg = load_config(src)
         if opts.llm_quant == "fp32" and cfg.llm.quantization:
             raise InputError(f"{src}: LLM is quantized; export it with --llm-quant awq-w4")
@@ -167,13 +176,26 @@ def export_bundle(ckpt: str | Path, out: str | Path, opts: ExportOptions | None 
 
                 res = check_bundle(tmp, opts.check_trt)
                 atomic_write_json(tmp / "trt_check.json", res)
-        log.info("exported %s in %.0f s", out, time.perf_counter() - t0)
-        if opts.report:  # while the (possibly temporary) quantized reference still exists
-            from .report import bundle_report
+            rep = {}
+            if opts.report:  # while the (possibly temporary) quantized reference still exists
+                from .report import bundle_report
 
-            rep = bundle_report(ckpt if cfg.is_multimodal else src, out, n=opts.report_n, quantized_ref=src)
-            atomic_write_json(out / "report.json", rep)
+                rep = bundle_report(ckpt if cfg.is_multimodal else src, tmp, n=opts.report_n, quantized_ref=src)
+                rep["bundle"] = str(out)
+            rep["quality_gate"] = check({**gate.get("drops", {}), **bundle_drops(rep)}, opts.max_drop, rep, out)
+            atomic_write_json(tmp / "report.json", rep)
+        log.info("exported %s in %.0f s", out, time.perf_counter() - t0)
     return out
+
+
+def _gate_quantized(src: Path, opts: ExportOptions, out: Path) -> dict:
+    """The quality gate on the quantized LLM's held-out perplexity increase (its quant_report.json:
+    the quantization on the way, or the one a quantized checkpoint brings)."""
+    qrep_path = src / "quant_report.json"
+    qrep = json.loads(qrep_path.read_text()) if qrep_path.is_file() else {}
+    drops = quality_drops({k: qrep.get(k) for k in ("perplexity", "method")})
+    return check(drops, opts.max_drop, {"source": str(src), **{k: qrep.get(k) for k in
+                                                                ("method", "perplexity", "layer_error")}}, out)
 
 
 def _write_vision_isolated(cfg, src: Path, path: Path, opts: ExportOptions) -> dict:

@@ -24,6 +24,7 @@ from edge_vila.prompt import TextTokenizer
 from .awq import LINEARS, AwqSettings, apply_awq_layer, load_awq_result, save_awq_result
 from .calib import HELDOUT_LICENSES, calibration_embeds, heldout_text
 from .device import describe, resolve_device
+from .gate import DEFAULT_MAX_DROP, check, quality_drops
 from .rtn import QuantConfig
 from .stream import (auto_eval_tokens, awq_state, embedding_module, fake_quant_layer, llm_config_with, packed,
                      quantization_config, rtn_state, streamed_quality, write_shards)
@@ -50,6 +51,9 @@ class QuantizeOptions:
     int8_image_dir: str | None = None
     lm_head: bool = False  # also quantize the output head (edge-vila extension to the AutoAWQ format)
     device: str = "auto"  # AWQ search, INT8 calibration, quality check: auto (CUDA if present) | cpu | cuda[:N]
+    # the quality gate: perplexity increase (%) / shapes-VQA drop (points) above which the
+    # output is not written (quant/gate.py); None: off. Needs eval.
+    max_drop: float | None = DEFAULT_MAX_DROP
 
     @property
     def quant(self) -> QuantConfig:
@@ -127,10 +131,10 @@ def quantize_checkpoint(src: str | Path, out: str | Path, opts: QuantizeOptions,
         del parts
         if opts.eval:
             report.update(_quality(w, cfg, q, opts, result, tmp, progress, device))
+            if cfg.knows_synthetic_world and opts.vqa_n:
+                report["vqa"] = _vqa(src, tmp, opts.vqa_n)  # before the output is in place: gated below
+        report["quality_gate"] = check(quality_drops(report), opts.max_drop, report, out)
         atomic_write_json(tmp / "quant_report.json", report)
-    if opts.eval and cfg.knows_synthetic_world and opts.vqa_n:
-        report["vqa"] = _vqa(src, out, opts.vqa_n)
-        atomic_write_json(out / "quant_report.json", report)
     return report
 
 

