@@ -32,7 +32,7 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 def load(path: str | Path, backend: str = "auto", max_context: int | None = None, dtype: str = "float32",
          template: str | None = None, system: str | None = None, threads: int | None = None,
          exact: bool = False, variant: str = "auto", kv_cache: str = "auto", attention: str = "auto",
-         matmul: str = "auto") -> "Pipeline":
+         matmul: str = "auto", max_tiles: int | None = None) -> "Pipeline":
     """Load a bundle (ONNX Runtime; TensorRT on the device), a VILA checkpoint (torch
     reference) or a plain HF LLM folder (text-only).
 
@@ -41,15 +41,22 @@ def load(path: str | Path, backend: str = "auto", max_context: int | None = None
     our own ONNX Runtime op when a C compiler can build it (`attention="gqa"`: ORT's
     GroupQueryAttention; `"edge"`: our op or an error). The INT4 linears run in our op too where
     it has its AVX-512 VNNI kernel (`matmul="nbits"`: ORT's MatMulNBits; `"edge"`: ours, even
-    with portable loops; never with `exact`, as it quantizes activations to int8)."""
+    with portable loops; never with `exact`, as it quantizes activations to int8).
+
+    `max_tiles` caps NVILA-Lite's dynamic tiling below the checkpoint's (12): a lone image
+    costs at most max_tiles + 1 vision inputs and (max_tiles + 1) x 123 positions, the
+    latency knob on a Jetson (VILA's own process_image takes the same override)."""
     if backend not in ("auto",) + BACKENDS:
         raise InputError(f"backend {backend!r} unknown (expected auto, {', '.join(BACKENDS)})")
     from .bundle import is_bundle
 
     if is_bundle(path):
-        return _load_bundle(Path(path), backend, max_context, template, system, threads, exact, variant, kv_cache,
+        pipe = _load_bundle(Path(path), backend, max_context, template, system, threads, exact, variant, kv_cache,
                             attention, matmul)
+        _cap_tiles(pipe.cfg, max_tiles)
+        return pipe
     cfg = load_config(path)
+    _cap_tiles(cfg, max_tiles)
     if backend not in ("auto", "torch"):
         raise InputError(f"{path}: a checkpoint runs on the torch backend; export a bundle for {backend}")
     if kv_cache == "int8" or "edge" in (attention, matmul):
@@ -62,6 +69,19 @@ def load(path: str | Path, backend: str = "auto", max_context: int | None = None
 
     be = TorchBackend(cfg, ctx, dtype=dtype, threads=threads)
     return Pipeline(cfg, be, TextTokenizer(cfg.llm_dir), template=template, system=system)
+
+
+def _cap_tiles(cfg, max_tiles: int | None) -> None:
+    pre = cfg.preprocess
+    if max_tiles is None or pre is None:
+        return
+    if not pre.tiled:
+        log.warning("max_tiles=%d ignored: %s does not tile its images (image_aspect_ratio %s)", max_tiles,
+                    cfg.root, pre.mode)
+        return
+    if not pre.min_tiles <= max_tiles:
+        raise InputError(f"max_tiles {max_tiles} is below the checkpoint's min_tiles {pre.min_tiles}")
+    cfg.preprocess = dataclasses.replace(pre, max_tiles=min(max_tiles, pre.max_tiles))
 
 
 def _tensorrt_ready(path: Path) -> bool:

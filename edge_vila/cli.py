@@ -23,6 +23,12 @@ def _cpu_graph_args(s: argparse.ArgumentParser) -> None:
                    help="INT4 linears: our op (edge; auto where it has its AVX-512 VNNI kernel) or ORT's MatMulNBits")
 
 
+def max_tiles_arg(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--max-tiles", type=int, default=None,
+                   help="NVILA-Lite: cut a lone image into at most N tiles (default: the checkpoint's, 12); "
+                        "fewer tiles, faster answers")
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -101,7 +107,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
     from .api import load
 
     pipe = load(a.path, backend=a.backend, max_context=a.max_context, template=a.template, system=a.system,
-                kv_cache=a.kv_cache, attention=a.attention, matmul=a.matmul)
+                kv_cache=a.kv_cache, attention=a.attention, matmul=a.matmul, max_tiles=a.max_tiles)
     chat = pipe.chat()
     params = _params(a)
     images = list(a.image)
@@ -298,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--template", default=None, help="chat template (vicuna_v1, llama_3, hermes-2, chatml, plain)")
     s.add_argument("--backend", default="auto")
     s.add_argument("--max-context", type=int, default=None)
+    max_tiles_arg(s)
     _cpu_graph_args(s)
     _sampling_args(s)
     s.set_defaults(fn=cmd_chat)
@@ -310,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--template", default=None)
     s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"])
     s.add_argument("--max-context", type=int, default=None)
+    max_tiles_arg(s)
     _cpu_graph_args(s)
     _sampling_args(s)
     s.set_defaults(fn=cmd_chat)

@@ -8,7 +8,7 @@ import os
 def _load(a: argparse.Namespace):
     from . import load
 
-    return load(a.path, backend=a.backend, max_context=a.max_context)
+    return load(a.path, backend=a.backend, max_context=a.max_context, max_tiles=a.max_tiles)
 
 
 def cmd_camera(a: argparse.Namespace) -> int:
@@ -45,9 +45,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _common(s: argparse.ArgumentParser) -> None:
+    from .cli import max_tiles_arg
+
     s.add_argument("path", help="bundle (or checkpoint)")
     s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"])
     s.add_argument("--max-context", type=int, default=None)
+    max_tiles_arg(s)
 
 
 def register(sub) -> None:

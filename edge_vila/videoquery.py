@@ -87,7 +87,8 @@ class VideoQuery:
         self._last_sig: np.ndarray | None = None
         # question first, images last: the question's tokens stay cached across frames
         t = dataclasses.replace(pipe.template, image_first=False)
-        self.message = t.attach_images(prompt, window)
+        layout = getattr(pipe.cfg, "image_tokens", None)
+        self.message = t.attach_images(prompt, window, layout.marker_sep if layout else "\n")
 
     def _changed(self, frame: Frame) -> bool:
         sig = frame_signature(frame.image)

@@ -170,12 +170,8 @@ def test_nvila_8b_layout_is_refused_naming_dynamic_s2(tmp_path):
 def test_vila15_3b_replica_info_quantize_export_run(vila15_3b, tmp_path, photo):
     """The path a user takes with the released VILA1.5-3b folder: info -> quantize --method rtn
     -> export -> run on a real photo in ONNX Runtime and on the torch reference."""
-    import shutil
-
     import edge_vila
-    from edge_vila.export.bundle import ExportOptions, export_bundle
     from edge_vila.export.report import PROMPTS, logit_agreement
-    from edge_vila.modeling.int8 import INT8_FILE
 
     r = cli("info", vila15_3b)
     assert r.returncode == 0, r.stderr
@@ -209,12 +205,25 @@ def test_vila15_3b_replica_info_quantize_export_run(vila15_3b, tmp_path, photo):
     assert img["max_rel_logit_err"] <= 0.05 and img["greedy_agreement"] >= 0.9, img
 
     # exact mode with images: the INT4 LLM with the float ViT
+    res = _float_vit_agreement(q, tmp_path, PROMPTS[:2], [photo], 512, steps=8)
+    assert res["max_rel_logit_err"] <= 1e-3 and res["greedy_agreement"] == 1.0, res
+
+
+def _float_vit_agreement(q, tmp_path, prompts, images, ctx: int, steps: int) -> dict:
+    """The quantized checkpoint without its INT8 ViT table, exported with the float ViT, against
+    its torch reference (ORT's exact accuracy level)."""
+    import shutil
+
+    import edge_vila
+    from edge_vila.export.bundle import ExportOptions, export_bundle
+    from edge_vila.export.report import logit_agreement
+    from edge_vila.modeling.int8 import INT8_FILE
+
     qf = tmp_path / "q-float-vit"
     shutil.copytree(q, qf, ignore=shutil.ignore_patterns(INT8_FILE))
-    bf = export_bundle(qf, tmp_path / "bf", ExportOptions(vision_quant="fp32", max_context=512, report=False))
-    res = logit_agreement(edge_vila.load(qf, max_context=512), edge_vila.load(bf, exact=True, variant="bundle"),
-                          PROMPTS[:2], [photo], steps=8)
-    assert res["max_rel_logit_err"] <= 1e-3 and res["greedy_agreement"] == 1.0, res
+    bf = export_bundle(qf, tmp_path / "bf", ExportOptions(vision_quant="fp32", max_context=ctx, report=False))
+    return logit_agreement(edge_vila.load(qf, max_context=ctx), edge_vila.load(bf, exact=True, variant="bundle"),
+                           prompts, images, steps=steps)
 
 
 def test_tinychat_v2_unpacking_on_a_hand_built_tensor():
@@ -377,14 +386,10 @@ def test_nvila_prompt_is_what_vila_builds(nvila_lite):
 def test_nvila_lite_replica_info_quantize_export_run(nvila_lite, tmp_path, photo):
     """info -> quantize --method rtn -> export -> run (ONNX Runtime and torch) on NVILA-Lite-2B's
     layout; the bundle agrees with the torch reference on text and on a tiled photo."""
-    import shutil
-
     from PIL import Image
 
     import edge_vila
-    from edge_vila.export.bundle import ExportOptions, export_bundle
     from edge_vila.export.report import PROMPTS, logit_agreement
-    from edge_vila.modeling.int8 import INT8_FILE
 
     r = cli("info", nvila_lite)
     assert r.returncode == 0, r.stderr
@@ -417,9 +422,21 @@ def test_nvila_lite_replica_info_quantize_export_run(nvila_lite, tmp_path, photo
     assert text["max_rel_logit_err"] <= 1e-3 and text["greedy_agreement"] == 1.0, text
     img = logit_agreement(ref, bundle, PROMPTS[:1], [wide], steps=6)  # INT8 ViT: the looser bound, as for 3B
     assert img["max_rel_logit_err"] <= 0.05 and img["greedy_agreement"] >= 0.8, img
-    qf = tmp_path / "q-float-vit"
-    shutil.copytree(q, qf, ignore=shutil.ignore_patterns(INT8_FILE))
-    bf = export_bundle(qf, tmp_path / "bf", ExportOptions(vision_quant="fp32", max_context=2048, report=False))
-    res = logit_agreement(edge_vila.load(qf, max_context=2048), edge_vila.load(bf, exact=True, variant="bundle"),
-                          PROMPTS[:1], [wide], steps=6)
+    res = _float_vit_agreement(q, tmp_path, PROMPTS[:1], [wide], 2048, steps=6)
     assert res["max_rel_logit_err"] <= 1e-3 and res["greedy_agreement"] == 1.0, res
+
+
+def test_max_tiles_caps_nvila_lite_tiling(nvila_lite):
+    """load(max_tiles=2): a 2:1 image that would take 4x2 tiles + thumbnail takes 2x1 + thumbnail."""
+    import numpy as np
+
+    import edge_vila
+    from edge_vila.errors import InputError
+
+    pipe = edge_vila.load(nvila_lite, max_context=1024, max_tiles=2)
+    assert pipe.cfg.preprocess.max_tiles == 2
+    img = np.random.default_rng(0).integers(0, 256, (1000, 2000, 3), dtype=np.uint8)  # 2000x1000
+    keys, hashes, _ = pipe.chat().prompt_keys("Describe.", [img])
+    assert len(hashes) == 3 and sum(not isinstance(k, int) for k in keys) == 3 * 121
+    with pytest.raises(InputError, match="max_tiles 0 is below the checkpoint's min_tiles 1"):
+        edge_vila.load(nvila_lite, max_context=1024, max_tiles=0)
