@@ -39,7 +39,7 @@ def quality_drops(report: dict) -> dict[str, dict]:
     vqa = report.get("vqa")
     if vqa and "delta_points" in vqa:
         out["shapes_vqa"] = {"float": vqa["float"]["accuracy"], "quantized": vqa["quantized"]["accuracy"],
-                             "drop": -float(vqa["delta_points"]), "unit": " points"}
+                             "drop": 0.0 - float(vqa["delta_points"]), "unit": " points"}
     return out
 
 
@@ -48,7 +48,7 @@ def bundle_drops(export_report: dict) -> dict[str, dict]:
     v = export_report.get("shapes_vqa")
     if not v:
         return {}
-    return {"bundle_shapes_vqa": {"float": v["float"], "quantized": v["bundle"], "drop": -float(v["delta_points"]),
+    return {"bundle_shapes_vqa": {"float": v["float"], "quantized": v["bundle"], "drop": 0.0 - float(v["delta_points"]),
                                   "unit": " points"}}
 
 
