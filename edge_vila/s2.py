@@ -100,7 +100,8 @@ def projector_inputs(features: np.ndarray, scales: list[int], rows: int, cols: i
         at += k * k
     maps.append(merge_chessboard(_to_map(features[at:at + rows * cols]), rows, cols))
     if at + rows * cols != len(features):
-        raise ValueError(f"{len(features)} vision inputs, the scales and the {rows}x{cols} grid need {at + rows * cols}")
+        raise ValueError(f"{len(features)} vision inputs; the scales and the {rows}x{cols} grid need "
+                         f"{at + rows * cols}")
     size = maps[-1].shape[-2:]
     merged = np.concatenate([area_resize(m, size) for m in maps], axis=1)  # [1, C·L, rows·g, cols·g]
     blocks = split_chessboard(merged, rows, cols)  # [rows·cols, C·L, g, g]
