@@ -43,6 +43,26 @@ def _images(n=3):
     return [rng.integers(0, 255, (40, 48, 3), dtype=np.uint8) for _ in range(n)]
 
 
+def test_manifest_without_tiling_fields_reads_as_vila15(w4_bundle, tmp_path):
+    """A bundle written before image_tokens / min_tiles / max_tiles existed keeps VILA1.5's rule:
+    one vision input per image, its embeddings alone, "<image>\n" written before the text."""
+    import shutil
+
+    from edge_vila.bundle import load_bundle_config
+    from edge_vila.config import ImageTokens
+
+    old = tmp_path / "old"
+    shutil.copytree(w4_bundle, old)
+    man = json.loads((old / "manifest.json").read_text())
+    assert man["image_tokens"] == {"per_tile": 16, "end_text": "", "marker_sep": "\n", "tile_text": ""}
+    del man["image_tokens"]
+    for k in ("min_tiles", "max_tiles"):
+        del man["preprocess"][k]
+    (old / "manifest.json").write_text(json.dumps(man))
+    cfg = load_bundle_config(old)
+    assert cfg.image_tokens == ImageTokens(per_tile=16) and cfg.preprocess.max_inputs_per_image == 1
+
+
 def test_bundle_layout_and_manifest(w4_bundle):
     man = json.loads((w4_bundle / "manifest.json").read_text())
     assert {"llm.onnx", "vision.onnx", "embed.safetensors", "tokenizer.json"} <= set(man["files"])
