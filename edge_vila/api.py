@@ -20,7 +20,7 @@ import numpy as np
 from .config import VilaConfig, load_config
 from .errors import InputError
 from .generate import GenerationStats, Generator, SamplingParams
-from .preprocess import ImageLike, message_tiles
+from .preprocess import ImageLike, message_tiles, tiles_message
 from .prompt import (IMAGE_PLACEHOLDER, ChatTemplate, ImageKey, Key, TextTokenizer, encode_with_images,
                      get_template, guess_template)
 
@@ -210,13 +210,12 @@ class Chat:
         layout = pipe.cfg.image_tokens
         n_marks = message.count(IMAGE_PLACEHOLDER)
         if tiles and n_marks == 0:
-            message = t.attach_images(message, len(tiles), layout.marker_sep if layout else "\n")
+            message = t.attach_images(message, len(tiles), layout.marker_sep)
         elif n_marks != len(tiles):
             raise InputError(f"message has {n_marks} {IMAGE_PLACEHOLDER} markers but {len(tiles)} images were given")
         keys = list(self.keys) if self.keys else self._head()
-        tiled = len(tiles) == 1 and pipe.cfg.preprocess is not None and pipe.cfg.preprocess.tiled
         turn, _ = encode_with_images(pipe.tokenizer, t.user(message), tiles, pipe.tokens_per_image,
-                                     layout=layout, tiled=tiled)
+                                     layout=layout, tiled=tiles_message(len(tiles), pipe.cfg.preprocess))
         return keys + turn, [h for image in tiles for h in image], message
 
     def stream(self, message: str, images: Sequence[ImageLike] = (), params: SamplingParams | None = None,

@@ -291,7 +291,7 @@ class VilaConfig:
     select_layer: int = -2
     select_feature: str = "patch"
     preprocess: PreprocessSpec | None = None
-    image_tokens: ImageTokens | None = None
+    image_tokens: ImageTokens = field(default_factory=lambda: ImageTokens(per_tile=0))  # text-only: none
     raw: dict = field(default_factory=dict)
 
     @property

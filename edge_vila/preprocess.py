@@ -109,6 +109,14 @@ def tile_grid(width: int, height: int, spec: PreprocessSpec) -> tuple[int, int]:
     return best
 
 
+def cut_grid(im: Image.Image, cols: int, rows: int, size: int) -> list[np.ndarray]:
+    """The image resized to cols x rows tiles of `size` px and cut row by row (uint8 [size, size, 3]
+    each). VILA resizes with PIL's default filter (bicubic); the processor's own resize of a tile
+    already at its size is the identity."""
+    grid = np.asarray(im.resize((cols * size, rows * size), resample=Image.Resampling.BICUBIC))
+    return [grid[r * size:(r + 1) * size, c * size:(c + 1) * size] for r in range(rows) for c in range(cols)]
+
+
 def image_tiles(img: ImageLike, spec: PreprocessSpec, tiled: bool = True) -> np.ndarray:
     """One image -> float32 [n, 3, H, W]: n = 1 outside dynamic mode (or with tiled=False,
     VILA's treatment of an image that shares its message with others); else the grid's tiles
@@ -116,21 +124,23 @@ def image_tiles(img: ImageLike, spec: PreprocessSpec, tiled: bool = True) -> np.
     if not (spec.tiled and tiled):
         return preprocess_image(img, spec)[None]
     im = load_image(img)
-    cols, rows = tile_grid(im.width, im.height, spec)
-    size = spec.width
-    # VILA resizes with PIL's default filter (bicubic); the processor's own resize of a
-    # tile already at its size is the identity
-    grid = np.asarray(im.resize((cols * size, rows * size), resample=Image.Resampling.BICUBIC))
-    tiles = [grid[r * size:(r + 1) * size, c * size:(c + 1) * size] for r in range(rows) for c in range(cols)]
+    tiles = cut_grid(im, *tile_grid(im.width, im.height, spec), spec.width)
     if len(tiles) > 1:
-        tiles.append(np.asarray(im.resize((size, size), resample=Image.Resampling.BICUBIC)))
+        tiles.append(np.asarray(im.resize((spec.width, spec.width), resample=Image.Resampling.BICUBIC)))
     return _normalise(np.stack(tiles), spec)
 
 
+def tiles_message(n_images: int, spec: PreprocessSpec | None) -> bool:
+    """Whether a message's images are tiled: VILA tiles an image only when it is the message's
+    only one (several images are each resized whole)."""
+    return spec is not None and spec.tiled and n_images == 1
+
+
 def message_tiles(images: Sequence[ImageLike], spec: PreprocessSpec) -> list[np.ndarray]:
-    """The images of one message, each as [n_i, 3, H, W]. VILA tiles an image only when it
-    is the message's only one; several images are each resized whole."""
-    return [image_tiles(i, spec, tiled=len(images) == 1) for i in images]
+    """The images of one message, each as [n_i, 3, H, W] (see tiles_message)."""
+    if tiles_message(len(images), spec):
+        return [image_tiles(images[0], spec)]
+    return list(preprocess_images(images, spec)[:, None])  # one input each, normalised as one array
 
 
 def sample_frame_indices(num_frames: int, want: int) -> list[int]:

@@ -47,11 +47,6 @@ def s2_tile_counts(width: int, height: int, spec: PreprocessSpec, scales: list[i
     return fixed + rows * cols, (rows, cols)
 
 
-def s2_tokens(rows: int, cols: int, per_block: int) -> int:
-    """Embeddings of one image: the merged (rows·t) x (cols·t) token map."""
-    return rows * cols * per_block
-
-
 def merge_chessboard(x: np.ndarray, nh: int, nw: int) -> np.ndarray:
     """[n·nh·nw, C, h, w] -> [n, C, nh·h, nw·w]: block i·nw + j (of each group) at row i, column j."""
     b = x.shape[0] // (nh * nw)
@@ -118,24 +113,15 @@ def image_tokens(projected: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 def s2_tiles(img, spec: PreprocessSpec, scales: list[int]) -> tuple[np.ndarray, tuple[int, int]]:
     """One image -> (float32 [inputs, 3, s0, s0], (rows, cols)): each scale's tiles, row by row."""
-    from PIL import Image
-
-    from .preprocess import _normalise, load_image
+    from .preprocess import _normalise, cut_grid, load_image
 
     im = load_image(img)
     s0 = scales[0]
-    tiles = []
-
-    def cut(cols: int, rows: int) -> None:
-        grid = np.asarray(im.resize((cols * s0, rows * s0), resample=Image.Resampling.BICUBIC))
-        tiles.extend(grid[r * s0:(r + 1) * s0, c * s0:(c + 1) * s0] for r in range(rows) for c in range(cols))
-
-    for s in scales[:-1]:
-        cut(s // s0, s // s0)
+    tiles = [t for s in scales[:-1] for t in cut_grid(im, s // s0, s // s0, s0)]
     cols, rows = s2_grid(im.width, im.height, spec, scales)
-    cut(cols, rows)
+    tiles += cut_grid(im, cols, rows, s0)
     return _normalise(np.stack(tiles), spec), (rows, cols)
 
 
-__all__ = ["s2_grid", "s2_tile_counts", "s2_tokens", "merge_chessboard", "split_chessboard", "area_resize",
+__all__ = ["s2_grid", "s2_tile_counts", "merge_chessboard", "split_chessboard", "area_resize",
            "projector_inputs", "image_tokens", "s2_tiles"]

@@ -87,8 +87,7 @@ class VideoQuery:
         self._last_sig: np.ndarray | None = None
         # question first, images last: the question's tokens stay cached across frames
         t = dataclasses.replace(pipe.template, image_first=False)
-        layout = getattr(pipe.cfg, "image_tokens", None)
-        self.message = t.attach_images(prompt, window, layout.marker_sep if layout else "\n")
+        self.message = t.attach_images(prompt, window, pipe.cfg.image_tokens.marker_sep)
 
     def _changed(self, frame: Frame) -> bool:
         sig = frame_signature(frame.image)

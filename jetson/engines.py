@@ -144,9 +144,9 @@ def llm_profiles(man: dict, max_context: int, max_prefill: int) -> list[Profile]
         p.validate()
         return p
 
-    from .memory import _manifest_positions
+    from .memory import image_positions
 
-    opt_prefill = min(max_prefill, max(1, _manifest_positions(man) + 64))
+    opt_prefill = min(max_prefill, max(1, image_positions(man) + 64))
     prefill = build("prefill", (1, opt_prefill, max_prefill), (0, 0, max_context - 1))
     decode = build("decode", (1, 1, 1), (1, max(1, max_context // 2), max_context - 1))
     return [prefill, decode]

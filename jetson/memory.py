@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edge_vila.config import ImageTokens, PreprocessSpec
+from edge_vila.config import ImageTokens, PreprocessSpec, ProjectorSpec
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
@@ -94,8 +94,9 @@ class ModelDims:
         m, v, k = lay.llm, lay.vision, PROJECTOR_FOLD[lay.projector_type]
         side = v["image_size"] // v["patch_size"]
         heads = m["num_attention_heads"]
-        per_tile = (-(-side // k)) ** 2
-        tiles = lay.top.get("max_tiles", 12) + 1 if mode == "dynamic" else 1
+        per_tile = ProjectorSpec(lay.projector_type, v["hidden_size"], m["hidden_size"]).num_tokens(side * side)
+        tiles = PreprocessSpec(v["image_size"], v["image_size"], [0.5] * 3, [0.5] * 3, mode=mode,
+                               max_tiles=lay.top.get("max_tiles", 12) if mode == "dynamic" else 1).max_inputs_per_image
         return cls(hidden=m["hidden_size"], intermediate=m["intermediate_size"], layers=m["num_hidden_layers"],
                    heads=heads, kv_heads=m.get("num_key_value_heads", heads), head_dim=m["hidden_size"] // heads,
                    vocab=m["vocab_size"], tie_embeddings=bool(m.get("tie_word_embeddings", False)),
@@ -110,6 +111,7 @@ class ModelDims:
     def from_manifest(cls, man: dict) -> "ModelDims":
         m = man["model"]
         v = man.get("vision_dims") or {}
+        pre = man.get("preprocess")
         return cls(hidden=m["hidden_size"], intermediate=m["intermediate_size"], layers=m["num_layers"],
                    heads=m["num_heads"], kv_heads=m["num_kv_heads"], head_dim=m["head_dim"], vocab=m["vocab_size"],
                    tie_embeddings=bool(m.get("tie_word_embeddings", False)),
@@ -117,12 +119,11 @@ class ModelDims:
                    vision_layers=v.get("num_layers", 0), vision_heads=v.get("num_heads", 0),
                    vision_patches=v.get("patches", 0), tokens_per_image=man.get("tokens_per_image", 0),
                    patch_size=v.get("patch_size", 14), projector_in=v.get("projector_in", 0),
-                   projector_mid=v.get("projector_mid", 0), positions_per_image=_manifest_positions(man),
-                   inputs_per_image=PreprocessSpec(**man["preprocess"]).max_inputs_per_image
-                   if man.get("preprocess") else 1)
+                   projector_mid=v.get("projector_mid", 0), positions_per_image=image_positions(man),
+                   inputs_per_image=PreprocessSpec(**pre).max_inputs_per_image if pre else 1)
 
 
-def _manifest_positions(man: dict) -> int:
+def image_positions(man: dict) -> int:
     """A bundle's LLM positions per image at most (older bundles: tokens_per_image)."""
     it, pre = man.get("image_tokens"), man.get("preprocess")
     if not it or not pre:
@@ -243,5 +244,5 @@ def suggest(d: ModelDims, board: str, o: BudgetOptions) -> str:
 
 
 __all__ = ["ModelDims", "BudgetOptions", "Budget", "budget", "parts", "kv_cache_bytes", "available_bytes",
-           "bundle_byte_widths",
+           "bundle_byte_widths", "image_positions",
            "BOARD_RAM_GB", "suggest"]

@@ -11,7 +11,7 @@ import torch
 import edge_vila
 from edge_vila.config import load_config
 from edge_vila.errors import CheckpointError, ContextOverflowError, InputError
-from edge_vila.modeling.projector import fold_2x2
+from edge_vila.modeling.projector import fold
 from edge_vila.testing import make_tiny_checkpoint
 
 
@@ -57,9 +57,9 @@ def _vila_fold_reference(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("side", [4, 5, 27])
 def test_fold_2x2_matches_vila_layout(side):
     x = torch.randn(2, side * side, 3)
-    assert torch.equal(fold_2x2(x), _vila_fold_reference(x))
+    assert torch.equal(fold(x, 2), _vila_fold_reference(x))
     s2 = (side + 1) // 2
-    assert fold_2x2(x).shape == (2, s2 * s2, 12)
+    assert fold(x, 2).shape == (2, s2 * s2, 12)
 
 
 # ---- bad input: one line that names the file/key and what was expected ----------------

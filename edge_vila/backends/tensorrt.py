@@ -44,7 +44,7 @@ class TensorRTBackend(BundleBackend):
             raise InputError(f"TensorRT is not importable here ({e}); on Jetson create the venv with "
                              "--system-site-packages (jetson/setup.sh)") from None
         from ..jetson.detect import detect
-        from ..jetson.engines import EngineKey, LLM_PLAN, VISION_PLAN, select_engines
+        from ..jetson.engines import EngineKey, LLM_PLAN, VISION_PLAN, select_engines, vision_batch
         from .cuda_mem import device_sm, open_runtime
 
         self.trt = trt
@@ -86,8 +86,7 @@ class TensorRTBackend(BundleBackend):
         if cfg.is_multimodal:
             self.vision = rt.deserialize_cuda_engine((folder / VISION_PLAN).read_bytes())
             self.vctx = self.vision.create_execution_context()
-            # the vision profile takes every tile of built.max_images images (jetson.engines.vision_batch)
-            self.max_images = built.max_images * cfg.preprocess.max_inputs_per_image
+            self.max_images = vision_batch(cfg.manifest, built.max_images)  # the profile's largest batch
             pre = cfg.preprocess
             self._pix_shape = (3, pre.height, pre.width)
             self._pix = self.cuda.alloc(self.max_images * int(np.prod(self._pix_shape)) * 4)

@@ -39,10 +39,6 @@ def fold(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.reshape(n, h * w, k * k * c)
 
 
-def fold_2x2(x: torch.Tensor) -> torch.Tensor:
-    return fold(x, 2)
-
-
 class DownSampleBlock(nn.Module):
     def __init__(self, k: int = 2):
         super().__init__()
