@@ -45,7 +45,9 @@ def load(path: str | Path, backend: str = "auto", max_context: int | None = None
 
     `max_tiles` caps NVILA-Lite's dynamic tiling below the checkpoint's (12): a lone image
     costs at most max_tiles + 1 vision inputs and (max_tiles + 1) x 123 positions, the
-    latency knob on a Jetson (VILA's own process_image takes the same override)."""
+    latency knob on a Jetson (VILA's own process_image takes the same override). For NVILA's
+    dynamic_s2 it caps the last scale's blocks (at least 9: 1344 px is 3 x 3 tiles of 448), so
+    a lone image takes at most max_tiles x 256 + 1 positions."""
     if backend not in ("auto",) + BACKENDS:
         raise InputError(f"backend {backend!r} unknown (expected auto, {', '.join(BACKENDS)})")
     from .bundle import is_bundle
@@ -75,7 +77,7 @@ def _cap_tiles(cfg, max_tiles: int | None) -> None:
     pre = cfg.preprocess
     if max_tiles is None or pre is None:
         return
-    if not pre.tiled:
+    if not (pre.tiled or pre.s2):
         log.warning("max_tiles=%d ignored: %s does not tile its images (image_aspect_ratio %s)", max_tiles,
                     cfg.root, pre.mode)
         return
@@ -147,6 +149,8 @@ class Pipeline:
             return []
         if not self.cfg.is_multimodal:
             raise InputError(f"{self.cfg.root}: text-only model, it cannot take images")
+        if self.cfg.preprocess.s2:
+            return self._encode_s2(images)
         per_image = message_tiles(images, self.cfg.preprocess)
         pixels = np.concatenate(per_image)
         hashes = [hashlib.sha1(p.tobytes()).hexdigest()[:16] for p in pixels]
@@ -164,6 +168,26 @@ class Pipeline:
             out.append(hashes[at:at + len(p)])
             at += len(p)
         return out
+
+    def _encode_s2(self, images: Sequence[ImageLike]) -> list[list[str]]:
+        """dynamic_s2: an image's tokens come from all its tiles at once (merged across scales),
+        so the cache holds whole images: one hash (of its tiles and grid) per image."""
+        from . import s2
+
+        out = []
+        for pixels, grid in s2.message_inputs(images, self.cfg.preprocess):
+            h = hashlib.sha1(pixels.tobytes() + repr(grid).encode()).hexdigest()[:16]
+            if h not in self._image_cache:
+                self._image_cache[h] = s2.encode(self.backend, pixels, grid, self.cfg.preprocess.s2_scales)
+            self._image_cache.move_to_end(h)
+            out.append([h])
+        while len(self._image_cache) > max(32, len(out)):
+            self._image_cache.popitem(last=False)
+        return out
+
+    def image_token_counts(self, hashes: Sequence[str]) -> dict[str, int]:
+        """Embeddings of each cached vision input (fixed per tile; per image in dynamic_s2)."""
+        return {h: len(self._image_cache[h]) for h in hashes}
 
     def image_embeds(self, hashes: Sequence[str]) -> dict[str, np.ndarray]:
         return {h: self._image_cache[h] for h in hashes}
@@ -214,9 +238,12 @@ class Chat:
         elif n_marks != len(tiles):
             raise InputError(f"message has {n_marks} {IMAGE_PLACEHOLDER} markers but {len(tiles)} images were given")
         keys = list(self.keys) if self.keys else self._head()
-        turn, _ = encode_with_images(pipe.tokenizer, t.user(message), tiles, pipe.tokens_per_image,
+        flat = [h for image in tiles for h in image]
+        counts = pipe.image_token_counts(flat) if pipe.cfg.preprocess is not None and pipe.cfg.preprocess.s2 \
+            else pipe.tokens_per_image
+        turn, _ = encode_with_images(pipe.tokenizer, t.user(message), tiles, counts,
                                      layout=layout, tiled=tiles_message(len(tiles), pipe.cfg.preprocess))
-        return keys + turn, [h for image in tiles for h in image], message
+        return keys + turn, flat, message
 
     def stream(self, message: str, images: Sequence[ImageLike] = (), params: SamplingParams | None = None,
                **sampling) -> Iterator[str]:

@@ -158,7 +158,8 @@ def run_camera(pipe, source: VideoSource, prompt: str, output: str | None, every
             shown = ""
             if renderer:
                 renderer.lines = [f"{prompt}", f"-> {ans.text.strip()}",
-                                  f"{source.fps:.0f} fps  TTFT {ans.ttft_s * 1000:.0f} ms  {ans.tokens_per_s:.0f} tok/s"]
+                                  f"{source.fps:.0f} fps  TTFT {ans.ttft_s * 1000:.0f} ms  "
+                                  + (f"{ans.tokens_per_s:.0f} tok/s" if ans.tokens_per_s > 0 else "— tok/s")]
             if status:
                 sys.stderr.write(vq.stats.line())
                 sys.stderr.flush()

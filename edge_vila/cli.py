@@ -99,7 +99,9 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 def _print_stats(pipe) -> None:
     st = pipe.stats
-    print(f"\n[{st.new_tokens} tokens · TTFT {st.ttft_s * 1000:.0f} ms · {st.decode_tokens_per_s:.1f} tok/s · "
+    # a rate needs at least two tokens (the first one is TTFT's): zero or one says "—"
+    rate = f"{st.decode_tokens_per_s:.1f} tok/s" if st.new_tokens > 1 and st.decode_tokens_per_s > 0 else "— tok/s"
+    print(f"\n[{st.new_tokens} tokens · TTFT {st.ttft_s * 1000:.0f} ms · {rate} · "
           f"prefill {st.prefill_tokens} (reused {st.reused_tokens}) · {st.finish_reason}]", file=sys.stderr)
 
 

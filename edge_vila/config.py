@@ -26,7 +26,7 @@ PROJECTOR_TYPES = ("linear", "mlp2x_gelu", "mlp_downsample", "mlp_downsample_2x2
 # side of the square of ViT patches each projector folds into one LLM token
 PROJECTOR_FOLD = {"mlp_downsample": 2, "mlp_downsample_2x2_fix": 2, "mlp_downsample_3x3_fix": 3}
 SELECT_FEATURES = ("patch", "cls_patch")
-ASPECT_MODES = ("resize", "pad", "dynamic")
+ASPECT_MODES = ("resize", "pad", "dynamic", "dynamic_s2")
 VILA_ARCHITECTURES = ("LlavaLlamaModel", "LlavaLlamaForCausalLM", "LlavaQwenForCausalLM")
 
 
@@ -167,14 +167,31 @@ class PreprocessSpec:
     # more than one tile (VILA's dynamic_preprocess; its defaults are 1 and 12)
     min_tiles: int = 1
     max_tiles: int = 1
+    # dynamic_s2 (NVILA): the S2 scales, smallest (= the tile size) first; a lone image takes
+    # (s/s0)^2 square tiles per smaller scale plus the last scale's dynamic grid (edge_vila.s2)
+    s2_scales: list[int] = field(default_factory=list)
 
     @property
     def tiled(self) -> bool:
+        """dynamic mode: every tile is a vision input with its own tokens (and marker)."""
         return self.mode == "dynamic"
 
     @property
+    def s2(self) -> bool:
+        """dynamic_s2: the tiles' features are merged across scales into one token map per image."""
+        return self.mode == "dynamic_s2"
+
+    @property
+    def s2_fixed_inputs(self) -> int:
+        """Tiles of the smaller S2 scales (NVILA-8B: 1 + 4), the same for every image."""
+        return sum((s // self.s2_scales[0]) ** 2 for s in self.s2_scales[:-1]) if self.s2 else 0
+
+    @property
     def max_inputs_per_image(self) -> int:
-        """Vision-tower inputs one image can take: its tiles plus the thumbnail."""
+        """Vision-tower inputs one image can take: its tiles plus the thumbnail (dynamic), or
+        every scale's tiles (dynamic_s2)."""
+        if self.s2:
+            return self.s2_fixed_inputs + self.max_tiles
         return self.max_tiles + (1 if self.tiled and self.max_tiles > 1 else 0)
 
     @classmethod
@@ -207,12 +224,47 @@ def _tiles(top: dict, src: Path, pre: PreprocessSpec) -> PreprocessSpec:
     return pre
 
 
+def _s2(top: dict, src: Path, pre: PreprocessSpec, vision_hidden: int) -> PreprocessSpec:
+    """The dynamic_s2 fields of an NVILA config.json, checked against what edge_vila.s2 models:
+    scales that are multiples of the tile size, the features merged at the last scale."""
+    raw = top.get("s2_scales")
+    try:
+        scales = [int(x) for x in (raw.split(",") if isinstance(raw, str) else raw)]
+    except (TypeError, ValueError, AttributeError):
+        raise CheckpointError(f"{src}: key 's2_scales' should list the S2 scales (e.g. \"448,896,1344\"), "
+                              f"got {raw!r}") from None
+    if len(scales) < 2 or scales != sorted(set(scales)) or any(s % scales[0] for s in scales):
+        raise CheckpointError(f"{src}: s2_scales {raw!r} should rise, each a multiple of the first")
+    if scales[0] != pre.width:
+        raise CheckpointError(f"{src}: s2_scales start at {scales[0]}, but the vision tower takes "
+                              f"{pre.width}-px tiles")
+    split = top.get("s2_max_split_size", scales[0])
+    if split != scales[0]:
+        raise CheckpointError(f"{src}: s2_max_split_size {split!r} (expected {scales[0]}, the tile size)")
+    idx = top.get("s2_resize_output_to_scale_idx", -1)
+    if idx not in (-1, len(scales) - 1):
+        raise CheckpointError(f"{src}: s2_resize_output_to_scale_idx {idx!r} is not supported (expected -1: "
+                              "features merged at the last scale, as NVILA's releases do)")
+    want = vision_hidden * len(scales)
+    if top.get("mm_hidden_size", want) != want:
+        raise CheckpointError(f"{src}: mm_hidden_size {top['mm_hidden_size']!r}, expected {want} "
+                              f"({len(scales)} scales x vision hidden {vision_hidden})")
+    pre = _tiles({**top, "min_tiles": 1}, src, pre)
+    least = (scales[-1] // scales[0]) ** 2
+    if pre.max_tiles < least:
+        raise CheckpointError(f"{src}: max_tiles {pre.max_tiles} is below the {least} tiles of the last "
+                              f"S2 scale {scales[-1]}")
+    pre.s2_scales, pre.min_tiles = scales, least
+    return pre
+
+
 @dataclass
 class ImageTokens:
     r"""How an image's vision outputs sit among the LLM's positions (mirrored into the manifest).
 
     VILA1.5 splices each image's `per_tile` embeddings where its `<image>` marker is, and the
-    API writes "<image>\n" before the text. NVILA's image encoder appends the embedding of
+    API writes "<image>\n" before the text. In dynamic_s2 (NVILA) an image is one map of
+    blocks x `per_tile` tokens, then end_text once. NVILA's image encoder appends the embedding of
     "\n" after every vision input (`end_text`), so its markers are written back to back
     (`marker_sep` ""); in dynamic mode VILA rewrites a lone image's marker as "<image>\n" once
     per tile (`tile_text`), each of which then takes one tile's embeddings plus `end_text`.
@@ -226,6 +278,14 @@ class ImageTokens:
         r"""LLM positions of an image cut into `inputs` vision inputs (its "\n" texts count one
         token each, as in every tokenizer of the family)."""
         return inputs * (self.per_tile + bool(self.end_text) + bool(self.tile_text))
+
+    def max_positions(self, pre: PreprocessSpec) -> int:
+        r"""LLM positions one image takes at most. dynamic_s2 merges every scale into one map
+        of max_tiles blocks (`per_tile` tokens each: the projector's fold of one tile's patches)
+        followed by one end_text; the other modes take positions(max_inputs_per_image)."""
+        if pre.s2:
+            return pre.max_tiles * self.per_tile + bool(self.end_text)
+        return self.positions(pre.max_inputs_per_image)
 
     @classmethod
     def from_config(cls, top: dict, per_tile: int, mode: str) -> "ImageTokens":
@@ -411,17 +471,22 @@ def load_config(path: str | Path) -> VilaConfig:
         raise CheckpointError(f"{src}: mm_vision_select_feature {feature!r} (expected patch or cls_patch)")
     mode = top.get("image_aspect_ratio", "resize")
     if mode not in ASPECT_MODES:
-        hint = " (NVILA's multi-scale S2 tiling is not supported yet)" if mode == "dynamic_s2" else ""
-        raise CheckpointError(f"{src}: image_aspect_ratio {mode!r} is not supported{hint} "
+        raise CheckpointError(f"{src}: image_aspect_ratio {mode!r} is not supported "
                               f"(expected one of {', '.join(ASPECT_MODES)})")
-    if top.get("s2") or top.get("dynamic_s2"):
-        raise CheckpointError(f"{src}: s2 / dynamic_s2 multi-scale features are not supported yet "
-                              "(expected both false or absent)")
+    if top.get("s2"):
+        raise CheckpointError(f"{src}: s2 true (fixed multi-scale S2 features) is not supported "
+                              "(expected false or absent; NVILA's dynamic_s2 is)")
+    if bool(top.get("dynamic_s2")) != (mode == "dynamic_s2"):
+        raise CheckpointError(f"{src}: dynamic_s2 {top.get('dynamic_s2')!r} disagrees with image_aspect_ratio "
+                              f"{mode!r} (NVILA sets both)")
     proc_path = vt_dir / "preprocessor_config.json"
     proc = read_json(proc_path, "image processor config") if proc_path.exists() else {}
     pre = PreprocessSpec.from_processor(proc, proc_path, mode, vision.image_size)
     if pre.tiled:
         pre = _tiles(top, src, pre)
+    elif pre.s2:
+        pre = _s2(top, src, pre, vision.hidden_size)
+        projector.in_dim = vision.hidden_size * len(pre.s2_scales)  # the scales' features side by side
 
     tinychat = tinychat_weights(llm_dir)
     if tinychat:  # an official *-AWQ build: converted (not re-quantized) at export

@@ -25,6 +25,10 @@ class Backend(Protocol):
     def embed(self, token_ids: np.ndarray) -> np.ndarray: ...  # [n] -> [n, D]
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray: ...  # [N,3,H,W] -> [N,T,D]
+    # dynamic_s2 bundles: encode_images gives the ViT's features [N,g·g,C] and project turns
+    # blocks merged across scales [B,g·g,C·scales] into tokens [B,t·t,D] (edge_vila.s2.encode)
+
+    def project(self, features: np.ndarray) -> np.ndarray: ...
 
     def forward(self, embeds: np.ndarray, start: int) -> np.ndarray: ...  # [n,D] at start.. -> logits [V]
 

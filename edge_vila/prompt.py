@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Sequence, Union
+from typing import Mapping, NamedTuple, Sequence, Union
 
 from .errors import CheckpointError, InputError
 
@@ -214,11 +214,12 @@ def split_images(text: str) -> list[str | None]:
 
 
 def encode_with_images(tok: TextTokenizer, text: str, images: Sequence[str | Sequence[str]],
-                       tokens_per_image: int, start_image: int = 0, layout=None,
+                       tokens_per_image: int | Mapping[str, int], start_image: int = 0, layout=None,
                        tiled: bool = False) -> tuple[list[Key], int]:
     """Tokenize text whose `<image>` markers take the next images in order.
 
-    An image is its hash, or the hashes of its vision inputs (tiles, then thumbnail). With
+    An image is its hash, or the hashes of its vision inputs (tiles, then thumbnail), each
+    taking `tokens_per_image` positions (or as many as the mapping gives its hash). With
     `layout` (an ImageTokens), every input's embeddings are followed by end_text's tokens
     (NVILA), and with `tiled` (the message's lone image was cut into tiles) the marker is
     first rewritten as one marker + tile_text per input, as VILA rewrites the prompt.
@@ -239,7 +240,9 @@ def encode_with_images(tok: TextTokenizer, text: str, images: Sequence[str | Seq
             continue
         if used >= len(inputs):
             raise InputError(f"prompt has more {IMAGE_PLACEHOLDER} markers than images given ({len(inputs)})")
-        keys.extend(ImageKey(inputs[used][k], j) for j in range(tokens_per_image))
+        h = inputs[used][k]
+        n = tokens_per_image if isinstance(tokens_per_image, int) else tokens_per_image[h]
+        keys.extend(ImageKey(h, j) for j in range(n))
         keys.extend(end_ids)
         k += 1
         if k == len(inputs[used]):

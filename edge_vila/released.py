@@ -133,11 +133,16 @@ LAYOUTS: dict[str, ReleasedLayout] = {lay.name.lower(): lay for lay in (
             vision={"image_size": 448}, projector="mlp_downsample_3x3_fix",
             top={**_NVILA_TOP, "dynamic_s2": False, "image_aspect_ratio": "dynamic", "mm_hidden_size": 1152},
             tokenizer="qwen2", template="chatml", llm_shards=1),
+    # Qwen2-7B + SigLIP-so400m/14@448, dynamic_s2 at 448/896/1344 (3 x 1152 = 3456 channels) and
+    # the 2x2 mlp_downsample: 32x32 patches -> 16x16 = 256 tokens per block, 9-12 blocks per image.
+    # TensorRT-LLM's copy of the released config.json has no image_encoder field.
     _layout("NVILA-8B", llm={**_QWEN2, "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
                              "num_hidden_layers": 28, "num_key_value_heads": 4},
-            vision={"image_size": 448}, top={**_NVILA_TOP, "image_aspect_ratio": "dynamic_s2", "mm_hidden_size": 3456},
-            tokenizer="qwen2", template="chatml", llm_shards=4, supported=False,
-            note="dynamic_s2 multi-scale tiling is not implemented yet"),
+            vision={"image_size": 448, "num_image_tokens": 256, "projection_dim": 2048,
+                    "projector_hidden_act": "gelu_fast", "vision_use_head": False},
+            top={**{k: v for k, v in _NVILA_TOP.items() if k not in ("image_encoder", "video_encoder")},
+                 "_attn_implementation_autoset": True, "image_aspect_ratio": "dynamic_s2", "mm_hidden_size": 3456},
+            tokenizer="qwen2", template="chatml", llm_shards=4),
 )}
 
 

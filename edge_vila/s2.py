@@ -1,6 +1,6 @@
-"""NVILA's `dynamic_s2` multi-scale features, as numpy maths (no torch): the tiling, and how
+"""NVILA's `dynamic_s2` multi-scale features, as numpy maths (no torch): the tiling, how
 the vision tower's per-tile features become the projector's inputs and its outputs one
-image's tokens.
+image's tokens, and the two-stage encode every runtime shares.
 
 What VILA does (llava/mm_utils.py dynamic_s2_preprocess, llava_arch.py
 merge_features_for_dynamic_s2 and encode_images, s2wrapper's chessboard helpers), for
@@ -14,13 +14,17 @@ scales s0 < s1 < ... < sL (NVILA-8B: 448, 896, 1344) and tiles of s0 pixels:
    the last. Every map is resized by area averaging to the last one's size and the maps are
    concatenated along channels (C·(L+1): 3 x 1152 = 3456 for NVILA-8B).
 3. That map is cut back into the rows x cols blocks of g x g (the projector's inputs,
-   [rows·cols, g·g, 3C]); the projector folds each block 3x3 into t x t tokens, and the
+   [rows·cols, g·g, 3C]); the projector folds each block into t x t tokens, and the
    blocks' token maps are merged again into one (rows·t) x (cols·t) map, read row by row:
-   rows·cols·t² tokens for the image (NVILA-8B, t = 11: 121 per block), then the encoder's
-   "\\n".
+   rows·cols·t² tokens for the image (NVILA-8B's mlp_downsample folds 2x2, t = 16: 256 per
+   block, 2304-3072 per image), then the encoder's "\n".
 
-edge-vila does not run dynamic_s2 checkpoints yet (config.load_config refuses them); this
-module is the maths they need, checked against hand-worked examples in tests/test_s2.py.
+An image that shares its message with others is not tiled (VILA's block size None): it is
+resized whole to one s0 tile and its features are repeated across the scales' channels.
+
+A dynamic_s2 bundle therefore has two graphs: `vision.onnx` (the ViT: pixels -> features
+per tile) and `projector.onnx` (blocks of merged features -> tokens); the merge between
+them runs here, on the host, for every backend (`encode`).
 """
 from __future__ import annotations
 
@@ -123,5 +127,30 @@ def s2_tiles(img, spec: PreprocessSpec, scales: list[int]) -> tuple[np.ndarray, 
     return _normalise(np.stack(tiles), spec), (rows, cols)
 
 
-__all__ = ["s2_grid", "s2_tile_counts", "merge_chessboard", "split_chessboard", "area_resize",
+def message_inputs(images, spec: PreprocessSpec) -> list[tuple[np.ndarray, tuple[int, int] | None]]:
+    """A message's images -> (pixels [n, 3, s0, s0], (rows, cols) of the last scale) each: a lone
+    image is S2-tiled; several are each resized whole (grid None), as VILA's generate_content does."""
+    from .preprocess import preprocess_images
+
+    if len(images) == 1:
+        return [s2_tiles(images[0], spec, spec.s2_scales)]
+    return [(p[None], None) for p in preprocess_images(images, spec)]
+
+
+def untiled_inputs(features: np.ndarray, n_scales: int) -> np.ndarray:
+    """[n, g·g, C] -> [n, g·g, C·n_scales]: an untiled image's features repeated for every scale."""
+    return np.tile(features, (1, 1, n_scales))
+
+
+def encode(backend, pixels: np.ndarray, grid: tuple[int, int] | None, scales: list[int]) -> np.ndarray:
+    """One image's tiles -> its tokens [rows·cols·t², D] through a backend's two stages
+    (`encode_images`: the ViT, `project`: the projector), merged here in between."""
+    feats = backend.encode_images(pixels)
+    if grid is None:
+        return backend.project(untiled_inputs(feats, len(scales))).reshape(-1, backend.hidden_size)
+    rows, cols = grid
+    return image_tokens(backend.project(projector_inputs(feats, scales, rows, cols)), rows, cols)
+
+
+__all__ = ["message_inputs", "untiled_inputs", "encode", "s2_grid", "s2_tile_counts", "merge_chessboard", "split_chessboard", "area_resize",
            "projector_inputs", "image_tokens", "s2_tiles"]

@@ -56,8 +56,9 @@ class QueryStats:
     latencies: list[float] = field(default_factory=list)
 
     def line(self) -> str:
+        rate = f"{self.last_tokens_per_s:5.1f}" if self.last_tokens_per_s > 0 else "    —"
         return (f"capture {self.fps:5.1f} fps | TTFT {self.last_ttft_s * 1000:6.0f} ms | "
-                f"{self.last_tokens_per_s:5.1f} tok/s | queries {self.queries}")
+                f"{rate} tok/s | queries {self.queries}")
 
 
 def frame_signature(img: np.ndarray, side: int = 16) -> np.ndarray:

@@ -28,7 +28,7 @@ from edge_vila.quant.gate import DEFAULT_MAX_DROP, bundle_drops, check, quality_
 
 from .graph_quant import quantize_vision_int8
 from .llm_onnx import export_llm, io_names
-from .vision_onnx import export_vision
+from .vision_onnx import export_projector, export_vision
 
 log = logging.getLogger(__name__)
 
@@ -237,13 +237,15 @@ def _vision_child(job_json: str) -> None:
 def _write_vision(cfg, src: Path, path: Path, opts: ExportOptions) -> dict:
     from edge_vila.modeling.projector import load_projector
     from edge_vila.modeling.vision import load_vision_tower
-    from edge_vila.modeling.vlm import ImageEncoder
+    from edge_vila.modeling.vlm import image_encoder
 
     vt = load_vision_tower(cfg)
     pj = load_projector(cfg.projector_dir, cfg.projector)
-    enc = ImageEncoder(vt, pj).eval()
+    enc = image_encoder(cfg, vt, pj).eval()
     with _quiet():
         export_vision(enc, path, (cfg.preprocess.height, cfg.preprocess.width))
+        if cfg.preprocess.s2:  # the projector runs after the host's S2 merge: its own graph, float
+            export_projector(pj.eval(), path.with_name("projector.onnx"), cfg.num_patches, cfg.projector.in_dim)
     if opts.vision_quant != "int8":
         return {"vision": "fp32"}
     cal = load_int8(src / INT8_FILE)
@@ -283,6 +285,7 @@ def _vision_dims(cfg) -> dict:
             "intermediate_size": raw.get("intermediate_size"), "num_heads": raw.get("num_attention_heads"),
             "image_size": v.image_size, "patch_size": v.patch_size, "patches": cfg.num_patches, "projector": cfg.projector.kind,
             "projector_in": cfg.projector.fold ** 2 * cfg.projector.in_dim,
+            "projector_channels": cfg.projector.in_dim,  # per patch: vision hidden (x scales in dynamic_s2)
             "projector_mid": 3 * cfg.projector.in_dim if cfg.projector.fold == 3 else 0}
 
 
@@ -310,7 +313,10 @@ def _manifest(cfg, template, max_ctx, opts, vision_quant, folder: Path, files: l
                   **(vision_quant or {})},
         "io": {"llm": dict(zip(("inputs", "outputs"), io_names(s.num_layers)), kv_layout="[1, kv_heads, seq, head_dim]",
                        kv_dtype={"fp16": "float16", "fp32": "float32"}[opts.kv_dtype]),
-               "vision": {"inputs": ["pixels"], "outputs": ["image_embeds"]} if cfg.is_multimodal else None},
+               "vision": {"inputs": ["pixels"], "outputs": ["image_features" if cfg.preprocess.s2 else "image_embeds"]}
+               if cfg.is_multimodal else None,
+               **({"projector": {"inputs": ["image_features"], "outputs": ["image_embeds"]}}
+                  if cfg.is_multimodal and cfg.preprocess.s2 else {})},
         "toolchain": _versions(),
         "source": str(source),
     }

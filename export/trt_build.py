@@ -24,8 +24,8 @@ from edge_vila.bundle import read_manifest
 from edge_vila.errors import InputError
 from edge_vila.fsutil import atomic_write_bytes
 from edge_vila.jetson.detect import detect, precisions_for_tensorrt
-from edge_vila.jetson.engines import (LLM_PLAN, TIMING_CACHE, VISION_PLAN, EngineKey, Profile, engine_dir,
-                                      llm_profiles, vision_profile, write_key)
+from edge_vila.jetson.engines import (LLM_PLAN, PROJECTOR_PLAN, TIMING_CACHE, VISION_PLAN, EngineKey, Profile,
+                                      engine_dir, llm_profiles, projector_profile, vision_profile, write_key)
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp16", "int8", "fp32")
@@ -122,6 +122,9 @@ def build_engines(bundle: str | Path, o: BuildOptions | None = None) -> Path:
     if "vision.onnx" in man["files"]:
         _build_one(trt, bundle / "vision.onnx", [vision_profile(man, o.max_images)], flags, o, cache_path,
                    folder / VISION_PLAN)
+    if "projector.onnx" in man["files"]:  # dynamic_s2: the projector after the host's S2 merge
+        _build_one(trt, bundle / "projector.onnx", [projector_profile(man, o.max_images)], flags, o, cache_path,
+                   folder / PROJECTOR_PLAN)
     _build_one(trt, bundle / "llm.onnx", llm_profiles(man, key.max_context, key.max_prefill), flags, o, cache_path,
                folder / LLM_PLAN)
     write_key(folder, key)  # last: a folder without a key is an interrupted build

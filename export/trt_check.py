@@ -121,7 +121,7 @@ def check_bundle(root: str | Path, target: str = "10.3") -> dict:
     target = JETPACK_TO_TRT.get(target.removeprefix("jp"), target)
     res = {"target_trt": target, "jetpack": TRT_TARGETS[target]["jetpack"] if target in TRT_TARGETS else None,
            "files": {}}
-    for f in ("vision.onnx", "llm.onnx"):
+    for f in ("vision.onnx", "projector.onnx", "llm.onnx"):  # projector.onnx: dynamic_s2 bundles
         if (root / f).is_file():
             res["files"][f] = check_model(onnx.load(str(root / f), load_external_data=False), target, f)
     res["ok"] = all(not r["errors"] for r in res["files"].values())

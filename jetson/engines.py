@@ -18,6 +18,7 @@ from edge_vila.errors import CheckpointError
 KEY_FILE = "engine_key.json"
 LLM_PLAN = "llm.plan"
 VISION_PLAN = "vision.plan"
+PROJECTOR_PLAN = "projector.plan"  # dynamic_s2 bundles only
 TIMING_CACHE = "timing.cache"
 
 
@@ -170,6 +171,21 @@ def vision_profile(man: dict, max_images: int) -> Profile:
     return p
 
 
+def projector_profile(man: dict, max_images: int) -> Profile:
+    """dynamic_s2's projector.onnx: blocks of merged features, at most max_tiles per image."""
+    from edge_vila.config import PreprocessSpec
+
+    pre, v = man.get("preprocess"), man.get("vision_dims") or {}
+    if not pre or not PreprocessSpec(**pre).s2:
+        raise ValueError("only a dynamic_s2 bundle has a projector engine")
+    shape = (v["patches"], v["projector_channels"])
+    top = max(max_images, max_images * PreprocessSpec(**pre).max_tiles)
+    p = Profile("projector", {"image_features": tuple((n, *shape) for n in (1, top // max_images, top))})
+    p.validate()
+    return p
+
+
 __all__ = ["EngineKey", "EngineMismatch", "Profile", "engine_dir", "write_key", "check_engines",
            "compatibility_problems", "find_engines", "select_engines", "llm_profiles", "vision_batch", "vision_profile",
+           "projector_profile", "PROJECTOR_PLAN",
            "KEY_FILE", "LLM_PLAN", "VISION_PLAN", "TIMING_CACHE"]

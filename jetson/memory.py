@@ -79,7 +79,8 @@ class ModelDims:
     @classmethod
     def from_layout(cls, name: str) -> "ModelDims":
         """A released checkpoint's dims from its recorded config (edge_vila.released): the
-        fixed grid of VILA1.5 (`resize`) and NVILA-Lite's `dynamic` tiling at its most tiles."""
+        fixed grid of VILA1.5 (`resize`), NVILA-Lite's `dynamic` tiling and NVILA's
+        `dynamic_s2` at their most tiles."""
         from edge_vila.config import PROJECTOR_FOLD
         from edge_vila.released import get_layout
 
@@ -88,23 +89,26 @@ class ModelDims:
         except KeyError as e:
             raise ValueError(str(e).strip("'\"")) from None
         mode = lay.top.get("image_aspect_ratio")
-        if mode not in ("resize", "pad", "dynamic") or lay.projector_type not in PROJECTOR_FOLD:
+        if mode not in ("resize", "pad", "dynamic", "dynamic_s2") or lay.projector_type not in PROJECTOR_FOLD:
             raise ValueError(f"{lay.name}: tokens per image depend on its {mode} tiling, which the budget does "
                              f"not model yet; budget its exported bundle instead")
         m, v, k = lay.llm, lay.vision, PROJECTOR_FOLD[lay.projector_type]
         side = v["image_size"] // v["patch_size"]
         heads = m["num_attention_heads"]
         per_tile = ProjectorSpec(lay.projector_type, v["hidden_size"], m["hidden_size"]).num_tokens(side * side)
-        tiles = PreprocessSpec(v["image_size"], v["image_size"], [0.5] * 3, [0.5] * 3, mode=mode,
-                               max_tiles=lay.top.get("max_tiles", 12) if mode == "dynamic" else 1).max_inputs_per_image
+        scales = [int(x) for x in str(lay.top.get("s2_scales")).split(",")] if mode == "dynamic_s2" else []
+        pre = PreprocessSpec(v["image_size"], v["image_size"], [0.5] * 3, [0.5] * 3, mode=mode, s2_scales=scales,
+                             max_tiles=lay.top.get("max_tiles", 12) if mode in ("dynamic", "dynamic_s2") else 1)
+        tiles = pre.max_inputs_per_image
+        feat = v["hidden_size"] * max(1, len(scales))  # dynamic_s2: the scales' features side by side
         return cls(hidden=m["hidden_size"], intermediate=m["intermediate_size"], layers=m["num_hidden_layers"],
                    heads=heads, kv_heads=m.get("num_key_value_heads", heads), head_dim=m["hidden_size"] // heads,
                    vocab=m["vocab_size"], tie_embeddings=bool(m.get("tie_word_embeddings", False)),
                    vision_hidden=v["hidden_size"], vision_intermediate=v["intermediate_size"],
                    vision_layers=v["num_hidden_layers"], vision_heads=v["num_attention_heads"],
                    vision_patches=side * side, tokens_per_image=per_tile, patch_size=v["patch_size"],
-                   projector_in=k * k * v["hidden_size"], projector_mid=3 * v["hidden_size"] if k == 3 else 0,
-                   positions_per_image=ImageTokens.from_config(lay.top, per_tile, mode).positions(tiles),
+                   projector_in=k * k * feat, projector_mid=3 * feat if k == 3 else 0,
+                   positions_per_image=ImageTokens.from_config(lay.top, per_tile, mode).max_positions(pre),
                    inputs_per_image=tiles)
 
     @classmethod
@@ -128,7 +132,7 @@ def image_positions(man: dict) -> int:
     it, pre = man.get("image_tokens"), man.get("preprocess")
     if not it or not pre:
         return man.get("tokens_per_image", 0)
-    return ImageTokens(**it).positions(PreprocessSpec(**pre).max_inputs_per_image)
+    return ImageTokens(**it).max_positions(PreprocessSpec(**pre))
 
 
 @dataclass
@@ -239,7 +243,9 @@ def suggest(d: ModelDims, board: str, o: BudgetOptions) -> str:
             if sum(parts(d, t).values()) <= avail:
                 what = f"--max-context {ctx}" + (f" --max-images {images}" if images != o.max_images else "")
                 return f"suggestion: build with {what} to fit {board}"
-    bigger = [b for b, gb in sorted(BOARD_RAM_GB.items(), key=lambda kv: kv[1]) if gb > BOARD_RAM_GB[board]]
+    # the smallest bigger board that holds it as asked (not merely the next one up)
+    bigger = [b for b, gb in sorted(BOARD_RAM_GB.items(), key=lambda kv: kv[1])
+              if gb > BOARD_RAM_GB[board] and sum(parts(d, o).values()) <= available_bytes(b, o)]
     return "suggestion: this model does not fit " + board + (f" at any context; try {bigger[0]}" if bigger else "")
 
 

@@ -103,7 +103,10 @@ def calibration_embeds(lm, tok, n_text: int, seq_len: int, vlm_parts=None, n_mm:
         for i in tqdm(range(n_mm), desc="calibration images (vision tower)", unit="block"):
             qa = world.make_question(rng)
             pix = torch.from_numpy(preprocess_images([s.render(image_size) for s in qa.scenes], pre))
-            img = projector(vision(pix.to(device))).reshape(-1, lm.spec.hidden_size).cpu()
+            feats = vision(pix.to(device))
+            if pre is not None and pre.s2:  # untiled (VILA's block size None): features repeated per scale
+                feats = feats.repeat(1, 1, len(pre.s2_scales))
+            img = projector(feats).reshape(-1, lm.spec.hidden_size).cpu()
             head = emb(torch.tensor(([tok.bos_id] if tok.bos_id is not None else [])))
             q = emb(torch.tensor(tok.encode(f"\n{qa.question} {qa.answer}\n")))
             fill = seq_len - len(head) - len(img) - len(q)

@@ -214,11 +214,11 @@ def _int8(parts, cfg, opts: QuantizeOptions, path: Path, device: torch.device | 
 
     from safetensors.torch import save_file
 
-    from edge_vila.modeling.vlm import ImageEncoder
+    from edge_vila.modeling.vlm import image_encoder
 
     from .int8 import CALIBRATORS, calibrate_int8_methods, fake_quant_vision, int8_report
 
-    enc = ImageEncoder(*parts).eval().to(device)
+    enc = image_encoder(cfg, *parts).eval().to(device)  # dynamic_s2: the ViT only (the projector stays float)
     n_cal, n_held = int8_image_counts(enc, cfg, opts.int8_images)
     if n_cal < opts.int8_images:
         log.info("INT8 ViT calibration on %d images (%d asked; capped for a %.0fM-parameter tower)", n_cal,

@@ -6,6 +6,7 @@ names, bf16 shards with their index and tokenizer kind; only the layer count is 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -111,10 +112,10 @@ def test_llama3_vila_8b_replica_tokenizer_and_template(tmp_path):
 
 @pytest.mark.parametrize("edit, needle", [
     (lambda top: top.update(image_aspect_ratio="dynamic_s2"),
-     "image_aspect_ratio 'dynamic_s2' is not supported (NVILA's multi-scale S2 tiling is not supported yet)"),
+     "dynamic_s2 None disagrees with image_aspect_ratio 'dynamic_s2' (NVILA sets both)"),
     (lambda top: top.update(image_aspect_ratio="anyres"),
-     "image_aspect_ratio 'anyres' is not supported (expected one of resize, pad, dynamic)"),
-    (lambda top: top.update(s2=True), "s2 / dynamic_s2 multi-scale features are not supported yet"),
+     "image_aspect_ratio 'anyres' is not supported (expected one of resize, pad, dynamic, dynamic_s2)"),
+    (lambda top: top.update(s2=True), "s2 true (fixed multi-scale S2 features) is not supported"),
     (lambda top: top.update(image_aspect_ratio="dynamic", max_tiles=0), "key 'max_tiles' should be a positive integer"),
     (lambda top: top.update(image_aspect_ratio="dynamic", min_tiles=6, max_tiles=4),
      "min_tiles 6 is more than max_tiles 4"),
@@ -156,14 +157,26 @@ def test_unsupported_projector_and_vision_tower_are_refused(vila15_3b, tmp_path)
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_nvila_8b_layout_is_refused_naming_dynamic_s2(tmp_path):
-    """NVILA's dynamic_s2 multi-scale tiling is not implemented: its release is refused up front."""
+@pytest.mark.parametrize("edit, needle", [
+    ({"s2_scales": "448,900,1344"}, "s2_scales '448,900,1344' should rise, each a multiple of the first"),
+    ({"s2_scales": "384,768,1152"}, "s2_scales start at 384, but the vision tower takes 448-px tiles"),
+    ({"s2_scales": 7}, "key 's2_scales' should list the S2 scales"),
+    ({"s2_resize_output_to_scale_idx": 0}, "s2_resize_output_to_scale_idx 0 is not supported"),
+    ({"s2_max_split_size": 896}, "s2_max_split_size 896 (expected 448, the tile size)"),
+    ({"mm_hidden_size": 1152}, "mm_hidden_size 1152, expected 3456 (3 scales x vision hidden 1152)"),
+    ({"max_tiles": 6}, "max_tiles 6 is below the 9 tiles of the last S2 scale 1344"),
+])
+def test_nvila_8b_s2_fields_are_checked_in_one_line(tmp_path, edit, needle):
+    """NVILA-8B's dynamic_s2 fields outside what edge_vila.s2 models are refused before any weight is read."""
     from edge_vila.replicas import make_replica
 
-    assert not get_layout("NVILA-8B").supported
-    root = make_replica(tmp_path / "NVILA-8B", "NVILA-8B", weights=False)  # refused before any weight is read
-    with pytest.raises(CheckpointError, match="image_aspect_ratio 'dynamic_s2'"):
+    assert get_layout("NVILA-8B").supported
+    root = make_replica(tmp_path / "NVILA-8B", "NVILA-8B", weights=False)
+    top = json.loads((root / "config.json").read_text())
+    (root / "config.json").write_text(json.dumps({**top, **edit}))
+    with pytest.raises(CheckpointError, match="config.json") as e:
         load_config(root)
+    assert needle in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.slow
@@ -219,8 +232,8 @@ def _float_vit_agreement(q, tmp_path, prompts, images, ctx: int, steps: int) -> 
     from edge_vila.export.report import logit_agreement
     from edge_vila.modeling.int8 import INT8_FILE
 
-    qf = tmp_path / "q-float-vit"
-    shutil.copytree(q, qf, ignore=shutil.ignore_patterns(INT8_FILE))
+    qf = tmp_path / "q-float-vit"  # links, not copies: a full-width checkpoint is GBs
+    shutil.copytree(q, qf, ignore=shutil.ignore_patterns(INT8_FILE), copy_function=os.symlink)
     bf = export_bundle(qf, tmp_path / "bf", ExportOptions(vision_quant="fp32", max_context=ctx, report=False))
     return logit_agreement(edge_vila.load(qf, max_context=ctx), edge_vila.load(bf, exact=True, variant="bundle"),
                            prompts, images, steps=steps)
@@ -440,3 +453,123 @@ def test_max_tiles_caps_nvila_lite_tiling(nvila_lite):
     assert len(hashes) == 3 and sum(not isinstance(k, int) for k in keys) == 3 * 121
     with pytest.raises(InputError, match="max_tiles 0 is below the checkpoint's min_tiles 1"):
         edge_vila.load(nvila_lite, max_context=1024, max_tiles=0)
+
+
+# ---- NVILA-8B: Qwen2-7B + SigLIP-448 + dynamic_s2 (448/896/1344) + 2x2 projector -------------
+@pytest.fixture(scope="module")
+def nvila_8b(tmp_path_factory):
+    from edge_vila.replicas import make_replica
+
+    return make_replica(tmp_path_factory.mktemp("rel") / "NVILA-8B", "NVILA-8B", llm_layers=2, vision_layers=3)
+
+
+@pytest.mark.slow
+def test_nvila_8b_replica_info_quantize_export_run(nvila_8b, tmp_path, photo):
+    """info -> quantize --method rtn -> export -> run on NVILA-8B's layout: a two-graph bundle
+    (INT8 ViT, float projector) whose host-side S2 merge agrees with the torch reference on
+    text (exact mode) and on an S2-tiled photo; the float vision graphs give the torch
+    reference's image tokens to float rounding."""
+    import onnx
+    from PIL import Image
+
+    import edge_vila
+    from edge_vila.export.report import PROMPTS, logit_agreement
+    from edge_vila.jetson import engines as E
+
+    from edge_vila.prompt import ImageKey, TextTokenizer
+
+    cfg = load_config(nvila_8b)  # as released: mlp_downsample over 3 x 1152 channels, 256 tokens per block
+    assert cfg.llm.family == "qwen2" and not cfg.llm.tie_word_embeddings and cfg.llm.hidden_size == 3584
+    assert (cfg.projector.kind, cfg.projector.in_dim, cfg.tokens_per_image) == ("mlp_downsample", 3456, 256)
+    pre = cfg.preprocess
+    assert (pre.mode, pre.s2_scales, pre.min_tiles, pre.max_tiles) == ("dynamic_s2", [448, 896, 1344], 9, 12)
+    assert pre.max_inputs_per_image == 17 and cfg.image_tokens.max_positions(pre) == 12 * 256 + 1
+    it = cfg.image_tokens
+    assert (it.end_text, it.marker_sep, it.tile_text) == ("\n", "", "")
+    r = cli("info", nvila_8b)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["tokens_per_image"] == 256 and info["preprocess"]["mode"] == "dynamic_s2"
+    q, b = tmp_path / "q", tmp_path / "b"
+    r = cli("quantize", nvila_8b, "--out", q, "--method", "rtn", "--vision-int8", "percentile", "--int8-images", "4",
+            "--no-eval")
+    assert r.returncode == 0, r.stderr
+    r = cli("export", q, "--out", b, "--max-context", "4096", "--no-report")
+    assert r.returncode == 0, r.stderr
+    man = json.loads((b / "manifest.json").read_text())
+    assert {"vision.onnx", "projector.onnx"} <= set(man["files"]) and man["quant"]["vision"] == "int8"
+    assert man["io"]["vision"]["outputs"] == ["image_features"] and man["io"]["projector"]["inputs"] == ["image_features"]
+    assert man["image_tokens"] == {"per_tile": 256, "end_text": "\n", "marker_sep": "", "tile_text": ""}
+    assert (man["preprocess"]["mode"], man["preprocess"]["s2_scales"]) == ("dynamic_s2", [448, 896, 1344])
+    r = cli("budget", b, "--board", "agx-orin-64gb")
+    assert r.returncode == 0, r.stderr
+    # the TensorRT profiles (built on the device; their shapes checked here against the graphs)
+    assert E.vision_batch(man, 1) == 17
+    graph_in = onnx.load(str(b / "projector.onnx"), load_external_data=False).graph.input
+    assert [i.name for i in graph_in] == ["image_features"]
+    assert [d.dim_value for d in graph_in[0].type.tensor_type.shape.dim][1:] == [1024, 3456]
+    assert E.projector_profile(man, max_images=1).shapes["image_features"] == \
+        ((1, 1024, 3456), (12, 1024, 3456), (12, 1024, 3456))
+    r = cli("run", b, "--image", photo, "--prompt", "Describe the image.", "--max-new-tokens", "3")
+    assert r.returncode == 0, r.stderr
+
+    ref = edge_vila.load(q, max_context=4096)
+    # a lone image is one marker: its blocks' merged map, then "\n" (no per-tile rewrite)
+    tok = TextTokenizer(nvila_8b / "llm")
+    keys, hashes, msg = ref.chat().prompt_keys("Describe.", [photo])  # 512x512: 3x3 blocks
+    assert len(hashes) == 1 and msg == "<image>Describe."
+    at = keys.index(ImageKey(hashes[0], 0))
+    assert keys[at:at + 2304] == [ImageKey(hashes[0], j) for j in range(2304)]
+    assert keys[at + 2304:at + 2306] == tok.encode("\n") + tok.encode("Describe.")[:1]
+    keys, hashes, _ = ref.chat().prompt_keys("Compare.", [photo, photo])  # two images: untiled, 256 + "\n" each
+    assert len(hashes) == 2 and sum(isinstance(k, ImageKey) for k in keys) == 2 * 256
+    wide = Image.open(photo).convert("RGB").resize((600, 300))  # 2:1 -> 2x5 blocks, 1 + 4 + 10 tiles
+    keys, hashes, _ = ref.chat().prompt_keys("Describe.", [wide])
+    assert len(hashes) == 1 and sum(not isinstance(k, int) for k in keys) == 10 * 256
+    bundle = edge_vila.load(b, exact=True, variant="bundle")
+    text = logit_agreement(ref, bundle, PROMPTS[:2], [], steps=4)
+    assert text["max_rel_logit_err"] <= 1e-3 and text["greedy_agreement"] == 1.0, text
+    img = logit_agreement(ref, bundle, PROMPTS[:1], [wide], steps=4)  # INT8 ViT: the looser bound, as for 3B
+    assert img["max_rel_logit_err"] <= 0.05 and img["greedy_agreement"] >= 0.75, img
+    del ref, bundle
+    _s2_float_vision_parity(nvila_8b, tmp_path / "fv", wide)
+
+
+class _Stages:
+    """The two vision stages of one runtime, as edge_vila.s2.encode calls them."""
+
+    def __init__(self, vision, project, hidden_size: int):
+        self.encode_images, self.project, self.hidden_size = vision, project, hidden_size
+
+
+def _s2_float_vision_parity(ckpt, folder, image) -> None:
+    """vision.onnx + projector.onnx exported with the float ViT, run in ONNX Runtime, against
+    the torch modules they were exported from, through the same host-side S2 merge."""
+    import onnxruntime as ort
+    import torch
+
+    from edge_vila import s2
+    from edge_vila.export.bundle import ExportOptions, _write_vision
+    from edge_vila.modeling.projector import load_projector
+    from edge_vila.modeling.vision import load_vision_tower
+    from edge_vila.modeling.vlm import image_encoder
+
+    cfg = load_config(ckpt)
+    folder.mkdir()
+    _write_vision(cfg, ckpt, folder / "vision.onnx", ExportOptions(vision_quant="fp32"))
+    vit = ort.InferenceSession(str(folder / "vision.onnx"), providers=["CPUExecutionProvider"])
+    proj = ort.InferenceSession(str(folder / "projector.onnx"), providers=["CPUExecutionProvider"])
+    onnx_stages = _Stages(lambda x: vit.run(None, {"pixels": x})[0],
+                          lambda f: proj.run(None, {"image_features": f.astype(np.float32)})[0], cfg.llm.hidden_size)
+    pj = load_projector(cfg.projector_dir, cfg.projector)
+    enc = image_encoder(cfg, load_vision_tower(cfg), pj).eval()
+    with torch.no_grad():
+        torch_stages = _Stages(lambda x: enc(torch.from_numpy(x)).numpy(),
+                               lambda f: pj(torch.from_numpy(np.ascontiguousarray(f, np.float32))).numpy(),
+                               cfg.llm.hidden_size)
+        (pixels, grid), = s2.message_inputs([image], cfg.preprocess)
+        want = s2.encode(torch_stages, pixels, grid, cfg.preprocess.s2_scales)
+    got = s2.encode(onnx_stages, pixels, grid, cfg.preprocess.s2_scales)
+    assert got.shape == want.shape == (10 * 256, 3584)
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    assert rel <= 1e-4, rel

@@ -1,7 +1,7 @@
 """NVILA's dynamic_s2 maths (edge_vila/s2.py) against examples worked by hand.
 
-The runtime refuses dynamic_s2 checkpoints (NVILA-8B) for now; these pin the tiling, the
-multi-scale feature merge and the token order that running them needs, as VILA computes them.
+These pin the tiling, the multi-scale feature merge and the token order that NVILA-8B's
+runtime path (edge_vila.s2.encode, used by every backend) relies on, as VILA computes them.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_token_map_is_read_row_by_row_across_blocks():
 
 
 @pytest.mark.parametrize("size, grid, inputs", [
-    # square: among grids of 9..12 tiles only 3x3 matches 1.0 -> 1 + 4 + 9 inputs, 9 x 121 tokens
+    # square: among grids of 9..12 tiles only 3x3 matches 1.0 -> 1 + 4 + 9 inputs, 9 x 256 tokens
     ((448, 448), (3, 3), 14),
     # 2:1: 4x2 has too few tiles (8 < 9); 5x2 = 2.5 is nearest (6x2 = 3, 4x3 = 1.33) -> 1 + 4 + 10
     ((2000, 1000), (2, 5), 15),
@@ -76,7 +76,39 @@ def test_s2_tiles_and_counts(size, grid, inputs):
     img = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     px, rc = s2_tiles(img, NVILA8B, SCALES)
     assert px.shape == (inputs, 3, 448, 448) and rc == grid
-    # the ViT gives 32x32 patches per tile; the 3456-channel blocks fold 3x3 to 121 tokens each
+    # the ViT gives 32x32 patches per tile; the 3456-channel blocks fold 2x2 (mlp_downsample) to 256 tokens
     feats = np.zeros((inputs, 1024, 1152), np.float32)
     assert projector_inputs(feats, SCALES, rows, cols).shape == (rows * cols, 1024, 3456)
-    assert image_tokens(np.zeros((rows * cols, 121, 8)), rows, cols).shape == (rows * cols * 121, 8)
+    assert image_tokens(np.zeros((rows * cols, 256, 8)), rows, cols).shape == (rows * cols * 256, 8)
+
+
+def _vila_s2_merge(feats: torch.Tensor, scales: list[int], rows: int, cols: int) -> torch.Tensor:
+    """VILA's sequence written out in torch: [n, g·g, C] tiles -> [rows·cols, g·g, C·scales]
+    (merge each scale's tiles, area-resize to the last, concatenate channels, split blocks)."""
+    g = int(feats.shape[1] ** 0.5)
+    maps = feats.reshape(len(feats), g, g, -1).permute(0, 3, 1, 2)  # [n, C, g, g]
+
+    def merge(x, nh, nw):
+        return torch.cat([torch.cat([x[i * nw + j:i * nw + j + 1] for j in range(nw)], dim=-1)
+                          for i in range(nh)], dim=-2)
+
+    per_scale, at = [], 0
+    for s in scales[:-1]:
+        k = s // scales[0]
+        per_scale.append(merge(maps[at:at + k * k], k, k))
+        at += k * k
+    per_scale.append(merge(maps[at:], rows, cols))
+    size = per_scale[-1].shape[-2:]
+    x = torch.cat([F.interpolate(m, size=size, mode="area") for m in per_scale], dim=1)
+    h, w = size[0] // rows, size[1] // cols
+    blocks = torch.cat([x[..., i * h:(i + 1) * h, j * w:(j + 1) * w] for i in range(rows) for j in range(cols)])
+    return blocks.flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("rows, cols", [(3, 3), (2, 5), (4, 3)])
+def test_projector_inputs_match_vilas_torch_sequence(rows, cols):
+    """Full NVILA-8B shapes (1 + 4 + rows·cols tiles of 32x32 patches), random features: the
+    numpy merge equals VILA's torch sequence (F.interpolate area) to float32 rounding."""
+    feats = torch.randn(5 + rows * cols, 1024, 16)
+    got = projector_inputs(feats.numpy(), SCALES, rows, cols)
+    np.testing.assert_allclose(got, _vila_s2_merge(feats, SCALES, rows, cols).numpy(), atol=1e-5)

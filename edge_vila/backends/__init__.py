@@ -18,6 +18,17 @@ class BundleBackend:
 
         self.embed_table = load_file(str(root / "embed.safetensors"))["embed_tokens"]
 
+    def encode_untiled(self, pixels: np.ndarray) -> np.ndarray:
+        """Images of one vision input each -> their tokens [N, T, D]; a dynamic_s2 bundle's
+        ViT features are repeated across the scales, then projected (edge_vila.s2)."""
+        out = self.encode_images(pixels)
+        pre = self.cfg.preprocess
+        if pre is not None and pre.s2:
+            from ..s2 import untiled_inputs
+
+            out = self.project(untiled_inputs(out, len(pre.s2_scales)))
+        return out
+
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         return self.embed_table[np.asarray(token_ids, np.int64)].astype(np.float32, copy=False)
 

@@ -77,7 +77,7 @@ class OrtBackend(BundleBackend):
         if matmul == "edge" and exact:
             raise InputError("matmul='edge' quantizes activations to int8 per block; exact=True keeps MatMulNBits")
         cpu_only = all((p if isinstance(p, str) else p[0]) == "CPUExecutionProvider" for p in provs)
-        self.vision = None
+        self.vision = self.projector = None
         if cfg.is_multimodal:
             vso = ort.SessionOptions()
             vso.intra_op_num_threads = so.intra_op_num_threads
@@ -87,6 +87,8 @@ class OrtBackend(BundleBackend):
             if not cpu_only or exact or variant == "bundle":
                 vso.add_session_config_entry("session.qdqisint8allowed", "1")
             self.vision = ort.InferenceSession(str(root / "vision.onnx"), vso, providers=provs)
+            if "projector.onnx" in cfg.manifest["files"]:  # dynamic_s2: the projector runs after the host merge
+                self.projector = ort.InferenceSession(str(root / "projector.onnx"), vso, providers=provs)
         self._load_embeddings(root)
         fast, level = None, 0 if exact else 4
         if variant == "fast" or (variant == "auto" and cpu_only and (cfg.manifest.get("quant") or {}).get("llm") == "awq-w4"):
@@ -162,7 +164,7 @@ class OrtBackend(BundleBackend):
             pics = [world.random_scene(world.rng_for(5, i)).render(side) for i in range(3)]
             yy, xx = np.mgrid[0:side, 0:side] / max(side - 1, 1)
             pics.append(Image.fromarray((np.stack([xx, yy, 1 - xx * yy], -1) * 255).astype(np.uint8)))
-            img = self.encode_images(preprocess_images(pics, pre))  # [n_images, tokens, hidden]
+            img = self.encode_untiled(preprocess_images(pics, pre))  # [n_images, tokens, hidden]
         seqs = []
         for j, text in enumerate(KV_CALIBRATION_TEXT):
             ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(text)
@@ -201,6 +203,12 @@ class OrtBackend(BundleBackend):
         if self.vision is None:
             raise InputError(f"{self.cfg.root}: text-only bundle, it has no vision.onnx")
         return self.vision.run(None, {"pixels": np.ascontiguousarray(pixels, np.float32)})[0]
+
+    def project(self, features: np.ndarray) -> np.ndarray:
+        if self.projector is None:
+            raise InputError(f"{self.cfg.root}: this bundle's vision.onnx projects its own features "
+                             "(no projector.onnx: not a dynamic_s2 bundle)")
+        return self.projector.run(None, {"image_features": np.ascontiguousarray(features, np.float32)})[0]
 
     def forward(self, embeds: np.ndarray, start: int) -> np.ndarray:
         n = embeds.shape[0]

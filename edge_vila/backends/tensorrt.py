@@ -44,7 +44,7 @@ class TensorRTBackend(BundleBackend):
             raise InputError(f"TensorRT is not importable here ({e}); on Jetson create the venv with "
                              "--system-site-packages (jetson/setup.sh)") from None
         from ..jetson.detect import detect
-        from ..jetson.engines import EngineKey, LLM_PLAN, VISION_PLAN, select_engines, vision_batch
+        from ..jetson.engines import EngineKey, LLM_PLAN, PROJECTOR_PLAN, VISION_PLAN, select_engines, vision_batch
         from .cuda_mem import device_sm, open_runtime
 
         self.trt = trt
@@ -82,7 +82,7 @@ class TensorRTBackend(BundleBackend):
         self._graphs: OrderedDict = OrderedDict()
         self._seen: set = set()
         self._max_graphs = max_graphs
-        self.vision = None
+        self.vision = self.projector = None
         if cfg.is_multimodal:
             self.vision = rt.deserialize_cuda_engine((folder / VISION_PLAN).read_bytes())
             self.vctx = self.vision.create_execution_context()
@@ -90,7 +90,19 @@ class TensorRTBackend(BundleBackend):
             pre = cfg.preprocess
             self._pix_shape = (3, pre.height, pre.width)
             self._pix = self.cuda.alloc(self.max_images * int(np.prod(self._pix_shape)) * 4)
-            self._img = self.cuda.alloc(self.max_images * cfg.tokens_per_image * D * 4)
+            vio = cfg.manifest["io"]["vision"]
+            self._vout = vio["outputs"][0]
+            if pre.s2:  # vision engine: ViT features per tile; the projector engine runs after the host merge
+                v = cfg.manifest["vision_dims"]
+                self._vout_shape = (v["patches"], v["hidden_size"])
+                self.projector = rt.deserialize_cuda_engine((folder / PROJECTOR_PLAN).read_bytes())
+                self.pctx = self.projector.create_execution_context()
+                self.max_blocks = built.max_images * pre.max_tiles
+                self._feat = self.cuda.alloc(self.max_blocks * v["patches"] * v["projector_channels"] * 4)
+                self._proj = self.cuda.alloc(self.max_blocks * cfg.tokens_per_image * D * 4)
+            else:
+                self._vout_shape = (cfg.tokens_per_image, D)
+            self._img = self.cuda.alloc(self.max_images * int(np.prod(self._vout_shape)) * 4)
 
     # -- interface -------------------------------------------------------------------
     def reset(self) -> None:
@@ -105,12 +117,31 @@ class TensorRTBackend(BundleBackend):
             n = len(chunk)
             self.vctx.set_input_shape("pixels", chunk.shape)
             self.vctx.set_tensor_address("pixels", self._pix)
-            self.vctx.set_tensor_address("image_embeds", self._img)
+            self.vctx.set_tensor_address(self._vout, self._img)
             self.cuda.h2d(self._pix, chunk)
             if not self.vctx.execute_async_v3(self.cuda.stream_handle):
                 raise RuntimeError("TensorRT vision engine failed to enqueue")
-            host = np.empty((n, self.cfg.tokens_per_image, self.hidden_size), np.float32)
+            host = np.empty((n, *self._vout_shape), np.float32)
             self.cuda.d2h(host, self._img)
+            self.cuda.sync()
+            out.append(host)
+        return np.concatenate(out)
+
+    def project(self, features: np.ndarray) -> np.ndarray:
+        """dynamic_s2: blocks of merged features -> tokens, on the projector engine."""
+        if self.projector is None:
+            raise InputError(f"{self.cfg.root}: not a dynamic_s2 bundle (no projector engine)")
+        out = []
+        for i in range(0, len(features), self.max_blocks):
+            chunk = np.ascontiguousarray(features[i:i + self.max_blocks], np.float32)
+            self.pctx.set_input_shape("image_features", chunk.shape)
+            self.pctx.set_tensor_address("image_features", self._feat)
+            self.pctx.set_tensor_address("image_embeds", self._proj)
+            self.cuda.h2d(self._feat, chunk)
+            if not self.pctx.execute_async_v3(self.cuda.stream_handle):
+                raise RuntimeError("TensorRT projector engine failed to enqueue")
+            host = np.empty((len(chunk), self.cfg.tokens_per_image, self.hidden_size), np.float32)
+            self.cuda.d2h(host, self._proj)
             self.cuda.sync()
             out.append(host)
         return np.concatenate(out)

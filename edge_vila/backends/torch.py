@@ -38,6 +38,11 @@ class TorchBackend:
         return self.vlm.encode_images(x).float().numpy()
 
     @torch.inference_mode()
+    def project(self, features: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(self.dtype)
+        return self.vlm.project(x).float().numpy()
+
+    @torch.inference_mode()
     def forward(self, embeds: np.ndarray, start: int) -> np.ndarray:
         n = embeds.shape[0]
         x = torch.from_numpy(np.ascontiguousarray(embeds, np.float32)).to(self.dtype)[None]

@@ -12,14 +12,22 @@ from .vision import VisionTower, load_vision_tower
 
 
 class ImageEncoder(nn.Module):
-    """pixels -> image embeddings: the part exported as vision.onnx and INT8-calibrated."""
+    """pixels -> image embeddings: the part exported as vision.onnx and INT8-calibrated.
+    Without a projector (dynamic_s2, whose projector takes features merged across tiles and
+    scales: edge_vila.s2) it is the ViT alone: pixels -> features."""
 
-    def __init__(self, vision: VisionTower, projector: MultimodalProjector):
+    def __init__(self, vision: VisionTower, projector: MultimodalProjector | None):
         super().__init__()
         self.vision, self.projector = vision, projector
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.vision(pixels))
+        feats = self.vision(pixels)
+        return feats if self.projector is None else self.projector(feats)
+
+
+def image_encoder(cfg: VilaConfig, vision: VisionTower, projector: MultimodalProjector) -> ImageEncoder:
+    """The vision.onnx part of a model: ViT + projector, or the ViT alone for dynamic_s2."""
+    return ImageEncoder(vision, None if cfg.preprocess.s2 else projector)
 
 
 class VLM(nn.Module):
@@ -43,10 +51,14 @@ class VLM(nn.Module):
         return vlm
 
     def image_encoder(self) -> ImageEncoder:
-        return ImageEncoder(self.vision, self.projector)
+        return image_encoder(self.cfg, self.vision, self.projector)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[N,3,H,W] -> [N, tokens_per_image, llm hidden]."""
+        """[N,3,H,W] -> [N, tokens_per_image, llm hidden] (dynamic_s2: the ViT's features)."""
         if self.vision is None:
             raise ValueError("this is a text-only model: it has no vision tower")
-        return self.projector(self.vision(pixels))
+        return self.image_encoder()(pixels)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """dynamic_s2's second stage: merged features [B, g·g, C·scales] -> tokens [B, t·t, D]."""
+        return self.projector(features)
