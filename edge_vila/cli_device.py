@@ -93,26 +93,33 @@ def cmd_bench(a: argparse.Namespace) -> int:
 def register(sub) -> None:
     s = sub.add_parser("build", help="build TensorRT engines for this device from a bundle (on the Jetson)")
     s.add_argument("path")
-    s.add_argument("--precision", default="auto", choices=["auto", "fp16", "int8", "fp32"])
-    s.add_argument("--max-context", type=int, default=None)
+    s.add_argument("--precision", default="auto", choices=["auto", "fp16", "int8", "fp32"],
+                   help="engine precision: auto (INT8/INT4 as the bundle is quantized, else FP16), fp16, int8, fp32")
+    s.add_argument("--max-context", type=int, default=None,
+                   help="LLM positions the engines are built for (default: the bundle's, capped by what the "
+                        "board's memory allows)")
     s.add_argument("--max-prefill", type=int, default=None, help="largest prefill chunk (default min(ctx, 1024))")
-    s.add_argument("--max-images", type=int, default=1)
+    s.add_argument("--max-images", type=int, default=1, help="images per prompt the vision engine's profile takes")
     s.add_argument("--workspace", type=int, default=2048, help="builder workspace, MB")
-    s.add_argument("--timing-cache", default=None)
-    s.add_argument("--strongly-typed", action="store_true")
+    s.add_argument("--timing-cache", default=None,
+                   help="TensorRT timing cache to reuse across builds (default: one inside the engine folder)")
+    s.add_argument("--strongly-typed", action="store_true",
+                   help="build a strongly typed network (types from the ONNX, no precision flags)")
     s.add_argument("--rebuild", action="store_true", help="build again even if engines exist")
     s.add_argument("--force", action="store_true", help="build even if the memory budget says it will not fit")
     s.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("bench", help="TTFT, prefill/decode tokens/s, vision latency, peak RSS (+ power on Jetson)")
     s.add_argument("path")
-    s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"])
-    s.add_argument("--max-context", type=int, default=None)
-    s.add_argument("--contexts", default="64,512,1024")
-    s.add_argument("--decode-tokens", type=int, default=32)
-    s.add_argument("--text-tokens", type=int, default=32)
-    s.add_argument("--repeats", type=int, default=5)
-    s.add_argument("--no-power", action="store_true")
+    s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"],
+                   help="runtime: auto (TensorRT where engines are built, else ONNX Runtime for a bundle, torch "
+                        "for a checkpoint), onnxruntime, tensorrt or torch")
+    s.add_argument("--max-context", type=int, default=None, help="LLM positions to allocate (default: the bundle's)")
+    s.add_argument("--contexts", default="64,512,1024", help="comma-separated context lengths to time decode at")
+    s.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per context")
+    s.add_argument("--text-tokens", type=int, default=32, help="text tokens after the image in the TTFT prompt")
+    s.add_argument("--repeats", type=int, default=5, help="repetitions per timing (the median is reported)")
+    s.add_argument("--no-power", action="store_true", help="do not sample tegrastats power (Jetson)")
     s.add_argument("--out", default=None, help="folder for bench.json and bench.png")
     s.set_defaults(fn=cmd_bench)
 
@@ -124,8 +131,8 @@ def register(sub) -> None:
     s.add_argument("--model", default=None,
                    help="a released checkpoint instead of a bundle: VILA1.5-3b, VILA1.5-13b, Llama-3-VILA1.5-8B")
     s.add_argument("--board", default=None, help="orin-nano-8gb, orin-nx-16gb, agx-orin-32gb, agx-orin-64gb, ...")
-    s.add_argument("--max-context", type=int, default=4096)
-    s.add_argument("--max-images", type=int, default=1)
+    s.add_argument("--max-context", type=int, default=4096, help="LLM positions to budget for")
+    s.add_argument("--max-images", type=int, default=1, help="images per prompt to budget for")
     s.add_argument("--workspace", type=int, default=512, help="MB")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(fn=cmd_budget)

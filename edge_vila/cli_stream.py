@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 
 def _load(a: argparse.Namespace):
@@ -31,9 +32,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
     opts = ServerOptions(model_id=a.model_id or os.path.basename(os.path.normpath(a.path)),
                          api_key=a.api_key or os.environ.get("EDGE_VILA_API_KEY"),
                          allow_local_files=a.allow_local_files, max_images=a.max_images, max_queue=a.max_queue,
-                         max_request_bytes=a.max_request_mb << 20)
+                         max_request_bytes=a.max_request_mb << 20, strict_model=a.strict_model)
     check_bind(a.host, opts.api_key)  # say it before spending time on loading
-    serve(_load(a), a.host, a.port, opts)
+    pipe = _load(a)
+    ids = "other model ids are refused" if opts.strict_model else "a request for any model id gets it"
+    print(f"edge-vila: serving {opts.model_id!r} at http://{a.host}:{a.port}/v1 (OpenAI-compatible; {ids}; "
+          "Ctrl-C stops)", file=sys.stderr, flush=True)
+    serve(pipe, a.host, a.port, opts)
     return 0
 
 
@@ -48,8 +53,12 @@ def _common(s: argparse.ArgumentParser) -> None:
     from .cli import max_tiles_arg
 
     s.add_argument("path", help="bundle (or checkpoint)")
-    s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"])
-    s.add_argument("--max-context", type=int, default=None)
+    s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"],
+                   help="runtime: auto (TensorRT where engines are built, else ONNX Runtime for a bundle, torch "
+                        "for a checkpoint), onnxruntime, tensorrt or torch")
+    s.add_argument("--max-context", type=int, default=None,
+                   help="LLM positions to allocate (prompt + images + answer; default: the bundle's exported "
+                        "context, 2048 for a checkpoint)")
     max_tiles_arg(s)
 
 
@@ -58,31 +67,37 @@ def register(sub) -> None:
     _common(s)
     s.add_argument("input", help="v4l2:///dev/video0, csi://0, rtsp://..., file.mp4, folder/, synthetic://shapes")
     s.add_argument("output", nargs="?", default=None, help="out.mp4, frames/, display://0 (default: none)")
-    s.add_argument("--prompt", required=True)
+    s.add_argument("--prompt", required=True, help="the question (or instruction) for the model")
     s.add_argument("--every", type=float, default=2.0, help="seconds between queries")
     s.add_argument("--on-change", action="store_true", help="ask only when the scene changes")
     s.add_argument("--window", type=int, default=1, help="frames per query (the last K, as K images)")
-    s.add_argument("--max-new-tokens", type=int, default=32)
-    s.add_argument("--max-queries", type=int, default=None)
+    s.add_argument("--max-new-tokens", type=int, default=32, help="most tokens per answer")
+    s.add_argument("--max-queries", type=int, default=None,
+                   help="stop after this many answers (default: run until the source ends or Ctrl-C)")
     s.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     s.add_argument("--headless", action="store_true", help="no output video/window, answers only")
-    s.add_argument("--no-status", action="store_true")
+    s.add_argument("--no-status", action="store_true", help="no status line (capture fps, TTFT, tok/s) on stderr")
     s.set_defaults(fn=cmd_camera)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (loopback by default)")
     _common(s)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (127.0.0.1: this machine only; another address needs an API key)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port")
     s.add_argument("--api-key", default=None, help="required to bind a non-loopback address")
-    s.add_argument("--model-id", default=None)
+    s.add_argument("--model-id", default=None, help="the id /v1/models lists (default: the bundle's folder name)")
+    s.add_argument("--strict-model", action="store_true", help="answer 404 to requests naming another model id "
+                   "(default: one model is served, so any id gets it)")
     s.add_argument("--allow-local-files", action="store_true", help="accept image_url file paths")
-    s.add_argument("--max-images", type=int, default=4)
-    s.add_argument("--max-queue", type=int, default=8)
-    s.add_argument("--max-request-mb", type=int, default=16)
+    s.add_argument("--max-images", type=int, default=4, help="images per request at most")
+    s.add_argument("--max-queue", type=int, default=8, help="requests waiting for the model at most; more get 503")
+    s.add_argument("--max-request-mb", type=int, default=16,
+                   help="largest request body, in MiB (images included, base64)")
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("demo", help="gradio web demo: webcam or upload, streaming answers, live stats")
     _common(s)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (127.0.0.1: this machine only; another address needs an API key)")
+    s.add_argument("--port", type=int, default=7860, help="TCP port of the web demo")
     s.set_defaults(fn=cmd_demo)

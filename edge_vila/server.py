@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class ServerOptions:
     model_id: str = "edge-vila"
+    # one model is served: any requested id gets it (clients often send their default, e.g.
+    # "gpt-4o"), as /v1/models says; strict_model refuses ids other than model_id with 404
+    strict_model: bool = False
     api_key: str | None = None
     allow_local_files: bool = False
     max_request_bytes: int = 16 << 20
@@ -319,7 +322,7 @@ def create_app(pipe, opts: ServerOptions | None = None):
         except ApiError as e:
             return fail(e)
         return {"object": "list", "data": [{"id": opts.model_id, "object": "model", "created": created,
-                                            "owned_by": "edge-vila"}]}
+                                            "owned_by": "edge-vila", "accepts_any_model_id": not opts.strict_model}]}
 
     @app.post("/v1/chat/completions")
     async def completions(request: Request):
@@ -337,7 +340,9 @@ def create_app(pipe, opts: ServerOptions | None = None):
                 raise ApiError(400, f"body is not JSON ({e})") from None
             if not isinstance(body, dict):
                 raise ApiError(400, "body must be a JSON object")
-            if body.get("model") not in (None, opts.model_id):
+            if body.get("model") is not None and not isinstance(body["model"], str):
+                raise ApiError(400, "model must be a string (the served model's id, or any id)", param="model")
+            if opts.strict_model and body.get("model") not in (None, opts.model_id):
                 raise ApiError(404, f"model {body.get('model')!r} not served here (this server has {opts.model_id!r})",
                                param="model")
             req = await asyncio.to_thread(parse_request, body, opts)

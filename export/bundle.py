@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import dataclasses
+import io
 import json
 import logging
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,12 @@ class ExportOptions:
     max_drop: float | None = DEFAULT_MAX_DROP
 
 
+def _ignore_exporter_warnings() -> None:
+    """torch.export's own deprecation and naming notices: about its internals, not the user's model."""
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*axis name.*will not be used", category=UserWarning)
+
+
 @contextlib.contextmanager
 def _quiet():
     """torch.onnx's exporter prints progress to stdout and logs every pass at INFO; keep
@@ -66,7 +73,8 @@ def _quiet():
     for lg in noisy:
         lg.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(buf):
+        with contextlib.redirect_stdout(buf), warnings.catch_warnings():
+            _ignore_exporter_warnings()
             yield
     finally:
         for lg, lv in zip(noisy, levels):
@@ -224,6 +232,7 @@ def _write_vision_isolated(cfg, src: Path, path: Path, opts: ExportOptions) -> d
 def _vision_child(job_json: str) -> None:
     job = json.loads(job_json)
     logging.basicConfig(level=job["level"], format="%(levelname)s %(name)s: %(message)s")
+    _ignore_exporter_warnings()
     from edge_vila.errors import EdgeVilaError
 
     src = Path(job["src"])

@@ -271,7 +271,7 @@ def _save(model, out: Path) -> None:
     data = out.with_name(out.name + ".data")
     for f in (out, data):
         f.unlink(missing_ok=True)
-    from tqdm import tqdm
+    from edge_vila.progress import tqdm
 
     bar = tqdm(desc="llm.onnx weights", unit="tensor", total=len(model.graph.initializers))
 

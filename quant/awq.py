@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from tqdm import tqdm
+from edge_vila.progress import tqdm
 
 from edge_vila.modeling.llm import DecoderLM, DecoderLayer, RMSNorm
 

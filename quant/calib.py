@@ -97,7 +97,7 @@ def calibration_embeds(lm, tok, n_text: int, seq_len: int, vlm_parts=None, n_mm:
         vision, projector = (m.to(device) for m in vlm_parts)
         rng = world.rng_for(4242)
         ids = tok.encode(text)
-        from tqdm import tqdm
+        from edge_vila.progress import tqdm
 
         rows = []
         for i in tqdm(range(n_mm), desc="calibration images (vision tower)", unit="block"):

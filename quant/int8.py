@@ -92,7 +92,7 @@ def calibrate_int8_methods(model: nn.Module, batches: list[torch.Tensor], method
                            percentile: float = 99.99, progress: bool = False) -> dict[str, Int8Calibration]:
     """One pass over the calibration images, every requested calibrator's table from it
     (they differ only in how they read the same activation statistics)."""
-    from tqdm import tqdm
+    from edge_vila.progress import tqdm
 
     for m in methods:
         if m not in CALIBRATORS:

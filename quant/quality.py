@@ -6,7 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from edge_vila.progress import tqdm
 
 from edge_vila.modeling.llm import DecoderLM
 

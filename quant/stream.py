@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
+from edge_vila.progress import tqdm
 
 from edge_vila.config import LLMSpec
 from edge_vila.fsutil import atomic_write_json

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
+from ..progress import tqdm
 
 from ..fsutil import atomic_write_json
 from ..prompt import IMAGE_PLACEHOLDER, TextTokenizer, get_template
