@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from ..progress import tqdm
 
 from . import textdata, world
 
@@ -20,10 +21,13 @@ log = logging.getLogger(__name__)
 EVAL_SEED = 987_654_321  # disjoint from training streams, which are keyed by (seed, stage, step, rank)
 
 
-def eval_shapes_vqa(pipe, n: int = 500, seed: int = EVAL_SEED, progress: bool = True) -> dict:
+def eval_shapes_vqa(pipe, n: int = 500, seed: int = EVAL_SEED, progress: bool = True,
+                    image_dir: Path | None = None) -> dict:
     """Exact match per question type, plus what a diagnosis needs: accuracy by number of
     objects in the (first) image, and the most common wrong answers per type — e.g. "circle
-    named square" or "right when one object, wrong with three" point at different causes."""
+    named square" or "right when one object, wrong with three" point at different causes.
+    The first 12 questions are kept as examples (with their scenes' captions); `image_dir`
+    also saves their images there as PNG, for a person to look at."""
     size = pipe.cfg.preprocess.height
     per = defaultdict(lambda: [0, 0])
     by_objects = defaultdict(lambda: [0, 0])
@@ -42,7 +46,16 @@ def eval_shapes_vqa(pipe, n: int = 500, seed: int = EVAL_SEED, progress: bool = 
         if not ok:
             confusions[qa.qtype][f"{want} -> {got or '(empty)'}"] += 1
         if len(examples) < 12:
-            examples.append({"type": qa.qtype, "question": qa.question, "answer": qa.answer, "output": out, "ok": ok})
+            ex = {"type": qa.qtype, "question": qa.question, "answer": qa.answer, "output": out, "ok": ok,
+                  "scenes": [sc.caption() for sc in qa.scenes]}
+            if image_dir is not None:
+                image_dir.mkdir(parents=True, exist_ok=True)
+                ex["images"] = []
+                for j, sc in enumerate(qa.scenes):
+                    f = image_dir / f"example{len(examples)}-{j}.png"
+                    sc.render(max(size, 256)).save(f)
+                    ex["images"].append(str(f))
+            examples.append(ex)
     acc = {k: c / t for k, (c, t) in sorted(per.items())}
     total = sum(c for c, _ in per.values()) / max(1, sum(t for _, t in per.values()))
     return {"task": "shapes-vqa", "n": n, "accuracy": total, "per_type": acc,
