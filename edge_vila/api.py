@@ -32,7 +32,7 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 def load(path: str | Path, backend: str = "auto", max_context: int | None = None, dtype: str = "float32",
          template: str | None = None, system: str | None = None, threads: int | None = None,
          exact: bool = False, variant: str = "auto", kv_cache: str = "auto", attention: str = "auto",
-         matmul: str = "auto", max_tiles: int | None = None) -> "Pipeline":
+         matmul: str = "auto", max_tiles: int | None = None, max_pixels: int | None = None) -> "Pipeline":
     """Load a bundle (ONNX Runtime; TensorRT on the device), a VILA checkpoint (torch
     reference) or a plain HF LLM folder (text-only).
 
@@ -47,9 +47,16 @@ def load(path: str | Path, backend: str = "auto", max_context: int | None = None
     costs at most max_tiles + 1 vision inputs and (max_tiles + 1) x 123 positions, the
     latency knob on a Jetson (VILA's own process_image takes the same override). For NVILA's
     dynamic_s2 it caps the last scale's blocks (at least 9: 1344 px is 3 x 3 tiles of 448), so
-    a lone image takes at most max_tiles x 256 + 1 positions."""
+    a lone image takes at most max_tiles x 256 + 1 positions.
+
+    `max_pixels` (default 64 MP) refuses, before decoding, an image whose header claims more
+    pixels (preprocess.MAX_PIXELS: it holds for the whole process, as Pillow's own limit does)."""
     if backend not in ("auto",) + BACKENDS:
         raise InputError(f"backend {backend!r} unknown (expected auto, {', '.join(BACKENDS)})")
+    if max_pixels is not None:
+        from .preprocess import set_max_pixels
+
+        set_max_pixels(max_pixels)
     from .bundle import is_bundle
 
     if is_bundle(path):

@@ -24,10 +24,20 @@ def _cpu_graph_args(s: argparse.ArgumentParser) -> None:
                    help="INT4 linears: our op (edge; auto where it has its AVX-512 VNNI kernel) or ORT's MatMulNBits")
 
 
-def max_tiles_arg(s: argparse.ArgumentParser) -> None:
+def video_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--video", default=None, help="a video file: its frames sampled evenly, each one image of the "
+                   "message (NVILA's temporal pooling is not implemented)")
+    s.add_argument("--frames", type=int, default=None,
+                   help="frames taken from --video (default: the model's num_video_frames, 8 in VILA's releases)")
+
+
+def image_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-tiles", type=int, default=None,
                    help="NVILA-Lite: cut a lone image into at most N tiles; NVILA-8B: at most N blocks of its "
                         "last S2 scale, N >= 9 (default: the checkpoint's, 12); fewer tiles, faster answers")
+    s.add_argument("--max-pixels", type=int, default=None,
+                   help="refuse images whose header claims more pixels than this, before decoding them "
+                        "(default: 64000000)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -112,10 +122,15 @@ def cmd_chat(a: argparse.Namespace) -> int:
     from .api import load
 
     pipe = load(a.path, backend=a.backend, max_context=a.max_context, template=a.template, system=a.system,
-                kv_cache=a.kv_cache, attention=a.attention, matmul=a.matmul, max_tiles=a.max_tiles)
+                kv_cache=a.kv_cache, attention=a.attention, matmul=a.matmul, max_tiles=a.max_tiles,
+                max_pixels=a.max_pixels)
     chat = pipe.chat()
     params = _params(a)
     images = list(a.image)
+    if a.video:  # a clip: the model's num_video_frames (or --frames) frames, each one image
+        from .clip import clip_frames
+
+        images += clip_frames(a.video, a.frames or getattr(pipe.cfg, "num_video_frames", 8))
 
     def turn(text: str, imgs: list) -> None:
         for delta in chat.stream(text, imgs, params):
@@ -335,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("chat", help="chat with a model (interactive unless --prompt)")
     s.add_argument("path")
     s.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    video_args(s)
     s.add_argument("--prompt", default=None, help="the question (or instruction) for the model")
     s.add_argument("--system", default=None, help="system prompt")
     s.add_argument("--template", default=None, help="chat template (vicuna_v1, llama_3, hermes-2, chatml, plain)")
@@ -344,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-context", type=int, default=None,
                    help="LLM positions to allocate (prompt + images + answer; default: the bundle's exported "
                         "context, 2048 for a checkpoint)")
-    max_tiles_arg(s)
+    image_args(s)
     _cpu_graph_args(s)
     _sampling_args(s)
     s.set_defaults(fn=cmd_chat)
@@ -353,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("--image", action="append", default=[],
                    help="image file (repeatable: several images in one message)")
+    video_args(s)
     s.add_argument("--prompt", required=True, help="the question (or instruction) for the model")
     s.add_argument("--system", default=None, help="system prompt (default: the template's)")
     s.add_argument("--template", default=None,
@@ -363,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-context", type=int, default=None,
                    help="LLM positions to allocate (prompt + images + answer; default: the bundle's exported "
                         "context, 2048 for a checkpoint)")
-    max_tiles_arg(s)
+    image_args(s)
     _cpu_graph_args(s)
     _sampling_args(s)
     s.set_defaults(fn=cmd_chat)

@@ -9,7 +9,8 @@ import sys
 def _load(a: argparse.Namespace):
     from . import load
 
-    return load(a.path, backend=a.backend, max_context=a.max_context, max_tiles=a.max_tiles)
+    return load(a.path, backend=a.backend, max_context=a.max_context, max_tiles=a.max_tiles,
+                max_pixels=a.max_pixels)
 
 
 def cmd_camera(a: argparse.Namespace) -> int:
@@ -50,7 +51,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _common(s: argparse.ArgumentParser) -> None:
-    from .cli import max_tiles_arg
+    from .cli import image_args
 
     s.add_argument("path", help="bundle (or checkpoint)")
     s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"],
@@ -59,7 +60,7 @@ def _common(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-context", type=int, default=None,
                    help="LLM positions to allocate (prompt + images + answer; default: the bundle's exported "
                         "context, 2048 for a checkpoint)")
-    max_tiles_arg(s)
+    image_args(s)
 
 
 def register(sub) -> None:

@@ -352,6 +352,7 @@ class VilaConfig:
     select_feature: str = "patch"
     preprocess: PreprocessSpec | None = None
     image_tokens: ImageTokens = field(default_factory=lambda: ImageTokens(per_tile=0))  # text-only: none
+    num_video_frames: int = 8  # frames per video clip (config.json's; VILA's releases say 8)
     raw: dict = field(default_factory=dict)
 
     @property
@@ -510,6 +511,10 @@ def load_config(path: str | Path) -> VilaConfig:
                      vision_dir=vt_dir, vision=vision, projector_dir=pj_dir, projector=projector,
                      select_layer=select_layer, select_feature=feature, preprocess=pre, raw=top)
     cfg.image_tokens = ImageTokens.from_config(top, cfg.tokens_per_image, mode)  # validates the token grid
+    frames = top.get("num_video_frames", 8)
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise CheckpointError(f"{src}: key 'num_video_frames' should be a positive integer, got {frames!r}")
+    cfg.num_video_frames = frames
     return cfg
 
 

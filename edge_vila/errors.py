@@ -21,3 +21,8 @@ class InputError(EdgeVilaError):
 
 class ContextOverflowError(InputError):
     """The prompt (plus images) does not fit in the model's context."""
+
+
+class ImageTooLargeError(InputError):
+    """An image whose header claims more pixels than the limit (a decompression bomb, or just
+    too big to be worth decoding): refused before its pixels are decoded."""

@@ -7,6 +7,7 @@ Pure numpy + Pillow so the device runtime never needs torch for this.
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -14,15 +15,36 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .config import PreprocessSpec
-from .errors import InputError
+from .errors import ImageTooLargeError, InputError
 
 ImageLike = Union[str, Path, bytes, Image.Image, np.ndarray]
+log = logging.getLogger(__name__)
+
+
+# Images whose header claims more pixels than this are refused before decoding (a 64 MP photo
+# is ~190 MB of RGB; a PNG claiming 60000 x 60000 would be 10 GB). `set_max_pixels` changes it
+# for the process (edge_vila.load(max_pixels=), the CLI's and the server's --max-pixels).
+MAX_PIXELS = 64_000_000
+# Pillow's own bomb check stays below ours so that ours, with its clear message, runs first
+Image.MAX_IMAGE_PIXELS = None
+
+
+def set_max_pixels(n: int) -> None:
+    global MAX_PIXELS
+    if n < 1:
+        raise InputError(f"max_pixels must be >= 1, got {n}")
+    MAX_PIXELS = int(n)
 
 
 def load_image(src: ImageLike) -> Image.Image:
-    """Open a path / bytes / PIL image / HxWx3 uint8 RGB array as an RGB PIL image."""
+    """Open a path / bytes / PIL image / HxWx3 uint8 RGB array as an RGB PIL image.
+
+    Files and bytes: the pixel count is checked from the header before any decoding; the EXIF
+    orientation is applied (what a camera meant, as a viewer shows it); an animated GIF/WebP/PNG
+    gives its first frame (said in the log); 16-bit and float greyscale are scaled to 8 bits;
+    CMYK, palette, alpha and greyscale become RGB (alpha dropped, as VILA's convert("RGB"))."""
     if isinstance(src, Image.Image):
-        return src.convert("RGB")
+        return _to_rgb(src, "image")
     if isinstance(src, np.ndarray):
         if src.ndim == 2:
             src = np.stack([src] * 3, axis=-1)
@@ -30,23 +52,63 @@ def load_image(src: ImageLike) -> Image.Image:
             raise InputError(f"image array has shape {src.shape}, expected HxWx3 (RGB) or HxWx4")
         if src.dtype != np.uint8:
             raise InputError(f"image array has dtype {src.dtype}, expected uint8")
+        _check_pixels(src.shape[1], src.shape[0], "image array")
         return Image.fromarray(src[..., :3])
     if isinstance(src, (bytes, bytearray)):
-        try:
-            img = Image.open(io.BytesIO(src))
-            img.load()
-        except (UnidentifiedImageError, OSError) as e:
-            raise InputError(f"image bytes are not a readable image ({e.__class__.__name__})") from None
-        return img.convert("RGB")
+        return _decode(io.BytesIO(src), "image bytes")
     path = Path(src)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected an image file")
     if not path.is_file():
         raise InputError(f"{path}: image file not found")
+    with open(path, "rb") as fh:
+        return _decode(fh, str(path))
+
+
+def _check_pixels(w: int, h: int, what: str) -> None:
+    if w * h > MAX_PIXELS:
+        raise ImageTooLargeError(f"{what}: {w}x{h} is {w * h / 1e6:.0f} MP, above the limit of "
+                                 f"{MAX_PIXELS / 1e6:g} MP (max_pixels / --max-pixels)")
+    if w < 1 or h < 1:
+        raise InputError(f"{what}: {w}x{h} has no pixels")
+
+
+def _decode(fh, what: str) -> Image.Image:
+    import warnings
+
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(fh)
+            _check_pixels(*img.size, what)  # from the header: nothing decoded yet
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:
+                log.info("%s: animated (%d frames); using the first", what, frames)
+                img.seek(0)
             img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError):
-        raise InputError(f"{path}: not an image (expected PNG, JPEG or another format Pillow reads)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        head = "image bytes are not a readable image" if what == "image bytes" else f"{what}: not an image"
+        raise InputError(f"{head} (expected PNG, JPEG or another format Pillow reads; {e.__class__.__name__})") \
+            from None
+    return _to_rgb(img, what)
+
+
+def _to_rgb(img: Image.Image, what: str) -> Image.Image:
+    from PIL import ImageOps
+
+    try:
+        img = ImageOps.exif_transpose(img) or img
+    except Exception:  # a malformed EXIF block: keep the pixels as stored
+        log.info("%s: unreadable EXIF orientation, ignored", what)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # 16-bit / 32-bit / float greyscale
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or (img.mode == "I" and a.max(initial=0) > 255) else 255.0
+        if img.mode == "F":
+            top = max(float(a.max(initial=0)), 1e-12) if a.max(initial=0) > 1 else 1.0
+        img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
 
 
 def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:

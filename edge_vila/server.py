@@ -13,7 +13,6 @@ oversized bodies, too many images, bad fields or prompts beyond the context.
 import asyncio
 import base64
 import contextlib
-import io
 import ipaddress
 import json
 import logging
@@ -67,29 +66,30 @@ def is_loopback(host: str) -> bool:
 # ---- request parsing ------------------------------------------------------------------
 
 def _image(url: str, opts: ServerOptions):
-    from PIL import Image, UnidentifiedImageError
+    from .errors import ImageTooLargeError
+    from .preprocess import load_image
 
     if url.startswith("data:"):
         head, _, payload = url.partition(",")
         if ";base64" not in head or not head[5:].startswith("image/"):
             raise ApiError(400, "image_url data URLs must be data:image/...;base64,...", param="image_url")
         try:
-            raw = base64.b64decode(payload, validate=True)
-            img = Image.open(io.BytesIO(raw))
-            img.load()
-            return img.convert("RGB")
-        except (ValueError, UnidentifiedImageError, OSError) as e:
-            raise ApiError(400, f"image_url: not a decodable image ({e})", param="image_url") from None
-    path = url[len("file://"):] if url.startswith("file://") else url
-    if url.startswith(("http://", "https://")):
-        raise ApiError(400, "image_url: remote URLs are not fetched; send a data: URL", param="image_url")
-    if not opts.allow_local_files:
-        raise ApiError(400, "image_url: local file paths need the server's --allow-local-files flag",
-                       param="image_url")
+            src = base64.b64decode(payload, validate=True)
+        except ValueError as e:
+            raise ApiError(400, f"image_url: not valid base64 ({e})", param="image_url") from None
+    else:
+        if url.startswith(("http://", "https://")):
+            raise ApiError(400, "image_url: remote URLs are not fetched; send a data: URL", param="image_url")
+        if not opts.allow_local_files:
+            raise ApiError(400, "image_url: local file paths need the server's --allow-local-files flag",
+                           param="image_url")
+        src = Path(url[len("file://"):] if url.startswith("file://") else url)
     try:
-        return Image.open(Path(path)).convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        raise ApiError(400, f"image_url: cannot read {path} ({e})", param="image_url") from None
+        return load_image(src)  # the pixel limit is checked from the header, before decoding
+    except ImageTooLargeError as e:
+        raise ApiError(413, f"image_url: {e}", param="image_url") from None
+    except InputError as e:
+        raise ApiError(400, f"image_url: not a decodable image ({e})", param="image_url") from None
 
 
 def _content(content: Any, opts: ServerOptions, images: list) -> str:

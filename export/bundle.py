@@ -316,6 +316,7 @@ def _manifest(cfg, template, max_ctx, opts, vision_quant, folder: Path, files: l
         "tokens_per_image": cfg.tokens_per_image if cfg.is_multimodal else 0,  # per vision input (tile)
         "image_tokens": dataclasses.asdict(cfg.image_tokens) if cfg.is_multimodal else None,
         "vision_dims": _vision_dims(cfg) if cfg.is_multimodal else None,
+        "num_video_frames": cfg.num_video_frames if cfg.is_multimodal else None,
         "preprocess": cfg.preprocess.__dict__ if cfg.is_multimodal else None,
         "quant": {"llm": "awq-w4" if q else "fp32", "group_size": q.get("group_size"), "zero_point": q.get("zero_point"),
                   "int4_encoding": "symmetric INT4 block DQ + exact zero-point correction" if q else None,

@@ -119,6 +119,7 @@ def test_llama3_vila_8b_replica_tokenizer_and_template(tmp_path):
     (lambda top: top.update(image_aspect_ratio="dynamic", max_tiles=0), "key 'max_tiles' should be a positive integer"),
     (lambda top: top.update(image_aspect_ratio="dynamic", min_tiles=6, max_tiles=4),
      "min_tiles 6 is more than max_tiles 4"),
+    (lambda top: top.update(num_video_frames=0), "key 'num_video_frames' should be a positive integer, got 0"),
 ])
 def test_unsupported_preprocessing_is_refused_in_one_line(vila15_3b, tmp_path, edit, needle):
     import shutil
@@ -180,6 +181,7 @@ def test_nvila_8b_s2_fields_are_checked_in_one_line(tmp_path, edit, needle):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_vila15_3b_replica_info_quantize_export_run(vila15_3b, tmp_path, photo):
     """The path a user takes with the released VILA1.5-3b folder: info -> quantize --method rtn
     -> export -> run on a real photo in ONNX Runtime and on the torch reference."""
@@ -396,6 +398,7 @@ def test_nvila_prompt_is_what_vila_builds(nvila_lite):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_nvila_lite_replica_info_quantize_export_run(nvila_lite, tmp_path, photo):
     """info -> quantize --method rtn -> export -> run (ONNX Runtime and torch) on NVILA-Lite-2B's
     layout; the bundle agrees with the torch reference on text and on a tiled photo."""
@@ -464,6 +467,7 @@ def nvila_8b(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_nvila_8b_replica_info_quantize_export_run(nvila_8b, tmp_path, photo):
     """info -> quantize --method rtn -> export -> run on NVILA-8B's layout: a two-graph bundle
     (INT8 ViT, float projector) whose host-side S2 merge agrees with the torch reference on

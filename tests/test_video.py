@@ -160,3 +160,49 @@ def test_robot_loop_example(tiny_bundle):
                         "--steps", "2"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("[scene: ") == 2
+
+
+def _numbered_video(path: Path, n: int) -> None:
+    """n frames of one grey level each (8 x frame index), so a decoded frame says its index."""
+    import cv2
+
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for i in range(n):
+        w.write(np.full((48, 64, 3), 8 * i, np.uint8))
+    w.release()
+
+
+def test_clip_frames_are_sampled_evenly(tmp_path):
+    """30 frames, 8 wanted: VILA's even sampling takes the middle of each eighth, frames
+    int((i + 0.5) * 30 / 8) = 1, 5, 9, 13, 16, 20, 24, 28 (checked by each frame's grey level)."""
+    from edge_vila.clip import clip_frames
+
+    video = tmp_path / "clip.avi"
+    _numbered_video(video, 30)
+    frames = clip_frames(video, 8)
+    assert len(frames) == 8 and frames[0].shape == (48, 64, 3) and frames[0].dtype == np.uint8
+    got = [round(float(f.mean()) / 8) for f in frames]
+    assert got == [1, 5, 9, 13, 16, 20, 24, 28]
+    assert len(clip_frames(video, 50)) == 30  # more wanted than there are: every frame once
+    with pytest.raises(InputError, match="no such video file"):
+        clip_frames(tmp_path / "missing.mp4", 8)
+    (tmp_path / "noise.mp4").write_bytes(b"\0" * 100)
+    with pytest.raises(InputError, match="not a video OpenCV can open|no readable frames"):
+        clip_frames(tmp_path / "noise.mp4", 8)
+
+
+def test_run_cli_takes_a_video_clip(tiny_bundle, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    video = tmp_path / "clip.avi"
+    _numbered_video(video, 12)
+    assert json.loads((tiny_bundle / "manifest.json").read_text())["num_video_frames"] == 8
+    exe = [sys.executable, "-m", "edge_vila", "-v", "run", str(tiny_bundle), "--prompt", "What happens?",
+           "--max-new-tokens", "2"]
+    r = subprocess.run([*exe, "--video", str(video), "--frames", "3"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "3 frames sampled" in r.stderr
+    r = subprocess.run([*exe, "--video", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "it is a directory" in r.stderr and "Traceback" not in r.stderr
