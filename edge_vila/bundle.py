@@ -66,7 +66,7 @@ class BundleConfig:
         it = manifest.get("image_tokens")
         self.image_tokens = ImageTokens(**it) if it else ImageTokens(per_tile=self.tokens_per_image)
         self.max_context = int(m["max_context"])
-        self.num_video_frames = int(manifest.get("num_video_frames", 8))
+        self.num_video_frames = int(manifest.get("num_video_frames") or 8)  # text-only bundles: null
 
     @property
     def is_multimodal(self) -> bool:

@@ -24,6 +24,17 @@ def _cpu_graph_args(s: argparse.ArgumentParser) -> None:
                    help="INT4 linears: our op (edge; auto where it has its AVX-512 VNNI kernel) or ORT's MatMulNBits")
 
 
+def runtime_args(s: argparse.ArgumentParser) -> None:
+    """What every verb that loads a model takes: the runtime, the context, the image limits."""
+    s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"],
+                   help="runtime: auto (TensorRT where engines are built, else ONNX Runtime for a bundle, torch "
+                        "for a checkpoint), onnxruntime, tensorrt or torch")
+    s.add_argument("--max-context", type=int, default=None,
+                   help="LLM positions to allocate (prompt + images + answer; default: the bundle's exported "
+                        "context, 2048 for a checkpoint)")
+    image_args(s)
+
+
 def video_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--video", default=None, help="a video file: its frames sampled evenly, each one image of the "
                    "message (NVILA's temporal pooling is not implemented)")
@@ -354,13 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", default=None, help="the question (or instruction) for the model")
     s.add_argument("--system", default=None, help="system prompt")
     s.add_argument("--template", default=None, help="chat template (vicuna_v1, llama_3, hermes-2, chatml, plain)")
-    s.add_argument("--backend", default="auto",
-                   help="runtime: auto (TensorRT where engines are built, else ONNX Runtime for a bundle, torch "
-                        "for a checkpoint), onnxruntime, tensorrt or torch")
-    s.add_argument("--max-context", type=int, default=None,
-                   help="LLM positions to allocate (prompt + images + answer; default: the bundle's exported "
-                        "context, 2048 for a checkpoint)")
-    image_args(s)
+    runtime_args(s)
     _cpu_graph_args(s)
     _sampling_args(s)
     s.set_defaults(fn=cmd_chat)
@@ -374,13 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", default=None, help="system prompt (default: the template's)")
     s.add_argument("--template", default=None,
                    help="chat template (vicuna_v1, llama_3, hermes-2, chatml, plain; default: the model's)")
-    s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"],
-                   help="runtime: auto (TensorRT where engines are built, else ONNX Runtime for a bundle, torch "
-                        "for a checkpoint), onnxruntime, tensorrt or torch")
-    s.add_argument("--max-context", type=int, default=None,
-                   help="LLM positions to allocate (prompt + images + answer; default: the bundle's exported "
-                        "context, 2048 for a checkpoint)")
-    image_args(s)
+    runtime_args(s)
     _cpu_graph_args(s)
     _sampling_args(s)
     s.set_defaults(fn=cmd_chat)

@@ -51,16 +51,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _common(s: argparse.ArgumentParser) -> None:
-    from .cli import image_args
+    from .cli import runtime_args
 
     s.add_argument("path", help="bundle (or checkpoint)")
-    s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"],
-                   help="runtime: auto (TensorRT where engines are built, else ONNX Runtime for a bundle, torch "
-                        "for a checkpoint), onnxruntime, tensorrt or torch")
-    s.add_argument("--max-context", type=int, default=None,
-                   help="LLM positions to allocate (prompt + images + answer; default: the bundle's exported "
-                        "context, 2048 for a checkpoint)")
-    image_args(s)
+    runtime_args(s)
 
 
 def register(sub) -> None:

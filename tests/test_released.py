@@ -354,6 +354,21 @@ def test_official_awq_replica_converts_exactly_and_exports(tmp_path, photo):
     assert res.cfg.tokens_per_image == 196
 
 
+def _info_quantize_export(ckpt, tmp_path, ctx: int):
+    """The user's path through the CLI: info, quantize --method rtn (INT8 ViT on 4 images), export.
+    Returns (info JSON, quantized folder, bundle folder, manifest)."""
+    r = cli("info", ckpt)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    q, b = tmp_path / "q", tmp_path / "b"
+    r = cli("quantize", ckpt, "--out", q, "--method", "rtn", "--vision-int8", "percentile", "--int8-images", "4",
+            "--no-eval")
+    assert r.returncode == 0, r.stderr
+    r = cli("export", q, "--out", b, "--max-context", str(ctx), "--no-report")
+    assert r.returncode == 0, r.stderr
+    return info, q, b, json.loads((b / "manifest.json").read_text())
+
+
 # ---- NVILA-Lite-2B: Qwen2 + SigLIP-448 + 3x3 projector + dynamic tiling ------------------
 @pytest.fixture(scope="module")
 def nvila_lite(tmp_path_factory):
@@ -407,17 +422,8 @@ def test_nvila_lite_replica_info_quantize_export_run(nvila_lite, tmp_path, photo
     import edge_vila
     from edge_vila.export.report import PROMPTS, logit_agreement
 
-    r = cli("info", nvila_lite)
-    assert r.returncode == 0, r.stderr
-    info = json.loads(r.stdout)
+    info, q, b, man = _info_quantize_export(nvila_lite, tmp_path, 2048)
     assert info["tokens_per_image"] == 121 and info["preprocess"]["mode"] == "dynamic"
-    q, b = tmp_path / "q", tmp_path / "b"
-    r = cli("quantize", nvila_lite, "--out", q, "--method", "rtn", "--vision-int8", "percentile", "--int8-images", "4",
-            "--no-eval")
-    assert r.returncode == 0, r.stderr
-    r = cli("export", q, "--out", b, "--max-context", "2048", "--no-report")
-    assert r.returncode == 0, r.stderr
-    man = json.loads((b / "manifest.json").read_text())
     assert man["tokens_per_image"] == 121 and man["template"]["name"] == "chatml"
     assert man["template"]["system"] == "You are a helpful assistant"  # VILA's qwen2.jinja, no full stop
     assert man["image_tokens"] == {"per_tile": 121, "end_text": "\n", "marker_sep": "", "tile_text": "\n"}
@@ -490,17 +496,8 @@ def test_nvila_8b_replica_info_quantize_export_run(nvila_8b, tmp_path, photo):
     assert pre.max_inputs_per_image == 17 and cfg.image_tokens.max_positions(pre) == 12 * 256 + 1
     it = cfg.image_tokens
     assert (it.end_text, it.marker_sep, it.tile_text) == ("\n", "", "")
-    r = cli("info", nvila_8b)
-    assert r.returncode == 0, r.stderr
-    info = json.loads(r.stdout)
+    info, q, b, man = _info_quantize_export(nvila_8b, tmp_path, 4096)
     assert info["tokens_per_image"] == 256 and info["preprocess"]["mode"] == "dynamic_s2"
-    q, b = tmp_path / "q", tmp_path / "b"
-    r = cli("quantize", nvila_8b, "--out", q, "--method", "rtn", "--vision-int8", "percentile", "--int8-images", "4",
-            "--no-eval")
-    assert r.returncode == 0, r.stderr
-    r = cli("export", q, "--out", b, "--max-context", "4096", "--no-report")
-    assert r.returncode == 0, r.stderr
-    man = json.loads((b / "manifest.json").read_text())
     assert {"vision.onnx", "projector.onnx"} <= set(man["files"]) and man["quant"]["vision"] == "int8"
     assert man["io"]["vision"]["outputs"] == ["image_features"] and man["io"]["projector"]["inputs"] == ["image_features"]
     assert man["image_tokens"] == {"per_tile": 256, "end_text": "\n", "marker_sep": "", "tile_text": ""}
