@@ -3,7 +3,9 @@ print one line (`error: ...`) and exit with status 2."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import logging
 import sys
 import time
@@ -517,13 +519,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _disk_error(e: OSError) -> str | None:
+    """'<file>: No space left on device' when `e` is a disk-full / quota / file-size error
+    (shutil's copytree gathers its errors in a list without an errno), else None."""
+    if e.errno in _DISK_ERRNOS:
+        return f"{e.filename or 'writing'}: {os.strerror(e.errno)}"
+    for code in _DISK_ERRNOS:
+        if f"[Errno {code}]" in str(e) or os.strerror(code) in str(e):
+            return f"writing: {os.strerror(code)}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # long-running verbs report progress (stage starts, resumes) at INFO by default
     base = 1 if args.verb in ("train", "quantize", "export", "build") and not args.quiet else 0
     if args.quiet:
-        import os
-
         from .progress import QUIET_ENV
 
         os.environ[QUIET_ENV] = "1"  # read when each bar is made (subprocesses inherit it)
@@ -535,6 +549,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args) or 0
     except EdgeVilaError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        what = _disk_error(e)
+        if what is None:
+            raise
+        # a full disk (or a file-size limit) while writing: one line; atomic writes left no partial artifact
+        print(f"error: {what} — free space (or choose another --out) and run again; nothing partial was left "
+              "in place", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

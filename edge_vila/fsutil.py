@@ -40,16 +40,56 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _owner(p: Path, stem: str) -> int | None:
+    """The pid in `.{stem}.{pid}.*` (our temp / old / work folders), or None."""
+    rest = p.name[len(stem) + 2:]
+    head = rest.split(".", 1)[0].removeprefix("old-")
+    return int(head) if head.isdigit() else None
+
+
+def recover(final: Path) -> None:
+    """Undo what a killed writer of `final` left behind: its temp and work folders beside
+    `final` go, and if it died between moving the old artifact aside and renaming the new
+    one in, the old one is put back (it is the last good artifact)."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    stem = final.name
+    for p in sorted(final.parent.glob(f".{stem}.*")):
+        pid = _owner(p, stem)
+        if pid is None or pid == os.getpid() or _pid_alive(pid):
+            continue
+        if ".old-" in p.name and not final.exists():
+            os.replace(p, final)
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp folder; on success it replaces `final` in one rename.
 
     The old folder (if any) is moved aside first and deleted only after the new one
-    is in place, so at every instant either the old or the new artifact is complete.
+    is in place, so at every instant either the old or the new artifact is complete;
+    a run killed at any point leaves folders that the next run for `final` cleans up
+    (`recover`), restoring the old artifact if the kill fell between the two renames.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    recover(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
         old = None
@@ -64,6 +104,20 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def work_dir(final: Path) -> Iterator[Path]:
+    """Scratch space for making `final` (a quantized copy on the way to a bundle): beside it, on
+    the disk that will hold the result, removed at the end, and by the next run if killed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    recover(final)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".work", dir=final.parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

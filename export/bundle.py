@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from edge_vila import __version__
 from edge_vila.bundle import FORMAT, FORMAT_VERSION
 from edge_vila.config import TINYCHAT, load_config
 from edge_vila.errors import InputError
-from edge_vila.fsutil import atomic_dir, atomic_write_json, release_freed_memory, sha256_file
+from edge_vila.fsutil import work_dir, atomic_dir, atomic_write_json, release_freed_memory, sha256_file
 from edge_vila.modeling.int8 import INT8_FILE, load_int8
 from edge_vila.modeling.weights import CheckpointWeights, SafetensorsWriter
 from edge_vila.prompt import TextTokenizer, get_template, guess_template
@@ -146,8 +145,7 @@ def export_bundle(ckpt: str | Path, out: str | Path, opts: ExportOptions | None 
         raise InputError(f"--vision-quant {opts.vision_quant!r} (expected one of {VISION_QUANTS})")
     ckpt, out = Path(ckpt), Path(out)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="edge-vila-export-") as work_s:
-        work = Path(work_s)
+    with work_dir(out) as work:  # beside the bundle: a killed export's leftovers are cleaned by the next
         src = _ensure_quantized(ckpt, opts, work) if (opts.llm_quant != "fp32" or opts.vision_quant != "fp32") else ckpt
         gate = _gate_quantized(src, opts, out)  # before hours of export work, not after
         cfg = load_config(src)
