@@ -345,6 +345,12 @@ class _VerbParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, **kwargs)
+        # -v / -q also after the verb (`edge-vila export ... -q`); SUPPRESS keeps the main parser's
+        # value when they are not given here
+        self.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                          help="more log lines (-vv: debug)")
+        self.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                          help="warnings and errors only, no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
