@@ -193,7 +193,7 @@ class Pipeline:
         return out
 
     def image_token_counts(self, hashes: Sequence[str]) -> dict[str, int]:
-        """Embeddings of each cached vision input (fixed per tile; per image in dynamic_s2)."""
+        """Embeddings of each cached vision input (a tile's: tokens_per_image; an S2 image's: its blocks')."""
         return {h: len(self._image_cache[h]) for h in hashes}
 
     def image_embeds(self, hashes: Sequence[str]) -> dict[str, np.ndarray]:
@@ -246,9 +246,8 @@ class Chat:
             raise InputError(f"message has {n_marks} {IMAGE_PLACEHOLDER} markers but {len(tiles)} images were given")
         keys = list(self.keys) if self.keys else self._head()
         flat = [h for image in tiles for h in image]
-        counts = pipe.image_token_counts(flat) if pipe.cfg.preprocess is not None and pipe.cfg.preprocess.s2 \
-            else pipe.tokens_per_image
-        turn, _ = encode_with_images(pipe.tokenizer, t.user(message), tiles, counts,
+        # each cached input knows its own length: a tile's is tokens_per_image, an S2 image's varies
+        turn, _ = encode_with_images(pipe.tokenizer, t.user(message), tiles, pipe.image_token_counts(flat),
                                      layout=layout, tiled=tiles_message(len(tiles), pipe.cfg.preprocess))
         return keys + turn, flat, message
 

@@ -77,6 +77,13 @@ def recover(final: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def _sibling(final: Path, suffix: str) -> Path:
+    """A new `.{name}.{pid}.*{suffix}` folder beside `final`, after clearing dead writers' ones."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    recover(final)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=suffix, dir=final.parent))
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp folder; on success it replaces `final` in one rename.
@@ -87,9 +94,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     (`recover`), restoring the old artifact if the kill fell between the two renames.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    recover(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
+    tmp = _sibling(final, ".tmp")
     try:
         yield tmp
         old = None
@@ -110,10 +115,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 def work_dir(final: Path) -> Iterator[Path]:
     """Scratch space for making `final` (a quantized copy on the way to a bundle): beside it, on
     the disk that will hold the result, removed at the end, and by the next run if killed."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    recover(final)
-    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".work", dir=final.parent))
+    work = _sibling(Path(final), ".work")
     try:
         yield work
     finally:

@@ -111,40 +111,34 @@ class TensorRTBackend(BundleBackend):
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         if self.vision is None:
             raise InputError(f"{self.cfg.root}: text-only bundle, it has no vision engine")
-        out = []
-        for i in range(0, len(pixels), self.max_images):  # the engine's profile caps the batch
-            chunk = np.ascontiguousarray(pixels[i:i + self.max_images], np.float32)
-            n = len(chunk)
-            self.vctx.set_input_shape("pixels", chunk.shape)
-            self.vctx.set_tensor_address("pixels", self._pix)
-            self.vctx.set_tensor_address(self._vout, self._img)
-            self.cuda.h2d(self._pix, chunk)
-            if not self.vctx.execute_async_v3(self.cuda.stream_handle):
-                raise RuntimeError("TensorRT vision engine failed to enqueue")
-            host = np.empty((n, *self._vout_shape), np.float32)
-            self.cuda.d2h(host, self._img)
-            self.cuda.sync()
-            out.append(host)
-        return np.concatenate(out)
+        return self._run_batched(self.vctx, "vision", ("pixels", self._pix), (self._vout, self._img), pixels,
+                                 self.max_images, self._vout_shape)
 
     def project(self, features: np.ndarray) -> np.ndarray:
         """dynamic_s2: blocks of merged features -> tokens, on the projector engine."""
         if self.projector is None:
             raise InputError(f"{self.cfg.root}: not a dynamic_s2 bundle (no projector engine)")
-        out = []
-        for i in range(0, len(features), self.max_blocks):
-            chunk = np.ascontiguousarray(features[i:i + self.max_blocks], np.float32)
-            self.pctx.set_input_shape("image_features", chunk.shape)
-            self.pctx.set_tensor_address("image_features", self._feat)
-            self.pctx.set_tensor_address("image_embeds", self._proj)
-            self.cuda.h2d(self._feat, chunk)
-            if not self.pctx.execute_async_v3(self.cuda.stream_handle):
-                raise RuntimeError("TensorRT projector engine failed to enqueue")
-            host = np.empty((len(chunk), self.cfg.tokens_per_image, self.hidden_size), np.float32)
-            self.cuda.d2h(host, self._proj)
+        return self._run_batched(self.pctx, "projector", ("image_features", self._feat), ("image_embeds", self._proj),
+                                 features, self.max_blocks, (self.cfg.tokens_per_image, self.hidden_size))
+
+    def _run_batched(self, ctx, what: str, inp: tuple, out: tuple, x: np.ndarray, most: int,
+                     row_shape: tuple) -> np.ndarray:
+        """One input -> one output engine call per chunk of at most `most` rows (the profile's cap)."""
+        (in_name, in_buf), (out_name, out_buf) = inp, out
+        res = []
+        for i in range(0, len(x), most):
+            chunk = np.ascontiguousarray(x[i:i + most], np.float32)
+            ctx.set_input_shape(in_name, chunk.shape)
+            ctx.set_tensor_address(in_name, in_buf)
+            ctx.set_tensor_address(out_name, out_buf)
+            self.cuda.h2d(in_buf, chunk)
+            if not ctx.execute_async_v3(self.cuda.stream_handle):
+                raise RuntimeError(f"TensorRT {what} engine failed to enqueue")
+            host = np.empty((len(chunk), *row_shape), np.float32)
+            self.cuda.d2h(host, out_buf)
             self.cuda.sync()
-            out.append(host)
-        return np.concatenate(out)
+            res.append(host)
+        return np.concatenate(res)
 
     def forward(self, embeds: np.ndarray, start: int) -> np.ndarray:
         n = embeds.shape[0]
