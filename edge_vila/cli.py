@@ -88,7 +88,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     opts = ExportOptions(llm_quant=a.llm_quant, vision_quant=a.vision_quant, max_context=a.max_context,
                          group_size=a.group_size, check_trt=a.trt, report=not a.no_report, report_n=a.report_n,
                          template=a.template, quant_method=a.quant_method, kv_dtype=a.kv_dtype,
-                         embed_dtype=a.embed_dtype, device=a.device, max_drop=a.max_drop)
+                         embed_dtype=a.embed_dtype, head_dtype=a.head_dtype, device=a.device,
+                         max_drop=a.max_drop)
     out = export_bundle(a.path, a.out, opts)
     chk = json.loads((Path(out) / "trt_check.json").read_text()) if (Path(out) / "trt_check.json").exists() else None
     if chk:
@@ -412,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--embed-dtype", default="auto", choices=["auto", "fp16", "fp32"],
                    help="the host embedding table (default auto: fp16 for a bf16/fp16 checkpoint, where it is exact; "
                         "fp32 for a float32 one)")
+    s.add_argument("--head-dtype", default="auto", choices=["auto", "fp16", "fp32"],
+                   help="llm.onnx's float LM head, same rule as --embed-dtype (fp16 halves it: 1 GB of an 8B "
+                        "bundle)")
     s.add_argument("--kv-dtype", default="fp16", choices=["fp16", "fp32"],
                    help="llm.onnx's KV-cache inputs/outputs (default: fp16, half an Orin's cache bytes; "
                         "the CPU runtime's own graph keeps its INT8/FP32 cache either way)")

@@ -143,12 +143,16 @@ def _int4_zcorr(w: CheckpointWeights, base: str) -> np.ndarray:
 
 
 def export_llm(spec: LLMSpec, weights: CheckpointWeights, out: Path, max_context: int, opset: int = 21,
-               kv_dtype: str = "fp16") -> dict:
+               kv_dtype: str = "fp16", head_dtype: str = "fp32") -> dict:
     """Write llm.onnx + llm.onnx.data: the traced graph with the checkpoint's weights bound
     tensor by tensor. AutoAWQ linears become symmetric INT4 block DequantizeLinear ->
     MatMul (TensorRT's weight-only form) and asymmetric zero points are carried exactly by
-    ReduceSum_g(x) @ ((8 - z)·s); float linears are stored transposed for MatMul. Only one
-    tensor is in memory at a time while the file is written."""
+    ReduceSum_g(x) @ ((8 - z)·s); float linears are stored transposed for MatMul. A float
+    LM head with `head_dtype="fp16"` is stored float16 and Cast to float32 in the graph
+    (ONNX Runtime folds the Cast at load; the math is the fp32 head's on fp16-exact values).
+    Only one tensor is in memory at a time while the file is written."""
+    if head_dtype not in ("fp16", "fp32", "int4"):
+        raise ValueError(f"head_dtype {head_dtype!r} (expected fp16, fp32 or int4)")
     model, params = trace_graph(spec, max_context, opset, kv_dtype)
     g = model.graph
     cos, sin = (a.numpy() for a in rope_tables(spec, max_context))
@@ -214,20 +218,36 @@ def export_llm(spec: LLMSpec, weights: CheckpointWeights, out: Path, max_context
             raise CheckpointError(f"{weights.folder}: tensor {key!r} not found (config.json expects it)")
         if tuple(shape) != tuple(v.shape.numpy()):
             raise CheckpointError(f"{weights.folder}: {key} is {list(shape)}, config.json says {list(v.shape.numpy())}")
+        half = head_dtype == "fp16" and pname.removeprefix("lm.") == "lm_head.weight"
+        np_dt, ir_dt = (np.float16, ir.DataType.FLOAT16) if half else (np.float32, ir.DataType.FLOAT)
         tr = [u.node for u in users if u.node.op_type == "Transpose"]
         if len(shape) == 2 and tr and len(tr) == len(users):  # a float linear: store W^T, drop the Transposes
-            wt = _lazy(pname + ".T", ir.DataType.FLOAT, [shape[1], shape[0]],
-                       partial(lambda k: np.ascontiguousarray(weights.float32(k).T), key))
+            wt = _lazy(pname + ".T", ir_dt, [shape[1], shape[0]],
+                       partial(lambda k, d: np.ascontiguousarray(weights.float32(k).T, d), key, np_dt))
             g.register_initializer(wt)
+            src = _cast_to_float(g, wt) if half else wt
             for t in tr:
-                t.outputs[0].replace_all_uses_with(wt)
+                t.outputs[0].replace_all_uses_with(src)
                 g.remove(t, safe=True)
+            continue
+        if half:
+            v.name = pname + ".unused"
+            w16 = _lazy(pname, ir_dt, list(shape), partial(lambda k: weights.float32(k).astype(np.float16), key))
+            g.register_initializer(w16)
+            v.replace_all_uses_with(_cast_to_float(g, w16))
             continue
         v.const_value = ir.LazyTensor(partial(lambda k: ir.Tensor(weights.float32(k)), key), ir.DataType.FLOAT,
                                       ir.Shape(shape), name=pname)
         g.register_initializer(v)
     _save(model, out)
     return {"int4_linears": n_int4}
+
+
+def _cast_to_float(g, init: ir.Value) -> ir.Value:
+    """Cast(init) -> float32, placed first in the graph; returns the cast's output."""
+    cast = ir.node("Cast", [init], {"to": ir.DataType.FLOAT}, name=init.name + ".to_fp32")
+    g.insert_before(next(iter(g)), cast)
+    return cast.outputs[0]
 
 
 def _consuming_matmul(v, key: str):

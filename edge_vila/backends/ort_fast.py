@@ -441,8 +441,9 @@ def _build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int,
         head = linear("final_h3", lins["lm_head"], "lm_head")
         nodes.append(helper.make_node("Squeeze", [head, "ax1"], ["logits"]))
     else:
-        wt = reader.array("lm.lm_head.weight")  # [V, H]
-        nodes.append(helper.make_node("MatMul", ["final_h", w("lm_head.wT", np.ascontiguousarray(wt.T))], ["logits"]))
+        wt = reader.array("lm.lm_head.weight")  # [V, H]; float16 in a bundle of a bf16 model: one widening copy
+        nodes.append(helper.make_node("MatMul", ["final_h", w("lm_head.wT", np.ascontiguousarray(wt.T, np.float32))],
+                                      ["logits"]))
     graph = helper.make_graph(nodes, "edge_vila_fast_llm", ins, outs, weights)
     fast = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)]
                              + ([helper.make_opsetid(EDGE_DOMAIN, 1)] if "edge" in (attention, matmul) else []),
