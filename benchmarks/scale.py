@@ -2,14 +2,17 @@
 replica of a released checkpoint (released config, bf16 shards, random weights).
 
     python benchmarks/scale.py [--model VILA1.5-3b] [--work runs/scale] [--keep] [--llm-layers N]
-        [--max-context 2048] [--decode [--decode-args ...]] [--quantize-args ...]
+        [--max-context 2048] [--decode [--decode-args ...]] [--ttft] [--quantize-args ...]
 
 Steps, each its own process (its peak RSS is the kernel's figure for that process, from
 wait4): make the replica -> `edge-vila quantize --method rtn` -> `edge-vila export` (whose
 report.json checks the bundle against the torch reference of the quantized checkpoint, in
 exact mode). With --decode, then: hf_to_gguf.py writes a Q4_0 GGUF of the replica's llm/
 (streamed, its sentencepiece vocabulary), onnxruntime-genai's builder its int4 build, and
-decode_speed.py times the bundle, llama.cpp and genai side by side (median of 5). Writes
+decode_speed.py times the bundle, llama.cpp and genai side by side (median of 5). With
+--ttft, a second bundle with the float32 ViT (`--vision-quant fp32`, no report) and
+`edge-vila bench` on both: time to first token for one image + 32 text tokens and the
+vision encode alone, INT8 vs fp32 ViT, median of 3, in the same run. Writes
 <work>/scale.json and prints a table. Not a test: timings depend on the machine, which is
 recorded.
 """
@@ -61,6 +64,29 @@ def _decode_steps(py: str, work: Path, replica: Path, bundle: Path, args: list[s
     return json.loads(res.read_text()) if res.is_file() else None
 
 
+def _ttft_steps(py: str, work: Path, quant: Path, bundle: Path, max_context: int, steps: list) -> dict:
+    """TTFT and vision latency of the INT8-ViT bundle and of a float32-ViT export of the same
+    checkpoint, each through `edge-vila bench` (the fast CPU graph is built by the first load,
+    outside the timings)."""
+    fp32 = work / "bundle-vision-fp32"
+    steps.append(run_step("export_vision_fp32", [py, "-m", "edge_vila", "export", quant, "--out", fp32,
+                                                 "--vision-quant", "fp32", "--no-report",
+                                                 "--max-context", max_context], work / "logs"))
+    out = {}
+    for name, b in (("vision_int8", bundle), ("vision_fp32", fp32)):
+        res = work / f"bench-{name}"
+        steps.append(run_step(f"bench_{name}", [py, "-m", "edge_vila", "bench", b, "--contexts", "64",
+                                                "--decode-tokens", "8", "--text-tokens", "32", "--repeats", "3",
+                                                "--no-power", "--out", res], work / "logs"))
+        if (res / "bench.json").is_file():
+            r = json.loads((res / "bench.json").read_text())
+            out[name] = {k: r.get(k) for k in ("ttft_s", "vision_s", "prefill_tok_s")}
+    if len(out) == 2:
+        out["ttft_fp32_over_int8"] = round(out["vision_fp32"]["ttft_s"] / out["vision_int8"]["ttft_s"], 3)
+        out["vision_fp32_over_int8"] = round(out["vision_fp32"]["vision_s"] / out["vision_int8"]["vision_s"], 3)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="VILA1.5-3b", help="a released layout edge_vila.released knows")
@@ -75,6 +101,9 @@ def main() -> int:
                          "onnxruntime-genai's int4 build of it, via decode_speed.py (needs llama-cpp-python and "
                          "onnxruntime-genai)")
     ap.add_argument("--decode-args", nargs="*", default=["--contexts", "64", "512", "1024", "--runs", "5"])
+    ap.add_argument("--ttft", action="store_true",
+                    help="then TTFT (1 image + 32 text tokens) with the INT8 ViT vs a float32-ViT export, via "
+                         "edge-vila bench")
     a = ap.parse_args()
 
     py = sys.executable
@@ -95,9 +124,11 @@ def main() -> int:
                                                "--method", "rtn", *a.quantize_args], work / "logs"))
     steps.append(run_step("export", [py, "-m", "edge_vila", "export", quant, "--out", bundle,
                                      "--max-context", a.max_context], work / "logs"))
-    decode = None
+    decode = ttft = None
     if a.decode and (bundle / "manifest.json").is_file():
         decode = _decode_steps(py, work, replica, bundle, a.decode_args, steps)
+    if a.ttft and (bundle / "manifest.json").is_file():
+        ttft = _ttft_steps(py, work, quant, bundle, a.max_context, steps)
     out = {"model": a.model, "date": time.strftime("%Y-%m-%d"), "machine": {
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3, 1)},
@@ -121,6 +152,8 @@ def main() -> int:
                                    "peak_rss_gb": max(s["peak_rss_gb"] for s in tool)}
     if decode is not None:
         out["decode"] = decode
+    if ttft is not None:
+        out["ttft"] = ttft
     (work / "scale.json").write_text(json.dumps(out, indent=2))
     print(f"\n{a.model}: quantize(rtn)+export {out['quantize_plus_export']['seconds']} s, "
           f"peak RSS {out['quantize_plus_export']['peak_rss_gb']} GB; bundle {out.get('bundle_gb')} GB")
@@ -129,6 +162,10 @@ def main() -> int:
     for ctx, row in ((decode or {}).get("results") or {}).items():
         print(f"  decode at {ctx:>5}: edge-vila {row['edge_vila_ort']:.1f} tok/s, x{row.get('ratio_vs_llama_cpp', 0):.2f} "
               f"llama.cpp Q4_0, x{row.get('ratio_vs_genai', 0):.2f} onnxruntime-genai int4")
+    for name in ("vision_int8", "vision_fp32"):
+        row = (ttft or {}).get(name)
+        if row:
+            print(f"  TTFT ({name}): {row['ttft_s']:.2f} s, vision {row['vision_s']:.2f} s")
     print(f"wrote {work / 'scale.json'}")
     return 0 if all(s["returncode"] == 0 for s in steps) else 1
 
