@@ -33,7 +33,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     opts = ServerOptions(model_id=a.model_id or os.path.basename(os.path.normpath(a.path)),
                          api_key=a.api_key or os.environ.get("EDGE_VILA_API_KEY"),
                          allow_local_files=a.allow_local_files, max_images=a.max_images, max_queue=a.max_queue,
-                         max_request_bytes=a.max_request_mb << 20, strict_model=a.strict_model)
+                         max_request_bytes=a.max_request_mb << 20, strict_model=a.strict_model,
+                         read_timeout_s=a.read_timeout)
     check_bind(a.host, opts.api_key)  # say it before spending time on loading
     pipe = _load(a)
     ids = "other model ids are refused" if opts.strict_model else "a request for any model id gets it"
@@ -85,9 +86,11 @@ def register(sub) -> None:
                    "(default: one model is served, so any id gets it)")
     s.add_argument("--allow-local-files", action="store_true", help="accept image_url file paths")
     s.add_argument("--max-images", type=int, default=4, help="images per request at most")
-    s.add_argument("--max-queue", type=int, default=8, help="requests waiting for the model at most; more get 503")
+    s.add_argument("--max-queue", type=int, default=8, help="requests waiting for the model at most; more get 429 (a request that waited over 60 s, 503)")
     s.add_argument("--max-request-mb", type=int, default=16,
                    help="largest request body, in MiB (images included, base64)")
+    s.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive; a slower one gets 408")
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("demo", help="gradio web demo: webcam or upload, streaming answers, live stats")

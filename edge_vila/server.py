@@ -7,7 +7,10 @@
 Safety by default: binds 127.0.0.1; binding any other address requires an API key
 (`Authorization: Bearer KEY`). One model generates one request at a time: requests wait in
 a bounded queue and get 429 when it is full, 503 when they waited too long, 413/400 for
-oversized bodies, too many images, bad fields or prompts beyond the context.
+oversized bodies, too many images, bad fields or prompts beyond the context, 408 for a body
+that does not arrive within `read_timeout_s`. A slow or stalled client holds only its own
+connection (the event loop serves the others; generation runs on its own thread), and a
+streaming client that disconnects stops its generation at the next token.
 """
 
 import asyncio
@@ -43,6 +46,7 @@ class ServerOptions:
     max_tokens_cap: int = 1024
     max_queue: int = 8
     queue_timeout_s: float = 60.0
+    read_timeout_s: float = 30.0  # the whole request body must arrive within this
 
 
 class ApiError(Exception):
@@ -331,7 +335,11 @@ def create_app(pipe, opts: ServerOptions | None = None):
             size = int(request.headers.get("content-length") or 0)
             if size > opts.max_request_bytes:
                 raise ApiError(413, f"request body {size} bytes exceeds {opts.max_request_bytes}")
-            raw = await request.body()
+            try:
+                raw = await asyncio.wait_for(request.body(), opts.read_timeout_s)
+            except asyncio.TimeoutError:
+                raise ApiError(408, f"request body not received within {opts.read_timeout_s:g} s",
+                               kind="timeout") from None
             if len(raw) > opts.max_request_bytes:
                 raise ApiError(413, f"request body exceeds {opts.max_request_bytes} bytes")
             try:

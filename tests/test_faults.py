@@ -88,3 +88,76 @@ def test_running_out_of_room_fails_in_one_line_and_leaves_nothing(tiny_ckpt, tmp
     assert len(lines) == 1 and "File too large" in lines[0] and "nothing partial" in lines[0], err
     assert "Traceback" not in err
     assert not out.exists() and _leftovers(out) == []
+
+
+def _job(*args, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edge_vila", "-q", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+
+def _kill_at(args, seconds: float) -> int:
+    p = _job(*args)
+    time.sleep(seconds)
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.communicate()
+    return p.returncode
+
+
+def _tensors(folder) -> dict:
+    from safetensors.numpy import load_file
+
+    out = {}
+    for f in sorted(folder.rglob("*.safetensors")):
+        out.update({f"{f.relative_to(folder)}:{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+@pytest.mark.slow
+def test_killed_quantize_keeps_the_last_checkpoint_and_a_rerun_completes(tiny_ckpt, tmp_path):
+    import numpy as np
+
+    out = tmp_path / "q"
+    args = ("quantize", tiny_ckpt, "--out", out, "--method", "rtn", "--group-size", "32", "--no-eval",
+            "--int8-images", "4")
+    t0 = time.monotonic()
+    p = _job(*args)
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    full, first = time.monotonic() - t0, _tensors(out)
+    for frac in (0.2, 0.5, 0.8, 0.95):
+        if _kill_at(args, full * frac) == 0:
+            continue  # finished before the kill: a complete new checkpoint
+        recover(out)  # what the next run does first
+        now = _tensors(out)  # the previous checkpoint, whole and unchanged
+        assert now.keys() == first.keys() and all(np.array_equal(now[k], first[k]) for k in first)
+    p = _job(*args)
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    assert _leftovers(out) == [] and _tensors(out).keys() == first.keys()
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL a training run mid-stage (twice); each re-run resumes from the last saved step
+    and the final checkpoint equals an uninterrupted run's."""
+    import numpy as np
+
+    from edge_vila import config
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "smoke.yaml")
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    t0 = time.monotonic()
+    p = _job("train", recipe, "--out", ref, "--no-eval")
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    full = time.monotonic() - t0
+    killed = [_kill_at(("train", recipe, "--out", out, "--no-eval"), full * frac) for frac in (0.35, 0.7)]
+    assert any(k != 0 for k in killed)  # at least one kill landed mid-run
+    p = _job("train", recipe, "--out", out, "--no-eval")
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    final = sorted(d for d in out.iterdir() if (d / "config.json").is_file())[-1]
+    config.load_config(final)
+    a, b = _tensors(sorted(d for d in ref.iterdir() if (d / "config.json").is_file())[-1]), _tensors(final)
+    assert a.keys() == b.keys()
+    worst = max(float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a)
+    assert worst <= 1e-5, worst

@@ -139,7 +139,7 @@ def live_server(tiny_bundle):
     """`edge-vila serve` as a real process on loopback, with a small queue."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "edge_vila", "serve", str(tiny_bundle), "--port", str(port),
-                             "--max-queue", "3", "--model-id", "tiny"], stdout=subprocess.PIPE,
+                             "--max-queue", "3", "--model-id", "tiny", "--read-timeout", "2"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
@@ -167,3 +167,53 @@ def test_concurrent_requests_answered_or_rejected(live_server):
     assert codes.count(200) >= 4  # the worker + a queue of 3 at least
     for _ in range(20):  # and it keeps serving sequentially afterwards
         assert one(0) == 200
+
+
+def _metrics(url: str) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            k, v = line.rsplit(" ", 1)
+            out[k] = float(v)
+    return out
+
+
+_BODY = {"model": "tiny", "messages": [{"role": "user", "content": "Count the shapes."}], "max_tokens": 8}
+
+
+def test_stalled_body_gets_408_and_does_not_hold_the_server(live_server):
+    port = int(live_server.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 500\r\n\r\n{\"model\": \"tiny\", ")  # 480 bytes never come
+        t0 = time.monotonic()
+        ok = httpx.post(live_server + "/v1/chat/completions", json=_BODY, timeout=30)
+        assert ok.status_code == 200  # served while the other connection stalls
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert 1.5 <= time.monotonic() - t0 < 12  # --read-timeout 2
+    err = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+    assert err["type"] == "timeout" and err["code"] == 408
+    assert _metrics(live_server).get('edge_vila_requests_total{code="408"}', 0) >= 1
+
+
+def test_client_that_disconnects_mid_stream_frees_the_worker(live_server):
+    url = live_server + "/v1/chat/completions"
+    with httpx.stream("POST", url, json={**_BODY, "stream": True, "max_tokens": 300}, timeout=30) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"content": ""' not in line and '"content":""' not in line:
+                break  # the first generated token: hang up here
+    for _ in range(100):  # the worker notices at its next token and stops
+        m = _metrics(live_server)
+        if m["edge_vila_busy"] == 0:
+            break
+        time.sleep(0.1)
+    assert m["edge_vila_busy"] == 0
+    assert httpx.post(url, json=_BODY, timeout=30).status_code == 200  # the next request is served
+    assert not [k for k in _metrics(live_server) if k.startswith('edge_vila_requests_total{code="5')]
