@@ -295,7 +295,7 @@ def test_bf16_checkpoint_gets_a_float16_head_with_the_same_logits(qckpt, tmp_pat
     shutil.copytree(src, bf)
     for f in (bf / "llm").glob("*.safetensors"):
         save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in load_file(str(f)).items()}, str(f))
-    opts = dict(llm_quant="fp32", vision_quant="fp32", max_context=128, report=False)
+    opts = dict(vision_quant="fp32", max_context=128, report=False, quant_method="rtn", group_size=32, max_drop=None)
     b16 = export_bundle(bf, tmp_path / "b16", ExportOptions(**opts))
     b32 = export_bundle(bf, tmp_path / "b32", ExportOptions(head_dtype="fp32", **opts))
     man16 = json.loads((b16 / "manifest.json").read_text())
@@ -307,12 +307,9 @@ def test_bf16_checkpoint_gets_a_float16_head_with_the_same_logits(qckpt, tmp_pat
     V = load_file(str(next((bf / "llm").glob("*.safetensors"))))["lm_head.weight"].shape[0]
     nbytes = lambda b: sum(f.stat().st_size for f in b.glob("llm.onnx*"))
     assert 0 <= nbytes(b32) - nbytes(b16) - 2 * V * 128 < 1024  # the head's half (+ the Cast node)
-    w4 = dict(opts, llm_quant="awq-w4", quant_method="rtn", group_size=32, max_drop=None)
-    q16 = export_bundle(bf, tmp_path / "q16", ExportOptions(**w4))
-    q32 = export_bundle(bf, tmp_path / "q32", ExportOptions(head_dtype="fp32", **w4))
-    for fp16_head, fp32_head, variant in ((b16, b32, "bundle"), (q16, q32, "bundle"), (q16, q32, "fast")):
-        ref = reference_logits(edge_vila.load(fp32_head, exact=True, variant=variant), PROMPTS[:2], steps=4)
-        got = compare_logits(edge_vila.load(fp16_head, exact=True, variant=variant), ref)
+    for variant in ("bundle", "fast"):
+        ref = reference_logits(edge_vila.load(b32, exact=True, variant=variant), PROMPTS[:2], steps=4)
+        got = compare_logits(edge_vila.load(b16, exact=True, variant=variant), ref)
         # the same values; ORT may pick another GEMM kernel for the folded graph (~1e-7)
         assert got["max_rel_logit_err"] <= 1e-6 and got["greedy_agreement"] == 1.0, (variant, got)
     f32 = export_bundle(src, tmp_path / "f32", ExportOptions(**opts))  # a float32 checkpoint: no rounding
