@@ -217,3 +217,19 @@ def test_client_that_disconnects_mid_stream_frees_the_worker(live_server):
     assert m["edge_vila_busy"] == 0
     assert httpx.post(url, json=_BODY, timeout=30).status_code == 200  # the next request is served
     assert not [k for k in _metrics(live_server) if k.startswith('edge_vila_requests_total{code="5')]
+
+
+def test_json_that_python_accepts_but_is_not_json_gets_400(client):
+    """NaN/Infinity (Python's parser takes them, and NaN passed every range check: the sampler
+    raised on NaN probabilities, a 500) and bodies nested past the recursion limit."""
+    base = '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2'
+    for raw, needle in ((base + ', "temperature": NaN}', "NaN"), (base + ', "top_p": Infinity}', "Infinity"),
+                        ('{"messages": ' + "[" * 5000 + "]" * 5000 + "}", "nested")):
+        r = client.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], (r.status_code, r.text[:200])
+    from edge_vila.errors import InputError
+    from edge_vila.generate import SamplingParams
+
+    for bad in ({"temperature": float("nan")}, {"temperature": float("inf")}, {"repetition_penalty": float("nan")}):
+        with pytest.raises(InputError):
+            SamplingParams(**bad)
