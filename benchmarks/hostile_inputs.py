@@ -165,19 +165,15 @@ def server_bodies(files: dict[str, Path], long_prompt: str) -> list[tuple[str, b
 def run_server(bundle: Path, files: dict[str, Path], long_prompt: str, log_path: Path) -> list[dict]:
     import httpx
 
+    from edge_vila.testing import wait_healthy
+
     port = _free_port()
     log = open(log_path, "w")
     proc = subprocess.Popen([*EV, "serve", str(bundle), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited: {log_path.read_text()[-2000:]}")
+        if not wait_healthy(url, proc):
+            raise SystemExit(f"server did not come up: {log_path.read_text()[-2000:]}")
         rows = []
         for name, body in server_bodies(files, long_prompt):
             r = httpx.post(url + "/v1/chat/completions", content=body, timeout=120,

@@ -62,12 +62,10 @@ def main() -> None:
                              "--max-queue", str(a.max_queue)])
     base = f"http://127.0.0.1:{a.port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        from edge_vila.testing import wait_healthy
+
+        if not wait_healthy(base, proc):
+            raise SystemExit("edge-vila serve did not come up")
         url = base + "/v1/chat/completions"
         seq = [_request(url, k) for k in range(a.sequential)]
         with cf.ThreadPoolExecutor(a.concurrent) as ex:

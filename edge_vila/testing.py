@@ -201,3 +201,21 @@ class MJPEGServer:
         self.up.clear()
         self._srv.shutdown()
         self._srv.server_close()
+
+
+def wait_healthy(url: str, proc, tries: int = 600) -> bool:
+    """Poll `url`/health until the server answers 200 (True) or `proc` exits (False); waits
+    at most `tries` × 0.1 s. For tests and benchmarks that start `edge-vila serve`."""
+    import time
+
+    import httpx
+
+    for _ in range(tries):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            time.sleep(0.1)
+        if proc.poll() is not None:
+            return False
+    return False

@@ -142,14 +142,11 @@ def live_server(tiny_bundle):
                              "--max-queue", "3", "--model-id", "tiny", "--read-timeout", "2"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read()}")
+    from edge_vila.testing import wait_healthy
+
+    if not wait_healthy(url, proc, tries=300):
+        proc.kill()
+        pytest.fail(f"server did not come up: {proc.stdout.read()}")
     yield url
     proc.terminate()
     proc.wait(timeout=10)
