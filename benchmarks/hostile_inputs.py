@@ -18,28 +18,19 @@ import argparse
 import base64
 import io
 import json
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from edge_vila.testing import bomb_png
+
 EV = [sys.executable, "-m", "edge_vila"]
-
-
-def _bomb_png(w: int = 60000, h: int = 60000) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
 def _save(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -59,7 +50,7 @@ def corpus(folder: Path) -> dict[str, Path]:
     gif = io.BytesIO()
     frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=50)
     files: dict[str, bytes | None] = {
-        "bomb.png": _bomb_png(),
+        "bomb.png": bomb_png(),
         "truncated.jpg": jpeg[: len(jpeg) // 3],
         "empty.png": b"",
         "random.png": rng.integers(0, 255, 4096, dtype=np.uint8).tobytes(),
@@ -119,12 +110,6 @@ def run_cli(bundle: Path, files: dict[str, Path], long_prompt: str) -> list[dict
     return rows
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _data_url(p: Path) -> str:
     data = p.read_bytes() if p.is_file() else b""
     return "data:image/png;base64," + base64.b64encode(data).decode()
@@ -165,9 +150,9 @@ def server_bodies(files: dict[str, Path], long_prompt: str) -> list[tuple[str, b
 def run_server(bundle: Path, files: dict[str, Path], long_prompt: str, log_path: Path) -> list[dict]:
     import httpx
 
-    from edge_vila.testing import wait_healthy
+    from edge_vila.testing import free_port, wait_healthy
 
-    port = _free_port()
+    port = free_port()
     log = open(log_path, "w")
     proc = subprocess.Popen([*EV, "serve", str(bundle), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -219,3 +219,25 @@ def wait_healthy(url: str, proc, tries: int = 600) -> bool:
         if proc.poll() is not None:
             return False
     return False
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on (for a server a test or benchmark starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bomb_png(w: int = 60000, h: int = 60000) -> bytes:
+    """A valid PNG header claiming w x h 8-bit RGB pixels, with a few bytes of data: decoding
+    it would need w*h*3 bytes (10 GB at the default), reading its header needs none."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")

@@ -18,7 +18,7 @@ import torch
 from edge_vila import __version__
 from edge_vila.bundle import FORMAT, FORMAT_VERSION
 from edge_vila.config import TINYCHAT, load_config
-from edge_vila.errors import CheckpointError, InputError
+from edge_vila.errors import InputError
 from edge_vila.fsutil import work_dir, atomic_dir, atomic_write_json, release_freed_memory, sha256_file
 from edge_vila.modeling.int8 import INT8_FILE, load_int8
 from edge_vila.modeling.weights import CheckpointWeights, SafetensorsWriter
@@ -112,17 +112,20 @@ def _ensure_quantized(ckpt: Path, opts: ExportOptions, work: Path) -> Path:
     return work / "quantized"
 
 
-def sixteen_bit(weights: CheckpointWeights, key: str, dtype: str, what: str, rows: int = 8192) -> str:
+def sixteen_bit(weights: CheckpointWeights, key: str, dtype: str, what: str, t: torch.Tensor | None = None,
+                rows: int = 8192) -> str:
     """"fp16" or "fp32" for tensor `key` written as `what`. float16 halves its bytes (on disk
     and in an Orin's shared memory) and is exact for a bf16 or fp16 checkpoint's values in
     fp16's range (bf16 has 8 mantissa bits, fp16 11; only |x| < 6e-5 loses bits, to 6e-8
     absolute), so `auto` takes it for those and keeps float32 for a float32 checkpoint (where
-    fp16 would round every value). A tensor with values beyond fp16's range stays float32."""
+    fp16 would round every value). A tensor with values beyond fp16's range stays float32.
+    The tensor (`t`, if the caller has read it) is read only for that range check."""
     if dtype not in ("auto", "fp16", "fp32"):
         raise InputError(f"{what} dtype {dtype!r} unknown (expected auto, fp16 or fp32)")
-    t = weights.get(key)
-    want = dtype if dtype != "auto" else ("fp16" if t.dtype in (torch.bfloat16, torch.float16) else "fp32")
+    half = weights.dtype(key) in (torch.bfloat16, torch.float16)
+    want = dtype if dtype != "auto" else ("fp16" if half else "fp32")
     if want == "fp16":
+        t = weights.get(key) if t is None else t
         peak = max((float(t[i:i + rows].abs().max()) for i in range(0, t.shape[0], rows)), default=0.0)
         if peak >= 65504:
             log.warning("%s kept float32: %s holds values up to %.3g, beyond float16", what, key, peak)
@@ -134,8 +137,8 @@ def _write_embeddings(weights: CheckpointWeights, path: Path, dtype: str = "auto
     """The host's token-embedding table, in `sixteen_bit`'s dtype; returns the dtype written."""
     import numpy as np
 
-    want = sixteen_bit(weights, "model.embed_tokens.weight", dtype, "embed.safetensors", rows)
     t = weights.get("model.embed_tokens.weight")
+    want = sixteen_bit(weights, "model.embed_tokens.weight", dtype, "embed.safetensors", t, rows)
     table = np.empty(tuple(t.shape), np.float16 if want == "fp16" else np.float32)
     for i in range(0, t.shape[0], rows):  # convert in slices: no whole float32 copy of the table
         table[i:i + rows] = t[i:i + rows].float().numpy()
@@ -149,11 +152,7 @@ def _head_dtype(weights: CheckpointWeights, spec, dtype: str) -> str:
     """llm.onnx's float LM head: fp16 | fp32 (`sixteen_bit`), or int4 for a quantized head."""
     if "lm_head.qweight" in weights:
         return "int4"
-    key = "lm_head.weight" if "lm_head.weight" in weights or not spec.tie_word_embeddings \
-        else "model.embed_tokens.weight"
-    if key not in weights:
-        raise CheckpointError(f"{weights.folder}: tensor {key!r} not found (the LM head)")
-    return sixteen_bit(weights, key, dtype, "llm.onnx's LM head")
+    return sixteen_bit(weights, weights.head_name(spec.tie_word_embeddings), dtype, "llm.onnx's LM head")
 
 
 def export_bundle(ckpt: str | Path, out: str | Path, opts: ExportOptions | None = None) -> Path:
@@ -317,6 +316,9 @@ def _vision_dims(cfg) -> dict:
             "projector_mid": 3 * cfg.projector.in_dim if cfg.projector.fold == 3 else 0}
 
 
+_DTYPE_NAMES = {"fp16": "float16", "fp32": "float32", "int4": "int4"}  # option -> the manifest's name
+
+
 def _manifest(cfg, template, max_ctx, opts, vision_quant, folder: Path, files: list[str], source: Path,
               head_dtype: str) -> dict:
     s = cfg.llm
@@ -342,8 +344,7 @@ def _manifest(cfg, template, max_ctx, opts, vision_quant, folder: Path, files: l
                   "int4_encoding": "symmetric INT4 block DQ + exact zero-point correction" if q else None,
                   **(vision_quant or {})},
         "io": {"llm": dict(zip(("inputs", "outputs"), io_names(s.num_layers)), kv_layout="[1, kv_heads, seq, head_dim]",
-                       kv_dtype={"fp16": "float16", "fp32": "float32"}[opts.kv_dtype],
-                       head_dtype={"fp16": "float16", "fp32": "float32", "int4": "int4"}[head_dtype]),
+                       kv_dtype=_DTYPE_NAMES[opts.kv_dtype], head_dtype=_DTYPE_NAMES[head_dtype]),
                "vision": {"inputs": ["pixels"], "outputs": ["image_features" if cfg.preprocess.s2 else "image_embeds"]}
                if cfg.is_multimodal else None,
                **({"projector": {"inputs": ["image_features"], "outputs": ["image_embeds"]}}

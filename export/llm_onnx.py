@@ -211,19 +211,19 @@ def export_llm(spec: LLMSpec, weights: CheckpointWeights, out: Path, max_context
                 g.insert_after(mm, [xs, yc, add])
             n_int4 += 1
             continue
-        if key == "lm_head.weight" and key not in weights and spec.tie_word_embeddings:
-            key = "model.embed_tokens.weight"  # a tied head (Qwen2-1.5B, NVILA-Lite) is the embedding table
+        if key == "lm_head.weight":
+            key = weights.head_name(spec.tie_word_embeddings)  # a tied head (NVILA-Lite) is the embedding table
         shape = weights.shape(key) if key in weights else None
         if shape is None:
             raise CheckpointError(f"{weights.folder}: tensor {key!r} not found (config.json expects it)")
         if tuple(shape) != tuple(v.shape.numpy()):
             raise CheckpointError(f"{weights.folder}: {key} is {list(shape)}, config.json says {list(v.shape.numpy())}")
         half = head_dtype == "fp16" and pname.removeprefix("lm.") == "lm_head.weight"
-        np_dt, ir_dt = (np.float16, ir.DataType.FLOAT16) if half else (np.float32, ir.DataType.FLOAT)
+        ir_dt = ir.DataType.FLOAT16 if half else ir.DataType.FLOAT
         tr = [u.node for u in users if u.node.op_type == "Transpose"]
         if len(shape) == 2 and tr and len(tr) == len(users):  # a float linear: store W^T, drop the Transposes
             wt = _lazy(pname + ".T", ir_dt, [shape[1], shape[0]],
-                       partial(lambda k, d: np.ascontiguousarray(weights.float32(k).T, d), key, np_dt))
+                       partial(lambda k, h: np.ascontiguousarray(_stored(weights, k, h).T), key, half))
             g.register_initializer(wt)
             src = _cast_to_float(g, wt) if half else wt
             for t in tr:
@@ -232,7 +232,7 @@ def export_llm(spec: LLMSpec, weights: CheckpointWeights, out: Path, max_context
             continue
         if half:
             v.name = pname + ".unused"
-            w16 = _lazy(pname, ir_dt, list(shape), partial(lambda k: weights.float32(k).astype(np.float16), key))
+            w16 = _lazy(pname, ir_dt, list(shape), partial(_stored, weights, key, True))
             g.register_initializer(w16)
             v.replace_all_uses_with(_cast_to_float(g, w16))
             continue
@@ -241,6 +241,12 @@ def export_llm(spec: LLMSpec, weights: CheckpointWeights, out: Path, max_context
         g.register_initializer(v)
     _save(model, out)
     return {"int4_linears": n_int4}
+
+
+def _stored(weights: CheckpointWeights, key: str, half: bool) -> np.ndarray:
+    """A float tensor as float16 (converted from its 16-bit storage: no float32 copy of an 8B
+    head) or float32."""
+    return weights.get(key).to(torch.float16).numpy() if half else weights.float32(key)
 
 
 def _cast_to_float(g, init: ir.Value) -> ir.Value:

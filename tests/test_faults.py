@@ -16,10 +16,30 @@ from edge_vila.bundle import read_manifest
 from edge_vila.fsutil import atomic_dir, recover
 
 
+def _job(*args, **kw) -> subprocess.Popen:
+    """`edge-vila -q ARGS` in its own process group (a kill -9 of the job takes its children too)."""
+    return subprocess.Popen([sys.executable, "-m", "edge_vila", "-q", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+
+def _export_args(ckpt, out) -> tuple:
+    return ("export", ckpt, "--out", out, "--group-size", "32", "--max-context", "128", "--no-report")
+
+
 def _export(ckpt, out, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edge_vila", "export", str(ckpt), "--out", str(out), "--group-size",
-                             "32", "--max-context", "128", "--no-report"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return _job(*_export_args(ckpt, out), **kw)
+
+
+def _kill_at(args, seconds: float) -> int:
+    """Start `edge-vila ARGS`, SIGKILL its process group after `seconds`; its exit status."""
+    p = _job(*args)
+    time.sleep(seconds)
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.communicate()
+    return p.returncode
 
 
 def _leftovers(out) -> list[str]:
@@ -53,14 +73,7 @@ def test_killed_export_keeps_the_last_bundle_and_a_rerun_completes(tiny_ckpt, tm
     p.wait(timeout=600)
     full = time.monotonic() - t0
     for frac in (0.15, 0.4, 0.7, 0.9):  # SIGKILL at points through quantize, ONNX export and hashing
-        p = _export(tiny_ckpt, out, start_new_session=True)
-        time.sleep(full * frac)
-        try:
-            os.killpg(p.pid, signal.SIGKILL)  # the export and its vision subprocess, as a kill -9 of the job
-        except ProcessLookupError:
-            pass
-        p.wait()
-        if p.returncode == 0:  # it finished before the kill: a complete new bundle
+        if _kill_at(_export_args(tiny_ckpt, out), full * frac) == 0:  # finished first: a complete new bundle
             continue
         recover(out)  # what the next run does first
         man = read_manifest(out)  # the previous bundle, whole: every file's sha256 checks out
@@ -88,22 +101,6 @@ def test_running_out_of_room_fails_in_one_line_and_leaves_nothing(tiny_ckpt, tmp
     assert len(lines) == 1 and "File too large" in lines[0] and "nothing partial" in lines[0], err
     assert "Traceback" not in err
     assert not out.exists() and _leftovers(out) == []
-
-
-def _job(*args, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edge_vila", "-q", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
-
-
-def _kill_at(args, seconds: float) -> int:
-    p = _job(*args)
-    time.sleep(seconds)
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    p.communicate()
-    return p.returncode
 
 
 def _tensors(folder) -> dict:

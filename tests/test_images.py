@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
 import subprocess
 import sys
-import zlib
 
 import numpy as np
 import pytest
@@ -15,16 +13,7 @@ from PIL import Image
 
 from edge_vila.errors import ImageTooLargeError, InputError
 from edge_vila.preprocess import load_image, preprocess_image
-
-
-def bomb_png(w: int = 60000, h: int = 60000) -> bytes:
-    """A valid PNG header claiming w x h 8-bit RGB pixels, with a few bytes of data: decoding
-    it would need w*h*3 bytes (10 GB here), reading its header needs none."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+from edge_vila.testing import bomb_png
 
 
 def _png(img: Image.Image, **kw) -> bytes:

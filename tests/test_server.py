@@ -128,16 +128,12 @@ def test_api_key_and_bind_rules(tiny_bundle):
         serve(pipe, host="0.0.0.0", port=1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live_server(tiny_bundle):
     """`edge-vila serve` as a real process on loopback, with a small queue."""
-    port = _free_port()
+    from edge_vila.testing import free_port
+
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "edge_vila", "serve", str(tiny_bundle), "--port", str(port),
                              "--max-queue", "3", "--model-id", "tiny", "--read-timeout", "2"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

@@ -74,6 +74,16 @@ class CheckpointWeights:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._where[name][3]
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype, from the header (no tensor bytes read)."""
+        if name not in self._where:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} not found in its safetensors")
+        return _DTYPES[self._where[name][2]]
+
+    def head_name(self, tied: bool) -> str:
+        """The LM head's tensor: lm_head.weight, or the embedding table for a tied head saved without one."""
+        return "model.embed_tokens.weight" if tied and "lm_head.weight" not in self._where else "lm_head.weight"
+
     def float32(self, name: str) -> np.ndarray:
         return self.get(name).float().numpy()
 
