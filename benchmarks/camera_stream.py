@@ -21,7 +21,7 @@ from pathlib import Path
 
 import edge_vila
 from edge_vila.generate import SamplingParams
-from edge_vila.train.world import normalize_answer
+from edge_vila.synthetic.world import normalize_answer
 from edge_vila.video import SyntheticSource, open_source
 from edge_vila.videoquery import VideoQuery
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from edge_vila.train.world import random_scene, rng_for
+from edge_vila.synthetic.world import random_scene, rng_for
 
 
 def _image_url(k: int) -> str:

@@ -22,7 +22,7 @@ import edge_vila
 from edge_vila.demo import rss_mb
 from edge_vila.generate import SamplingParams
 from edge_vila.testing import MJPEGServer
-from edge_vila.train.world import random_scene, rng_for
+from edge_vila.synthetic.world import random_scene, rng_for
 from edge_vila.video import open_source
 from edge_vila.videoquery import VideoQuery
 

@@ -64,7 +64,7 @@ def main() -> None:
 
     from edge_vila.export.bundle import ExportOptions, export_bundle
     from edge_vila.testing import make_tiny_checkpoint
-    from edge_vila.train.world import random_scene, rng_for
+    from edge_vila.synthetic.world import random_scene, rng_for
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("runs/bench/vision"))

@@ -238,7 +238,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 def _evaluate(path, task: str, n: int, backend: str | None, image_dir: str | None = None,
               progress: bool = True) -> dict:
     from .api import load
-    from .train.eval import eval_shapes_vqa, text_perplexity
+    from .synthetic.eval import eval_shapes_vqa, text_perplexity
 
     pipe = load(path, backend=backend or "auto")
     if task == "shapes-vqa":

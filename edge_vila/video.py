@@ -274,7 +274,7 @@ class SyntheticSource(VideoSource):
     @staticmethod
     def stream_scene(seed: int, scene_id: int):
         """The stream's scene number `scene_id` (for benchmarks that ask about them still)."""
-        from .train.world import random_scene, rng_for
+        from .synthetic.world import random_scene, rng_for
 
         return random_scene(rng_for(seed, 99, scene_id))
 
@@ -287,7 +287,7 @@ class SyntheticSource(VideoSource):
         what the tiny model was trained on, it answered 84% there vs 96% within +-0.04.)"""
         from dataclasses import replace
 
-        from .train.world import JITTER
+        from .synthetic.world import JITTER
 
         def glide(j: float, ph: float) -> float:
             return JITTER * float(np.sin(np.arcsin(np.clip(j / JITTER, -1, 1)) + ph))

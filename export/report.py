@@ -79,8 +79,8 @@ def bundle_report(float_ckpt: Path, bundle: Path, n: int = 200, quantized_ref: P
     import edge_vila
     from edge_vila.fsutil import release_freed_memory
     from edge_vila.config import load_config
-    from edge_vila.train import world
-    from edge_vila.train.eval import eval_shapes_vqa
+    from edge_vila.synthetic import world
+    from edge_vila.synthetic.eval import eval_shapes_vqa
 
     man = json.loads((Path(bundle) / "manifest.json").read_text())
     multimodal = man.get("preprocess") is not None

@@ -92,7 +92,7 @@ def calibration_embeds(lm, tok, n_text: int, seq_len: int, vlm_parts=None, n_mm:
     out = [emb(text_blocks(tok, text, n_text, seq_len, tok.bos_id))]
     if vlm_parts is not None and n_mm:
         from edge_vila.preprocess import preprocess_images
-        from edge_vila.train import world
+        from edge_vila.synthetic import world
 
         vision, projector = (m.to(device) for m in vlm_parts)
         rng = world.rng_for(4242)

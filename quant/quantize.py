@@ -162,7 +162,7 @@ def _quality(w: CheckpointWeights, cfg, q: QuantConfig, opts: QuantizeOptions, r
 def int8_calibration_pixels(cfg, n: int, image_dir: str | None) -> list[torch.Tensor]:
     """Batches of preprocessed calibration images: the user's folder, or the synthetic world."""
     from edge_vila.preprocess import preprocess_images
-    from edge_vila.train import world
+    from edge_vila.synthetic import world
 
     if image_dir:
         files = sorted(p for p in Path(image_dir).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
@@ -243,7 +243,7 @@ def _int8(parts, cfg, opts: QuantizeOptions, path: Path, device: torch.device | 
 
 def _vqa(src: Path, out: Path, n: int) -> dict:
     import edge_vila
-    from edge_vila.train.eval import eval_shapes_vqa
+    from edge_vila.synthetic.eval import eval_shapes_vqa
 
     res = {}
     for name, path in (("float", src), ("quantized", out)):

@@ -129,7 +129,7 @@ def test_bundle_matches_torch_reference(which, w4_bundle, fp_bundle, qckpt, tmp_
 
 @pytest.mark.parametrize("variant", ["fast", "bundle"])
 def test_bundle_generation_prefix_reuse_and_eval(w4_bundle, variant):
-    from edge_vila.train.eval import eval_shapes_vqa, text_perplexity
+    from edge_vila.synthetic.eval import eval_shapes_vqa, text_perplexity
 
     pipe = edge_vila.load(w4_bundle, variant=variant)
     img = _images(1)

@@ -60,7 +60,7 @@ def test_shipped_model_matches_its_card():
     """models/shapes-tiny: trained by recipes/tiny.yaml; its card records the recipe, the commit
     and the held-out eval; the torch reference still scores like the card on fresh questions."""
     import edge_vila
-    from edge_vila.train.eval import eval_shapes_vqa
+    from edge_vila.synthetic.eval import eval_shapes_vqa
 
     card = json.loads((MODEL / "edge_vila_model.json").read_text())
     assert card["recipe"]["name"] == "tiny" and card["commit"] and card["eval"]["n"] >= 1000

@@ -8,7 +8,7 @@ import pytest
 
 from edge_vila.errors import InputError
 from edge_vila.prompt import TextTokenizer, get_template
-from edge_vila.train import world
+from edge_vila.synthetic import world
 from edge_vila.train.config import StageConfig, load_recipe
 from edge_vila.train.data import HARD_NEGATIVES, IGNORE, IMAGE_SLOT, synthetic_sample, tokenize
 from edge_vila.train.formats import load_llava_json, load_mmc4_jsonl
@@ -56,7 +56,7 @@ def test_hard_negatives_change_one_attribute_and_leave_the_eval_alone():
     assert near > 50 and 0.35 < changed_shape / near < 0.8
     # the default (the eval's) draws no extra random numbers: the held-out questions stay those
     # every earlier score was measured on (pinned here as they were before the option existed)
-    from edge_vila.train.eval import EVAL_SEED
+    from edge_vila.synthetic.eval import EVAL_SEED
     held_out = [world.make_question(world.rng_for(EVAL_SEED, i), "exists") for i in range(3, 30, 6)]
     assert [(q.question, q.answer) for q in held_out] == [
         ("Is there a orange square?", "yes"), ("Is there a purple square?", "no"), ("Is there a orange circle?", "no"),

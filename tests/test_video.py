@@ -30,7 +30,7 @@ def test_synthetic_drift_stays_in_the_training_world():
     the range where the training world places them: every frame is a scene the model could see."""
     import math
 
-    from edge_vila.train.world import JITTER
+    from edge_vila.synthetic.world import JITTER
 
     for i in range(50):
         scene = SyntheticSource.stream_scene(11, i)

@@ -24,7 +24,7 @@ def start(state: Path) -> int:
 
         ckpt = make_tiny_checkpoint(state / "ckpt", llm_hidden=128, intermediate=256, image_size=32)
         export_bundle(ckpt, bundle, ExportOptions(group_size=32, max_context=512, report=False))
-    from edge_vila.train.world import random_scene, rng_for
+    from edge_vila.synthetic.world import random_scene, rng_for
 
     random_scene(rng_for(0, 1)).render(64).save(state / "frame.png")
     with socket.socket() as s:

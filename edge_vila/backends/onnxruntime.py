@@ -157,7 +157,7 @@ class OrtBackend(BundleBackend):
             from PIL import Image
 
             from ..preprocess import preprocess_images
-            from ..train import world
+            from ..synthetic import world
 
             pre = self.cfg.preprocess
             side = max(pre.height, pre.width)

@@ -15,7 +15,7 @@ from PIL import Image
 from ..config import PreprocessSpec
 from ..preprocess import preprocess_images
 from ..prompt import IMAGE_PLACEHOLDER, ChatTemplate, TextTokenizer, split_images
-from . import textdata, world
+from ..synthetic import textdata, world
 
 IMAGE_SLOT = -1
 IGNORE = -100

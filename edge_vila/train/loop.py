@@ -20,7 +20,7 @@ from .checkpointing import load_resume, save_resume
 from .config import RecipeConfig, StageConfig
 from .data import RealData, collate, draw_samples
 from .model import ClipObjective, TrainVLM, build_model, load_model
-from .world import rng_for
+from ..synthetic.world import rng_for
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class Trainer:
         tdir = self.out / "tokenizer"
         if self.d.main and not (tdir / "tokenizer.json").exists():
             from ..testing import build_tokenizer
-            from . import textdata, world
+            from ..synthetic import textdata, world
 
             corpus = [world.make_question(world.rng_for(i)).question + " " + world.random_scene(world.rng_for(i, 1)).caption()
                       for i in range(400)] + textdata.vocabulary_corpus()
