@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from .errors import CheckpointError, ContextOverflowError, EdgeVilaError, InputError  # noqa: E402
 from .generate import SamplingParams  # noqa: E402
+from .options import RuntimeOptions  # noqa: E402
 
 
 def load(*args, **kwargs):
@@ -18,5 +19,5 @@ def load(*args, **kwargs):
     return _load(*args, **kwargs)
 
 
-__all__ = ["load", "SamplingParams", "EdgeVilaError", "CheckpointError", "InputError", "ContextOverflowError",
+__all__ = ["load", "RuntimeOptions", "SamplingParams", "EdgeVilaError", "CheckpointError", "InputError", "ContextOverflowError",
            "__version__"]

@@ -20,64 +20,48 @@ import numpy as np
 from .config import VilaConfig, load_config
 from .errors import InputError
 from .generate import GenerationStats, Generator, SamplingParams
-from .preprocess import ImageLike, message_tiles, tiles_message
+from .options import DEFAULT_CONTEXT, RuntimeOptions
+from .preprocess import ImageLike, message_tiles, pixel_limit, tiles_message
 from .prompt import (IMAGE_PLACEHOLDER, ChatTemplate, ImageKey, Key, TextTokenizer, encode_with_images,
                      get_template, guess_template)
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
-def load(path: str | Path, backend: str = "auto", max_context: int | None = None, dtype: str = "float32",
-         template: str | None = None, system: str | None = None, threads: int | None = None,
-         exact: bool = False, variant: str = "auto", kv_cache: str = "auto", attention: str = "auto",
-         matmul: str = "auto", max_tiles: int | None = None, max_pixels: int | None = None) -> "Pipeline":
+def load(path: str | Path, options: RuntimeOptions | None = None, *, template: str | None = None,
+         system: str | None = None, **runtime) -> "Pipeline":
     """Load a bundle (ONNX Runtime; TensorRT on the device), a VILA checkpoint (torch
     reference) or a plain HF LLM folder (text-only).
 
-    On the CPU an INT4 bundle runs ORT's fast graph; `kv_cache="auto"` gives it an INT8 KV
-    cache unless `exact` (then FP32, as with `kv_cache="fp32"`), and attention over it runs in
-    our own ONNX Runtime op when a C compiler can build it (`attention="gqa"`: ORT's
-    GroupQueryAttention; `"edge"`: our op or an error). The INT4 linears run in our op too where
-    it has its AVX-512 VNNI kernel (`matmul="nbits"`: ORT's MatMulNBits; `"edge"`: ours, even
-    with portable loops; never with `exact`, as it quantizes activations to int8).
+    How it runs is one `RuntimeOptions` (see its fields), given whole or as keywords:
+    `load(p, RuntimeOptions(kv_cache="fp32"))` and `load(p, kv_cache="fp32")` are the same;
+    keywords given with `options` override its fields.
 
-    `max_tiles` caps NVILA-Lite's dynamic tiling below the checkpoint's (12): a lone image
-    costs at most max_tiles + 1 vision inputs and (max_tiles + 1) x 123 positions, the
-    latency knob on a Jetson (VILA's own process_image takes the same override). For NVILA's
-    dynamic_s2 it caps the last scale's blocks (at least 9: 1344 px is 3 x 3 tiles of 448), so
-    a lone image takes at most max_tiles x 256 + 1 positions.
-
-    `max_pixels` (default 64 MP) refuses, before decoding, an image whose header claims more
-    pixels (preprocess.MAX_PIXELS: it holds for the whole process, as Pillow's own limit does)."""
-    if backend not in ("auto",) + BACKENDS:
-        raise InputError(f"backend {backend!r} unknown (expected auto, {', '.join(BACKENDS)})")
-    if max_pixels is not None:
-        from .preprocess import set_max_pixels
-
-        set_max_pixels(max_pixels)
+    On the CPU an INT4 bundle runs ORT's fast graph (built once, cached and verified inside
+    the bundle; `edge-vila build --target ort-cpu` makes it ahead of time), with an INT8 KV
+    cache whose scales the bundle brings, unless `exact`. `max_tiles` caps NVILA-Lite's
+    dynamic tiling (and NVILA-8B's last S2 scale); `max_pixels` refuses, before decoding, an
+    image whose header claims more pixels (per pipeline)."""
+    opts = (options or RuntimeOptions()).replace(**runtime) if runtime else (options or RuntimeOptions())
     from .bundle import is_bundle
 
     if is_bundle(path):
-        pipe = _load_bundle(Path(path), backend, max_context, template, system, threads, exact, variant, kv_cache,
-                            attention, matmul)
-        _cap_tiles(pipe.cfg, max_tiles)
+        pipe = _load_bundle(Path(path), opts, template, system)
+        _cap_tiles(pipe.cfg, opts.max_tiles)
         return pipe
     cfg = load_config(path)
-    _cap_tiles(cfg, max_tiles)
-    if backend not in ("auto", "torch"):
-        raise InputError(f"{path}: a checkpoint runs on the torch backend; export a bundle for {backend}")
-    if kv_cache == "int8" or "edge" in (attention, matmul):
+    _cap_tiles(cfg, opts.max_tiles)
+    if opts.backend not in ("auto", "torch"):
+        raise InputError(f"{path}: a checkpoint runs on the torch backend; export a bundle for {opts.backend}")
+    if opts.wants_bundle_features:
         raise InputError(f"{path}: the INT8 KV cache and our ops are a bundle feature (ONNX Runtime CPU); "
                          "export a bundle")
-    ctx = max_context or min(cfg.llm.max_position_embeddings, 2048)
-    if ctx < 2:
-        raise InputError(f"max_context must be >= 2, got {ctx}")
+    ctx = opts.max_context or min(cfg.llm.max_position_embeddings, DEFAULT_CONTEXT)
     from .backends.torch import TorchBackend
 
-    be = TorchBackend(cfg, ctx, dtype=dtype, threads=threads)
-    return Pipeline(cfg, be, TextTokenizer(cfg.llm_dir), template=template, system=system)
+    be = TorchBackend(cfg, ctx, dtype=opts.dtype, threads=opts.threads)
+    return Pipeline(cfg, be, TextTokenizer(cfg.llm_dir), template=template, system=system, options=opts)
 
 
 def _cap_tiles(cfg, max_tiles: int | None) -> None:
@@ -100,12 +84,11 @@ def _tensorrt_ready(path: Path) -> bool:
     return importlib.util.find_spec("tensorrt") is not None and any((path / "engines").glob("trt*/engine_key.json"))
 
 
-def _load_bundle(path: Path, backend: str, max_context: int | None, template: str | None, system: str | None,
-                 threads: int | None, exact: bool, variant: str = "auto", kv_cache: str = "auto",
-                 attention: str = "auto", matmul: str = "auto") -> "Pipeline":
+def _load_bundle(path: Path, opts: RuntimeOptions, template: str | None, system: str | None) -> "Pipeline":
     from .bundle import load_bundle_config
 
     cfg = load_bundle_config(path)
+    backend = opts.backend
     if backend == "torch":
         raise InputError(f"{path}: a bundle runs on onnxruntime or tensorrt; use the checkpoint for torch")
     if backend == "auto" and _tensorrt_ready(path):
@@ -116,20 +99,20 @@ def _load_bundle(path: Path, backend: str, max_context: int | None, template: st
         except ImportError as e:
             raise InputError(f"TensorRT backend unavailable here ({e}); use --backend onnxruntime") from None
 
-        be = TensorRTBackend(cfg, max_context)
+        be = TensorRTBackend(cfg, opts.max_context)
     else:
         from .backends.onnxruntime import OrtBackend
 
-        be = OrtBackend(cfg, max_context, threads=threads, exact=exact, variant=variant, kv_cache=kv_cache,
-                        attention=attention, matmul=matmul)
+        be = OrtBackend(cfg, opts)
     return Pipeline(cfg, be, TextTokenizer(path), template=template,
-                    system=system if system is not None else (cfg.system if not template else None))
+                    system=system if system is not None else (cfg.system if not template else None), options=opts)
 
 
 class Pipeline:
     def __init__(self, cfg: VilaConfig, backend, tokenizer: TextTokenizer, template: str | None = None,
-                 system: str | None = None):
+                 system: str | None = None, options: RuntimeOptions | None = None):
         self.cfg = cfg
+        self.options = options or RuntimeOptions()
         self.backend = backend
         self.tokenizer = tokenizer
         name = template or cfg.chat_template
@@ -156,9 +139,10 @@ class Pipeline:
             return []
         if not self.cfg.is_multimodal:
             raise InputError(f"{self.cfg.root}: text-only model, it cannot take images")
-        if self.cfg.preprocess.s2:
-            return self._encode_s2(images)
-        per_image = message_tiles(images, self.cfg.preprocess)
+        with pixel_limit(self.options.max_pixels):
+            if self.cfg.preprocess.s2:
+                return self._encode_s2(images)
+            per_image = message_tiles(images, self.cfg.preprocess)
         pixels = np.concatenate(per_image)
         hashes = [hashlib.sha1(p.tobytes()).hexdigest()[:16] for p in pixels]
         todo = sorted({h: i for i, h in enumerate(hashes) if h not in self._image_cache}.values())
@@ -200,8 +184,13 @@ class Pipeline:
         return {h: self._image_cache[h] for h in hashes}
 
     # ---- generation -------------------------------------------------------------------
-    def chat(self, system: str | None = None) -> "Chat":
-        return Chat(self, system)
+    def chat(self, system: str | None = None, history: Sequence["Turn"] = ()) -> "Chat":
+        """A conversation; `history` starts it from past turns (prefilled on the first new
+        turn, nothing generated for them), e.g. a conversation restored from a log."""
+        chat = Chat(self, system)
+        for turn in history:
+            chat.add_turn(turn.user, turn.assistant, turn.images)
+        return chat
 
     def stream(self, prompt: str, images: Sequence[ImageLike] = (), params: SamplingParams | None = None,
                **sampling) -> Iterator[str]:
@@ -216,6 +205,14 @@ class Pipeline:
     @property
     def stats(self) -> GenerationStats:
         return self.generator.last_stats
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    """One past exchange: what the user said (with its images) and what the assistant answered."""
+    user: str
+    assistant: str
+    images: Sequence[ImageLike] = ()
 
 
 class Chat:
@@ -271,6 +268,15 @@ class Chat:
         self.keys = keys + reply_keys + pipe.tokenizer.encode(t.assistant_end)
         self.turns.append((message, reply))
 
+    def add_turn(self, message: str, reply: str, images: Sequence[ImageLike] = ()) -> None:
+        """Append a past exchange without generating: its tokens join the conversation's keys
+        (the next turn prefills them with itself), its images are encoded now."""
+        keys, hashes, message = self.prompt_keys(message, images)
+        tok = self.pipe.tokenizer
+        self.keys = keys + tok.encode(reply) + tok.encode(self.pipe.template.assistant_end)
+        self.images += hashes
+        self.turns.append((message, reply))
+
     def send(self, message: str, images: Sequence[ImageLike] = (), params: SamplingParams | None = None,
              **sampling) -> str:
         return "".join(self.stream(message, images, params, **sampling))
@@ -279,4 +285,4 @@ class Chat:
         self.keys, self.images, self.turns = [], [], []
 
 
-__all__ = ["load", "Pipeline", "Chat", "SamplingParams", "ImageKey"]
+__all__ = ["load", "Pipeline", "Chat", "Turn", "RuntimeOptions", "SamplingParams", "ImageKey"]

@@ -13,28 +13,9 @@ from pathlib import Path
 
 from .errors import EdgeVilaError, InputError
 from .fsutil import atomic_write_json
+from .options import add_runtime_args
 
 log = logging.getLogger("edge_vila")
-
-
-def _cpu_graph_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--kv-cache", default="auto", choices=["auto", "int8", "fp32"],
-                   help="KV cache of the CPU fast graph (auto: INT8)")
-    s.add_argument("--attention", default="auto", choices=["auto", "edge", "gqa"],
-                   help="attention over the INT8 cache: our op (edge; auto when a C compiler builds it) or ORT's gqa")
-    s.add_argument("--matmul", default="auto", choices=["auto", "edge", "nbits"],
-                   help="INT4 linears: our op (edge; auto where it has its AVX-512 VNNI kernel) or ORT's MatMulNBits")
-
-
-def runtime_args(s: argparse.ArgumentParser) -> None:
-    """What every verb that loads a model takes: the runtime, the context, the image limits."""
-    s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"],
-                   help="runtime: auto (TensorRT where engines are built, else ONNX Runtime for a bundle, torch "
-                        "for a checkpoint), onnxruntime, tensorrt or torch")
-    s.add_argument("--max-context", type=int, default=None,
-                   help="LLM positions to allocate (prompt + images + answer; default: the bundle's exported "
-                        "context, 2048 for a checkpoint)")
-    image_args(s)
 
 
 def video_args(s: argparse.ArgumentParser) -> None:
@@ -42,15 +23,6 @@ def video_args(s: argparse.ArgumentParser) -> None:
                    "message (NVILA's temporal pooling is not implemented)")
     s.add_argument("--frames", type=int, default=None,
                    help="frames taken from --video (default: the model's num_video_frames, 8 in VILA's releases)")
-
-
-def image_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--max-tiles", type=int, default=None,
-                   help="NVILA-Lite: cut a lone image into at most N tiles; NVILA-8B: at most N blocks of its "
-                        "last S2 scale, N >= 9 (default: the checkpoint's, 12); fewer tiles, faster answers")
-    s.add_argument("--max-pixels", type=int, default=None,
-                   help="refuse images whose header claims more pixels than this, before decoding them "
-                        "(default: 64000000)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -134,10 +106,9 @@ def _print_stats(pipe) -> None:
 
 def cmd_chat(a: argparse.Namespace) -> int:
     from .api import load
+    from .options import RuntimeOptions
 
-    pipe = load(a.path, backend=a.backend, max_context=a.max_context, template=a.template, system=a.system,
-                kv_cache=a.kv_cache, attention=a.attention, matmul=a.matmul, max_tiles=a.max_tiles,
-                max_pixels=a.max_pixels)
+    pipe = load(a.path, RuntimeOptions.from_args(a), template=a.template, system=a.system)
     chat = pipe.chat()
     params = _params(a)
     images = list(a.image)
@@ -374,8 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", default=None, help="the question (or instruction) for the model")
     s.add_argument("--system", default=None, help="system prompt")
     s.add_argument("--template", default=None, help="chat template (vicuna_v1, llama_3, hermes-2, chatml, plain)")
-    runtime_args(s)
-    _cpu_graph_args(s)
+    add_runtime_args(s)
     _sampling_args(s)
     s.set_defaults(fn=cmd_chat)
 
@@ -388,8 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", default=None, help="system prompt (default: the template's)")
     s.add_argument("--template", default=None,
                    help="chat template (vicuna_v1, llama_3, hermes-2, chatml, plain; default: the model's)")
-    runtime_args(s)
-    _cpu_graph_args(s)
+    add_runtime_args(s)
     _sampling_args(s)
     s.set_defaults(fn=cmd_chat)
 

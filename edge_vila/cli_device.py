@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .errors import InputError
+from .options import add_runtime_args
 
 
 def _budget_dims(path: str | None, model: str | None):
@@ -51,7 +52,21 @@ def cmd_device(a: argparse.Namespace) -> int:
     return 0
 
 
+def _target(a: argparse.Namespace) -> str:
+    if a.target != "auto":
+        return a.target
+    import importlib.util
+
+    return "tensorrt" if importlib.util.find_spec("tensorrt") is not None else "ort-cpu"
+
+
 def cmd_build(a: argparse.Namespace) -> int:
+    if _target(a) == "ort-cpu":
+        from .backends.cpu_cache import build_cpu
+        from .options import RuntimeOptions
+
+        print(json.dumps(build_cpu(a.path, RuntimeOptions.from_args(a), rebuild=a.rebuild), indent=2))
+        return 0
     from .bundle import read_manifest
     from .export.trt_build import BuildOptions, build_engines
     from .jetson.detect import detect
@@ -79,7 +94,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from . import load
     from .bench import BenchOptions, run_bench, summary, write_report
 
-    pipe = load(a.path, backend=a.backend, max_context=a.max_context)
+    from .options import RuntimeOptions
+
+    pipe = load(a.path, RuntimeOptions.from_args(a))
     o = BenchOptions(contexts=tuple(int(c) for c in a.contexts.split(",")), decode_tokens=a.decode_tokens,
                      text_tokens=a.text_tokens, repeats=a.repeats, power=not a.no_power)
     res = run_bench(pipe, o)
@@ -91,8 +108,13 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    s = sub.add_parser("build", help="build TensorRT engines for this device from a bundle (on the Jetson)")
+    s = sub.add_parser("build", help="build this device's private artifacts from a bundle: TensorRT engines (on "
+                       "the Jetson) or the CPU fast graph and our compiled ops (ort-cpu)")
     s.add_argument("path")
+    s.add_argument("--target", default="auto", choices=["auto", "tensorrt", "ort-cpu"],
+                   help="what to build: tensorrt (engines/trt*/), ort-cpu (engines/ort-cpu/: the fast CPU graph and "
+                        "our ops, for the runtime options given); auto: tensorrt where TensorRT is installed")
+    add_runtime_args(s, skip=("backend", "max_context", "variant", "max_tiles", "max_pixels"))
     s.add_argument("--precision", default="auto", choices=["auto", "fp16", "int8", "fp32"],
                    help="engine precision: auto (INT8/INT4 as the bundle is quantized, else FP16), fp16, int8, fp32")
     s.add_argument("--max-context", type=int, default=None,
@@ -111,10 +133,7 @@ def register(sub) -> None:
 
     s = sub.add_parser("bench", help="TTFT, prefill/decode tokens/s, vision latency, peak RSS (+ power on Jetson)")
     s.add_argument("path")
-    s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"],
-                   help="runtime: auto (TensorRT where engines are built, else ONNX Runtime for a bundle, torch "
-                        "for a checkpoint), onnxruntime, tensorrt or torch")
-    s.add_argument("--max-context", type=int, default=None, help="LLM positions to allocate (default: the bundle's)")
+    add_runtime_args(s)
     s.add_argument("--contexts", default="64,512,1024", help="comma-separated context lengths to time decode at")
     s.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per context")
     s.add_argument("--text-tokens", type=int, default=32, help="text tokens after the image in the TTFT prompt")

@@ -8,9 +8,9 @@ import sys
 
 def _load(a: argparse.Namespace):
     from . import load
+    from .options import RuntimeOptions
 
-    return load(a.path, backend=a.backend, max_context=a.max_context, max_tiles=a.max_tiles,
-                max_pixels=a.max_pixels)
+    return load(a.path, RuntimeOptions.from_args(a))
 
 
 def cmd_camera(a: argparse.Namespace) -> int:
@@ -52,10 +52,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _common(s: argparse.ArgumentParser) -> None:
-    from .cli import runtime_args
+    from .options import add_runtime_args
 
     s.add_argument("path", help="bundle (or checkpoint)")
-    runtime_args(s)
+    add_runtime_args(s)
 
 
 def register(sub) -> None:

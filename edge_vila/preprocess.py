@@ -6,43 +6,54 @@ Pure numpy + Pillow so the device runtime never needs torch for this.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import io
 import logging
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .config import PreprocessSpec
 from .errors import ImageTooLargeError, InputError
+from .options import DEFAULT_MAX_PIXELS
 
 ImageLike = Union[str, Path, bytes, Image.Image, np.ndarray]
 log = logging.getLogger(__name__)
 
 
-# Images whose header claims more pixels than this are refused before decoding (a 64 MP photo
-# is ~190 MB of RGB; a PNG claiming 60000 x 60000 would be 10 GB). `set_max_pixels` changes it
-# for the process (edge_vila.load(max_pixels=), the CLI's and the server's --max-pixels).
-MAX_PIXELS = 64_000_000
+# Images whose header claims more pixels than the limit are refused before decoding. The limit
+# is a pipeline's (RuntimeOptions.max_pixels), set around its image loading by `pixel_limit`
+# (a context variable: each thread and server request sees its own pipeline's).
+_MAX_PIXELS: contextvars.ContextVar[int] = contextvars.ContextVar("max_pixels", default=DEFAULT_MAX_PIXELS)
 # Pillow's own bomb check stays below ours so that ours, with its clear message, runs first
 Image.MAX_IMAGE_PIXELS = None
 
 
-def set_max_pixels(n: int) -> None:
-    global MAX_PIXELS
-    if n < 1:
+@contextlib.contextmanager
+def pixel_limit(n: int | None) -> Iterator[None]:
+    if n is not None and n < 1:
         raise InputError(f"max_pixels must be >= 1, got {n}")
-    MAX_PIXELS = int(n)
+    token = _MAX_PIXELS.set(int(n) if n is not None else _MAX_PIXELS.get())
+    try:
+        yield
+    finally:
+        _MAX_PIXELS.reset(token)
 
 
-def load_image(src: ImageLike) -> Image.Image:
+def load_image(src: ImageLike, max_pixels: int | None = None) -> Image.Image:
     """Open a path / bytes / PIL image / HxWx3 uint8 RGB array as an RGB PIL image.
 
     Files and bytes: the pixel count is checked from the header before any decoding; the EXIF
     orientation is applied (what a camera meant, as a viewer shows it); an animated GIF/WebP/PNG
     gives its first frame (said in the log); 16-bit and float greyscale are scaled to 8 bits;
-    CMYK, palette, alpha and greyscale become RGB (alpha dropped, as VILA's convert("RGB"))."""
+    CMYK, palette, alpha and greyscale become RGB (alpha dropped, as VILA's convert("RGB")).
+    `max_pixels`: the limit (default: the enclosing `pixel_limit`'s, 64 MP outside one)."""
+    if max_pixels is not None:
+        with pixel_limit(max_pixels):
+            return load_image(src)
     if isinstance(src, Image.Image):
         return _to_rgb(src, "image")
     if isinstance(src, np.ndarray):
@@ -66,9 +77,10 @@ def load_image(src: ImageLike) -> Image.Image:
 
 
 def _check_pixels(w: int, h: int, what: str) -> None:
-    if w * h > MAX_PIXELS:
+    limit = _MAX_PIXELS.get()
+    if w * h > limit:
         raise ImageTooLargeError(f"{what}: {w}x{h} is {w * h / 1e6:.0f} MP, above the limit of "
-                                 f"{MAX_PIXELS / 1e6:g} MP (max_pixels / --max-pixels)")
+                                 f"{limit / 1e6:g} MP (max_pixels / --max-pixels)")
     if w < 1 or h < 1:
         raise InputError(f"{what}: {w}x{h} has no pixels")
 

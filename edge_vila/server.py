@@ -16,6 +16,7 @@ streaming client that disconnects stops its generation at the next token.
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -47,6 +48,7 @@ class ServerOptions:
     max_queue: int = 8
     queue_timeout_s: float = 60.0
     read_timeout_s: float = 30.0  # the whole request body must arrive within this
+    max_pixels: int | None = None  # images claiming more are refused with 413 (default: the pipeline's)
 
 
 class ApiError(Exception):
@@ -94,7 +96,7 @@ def _image(url: str, opts: ServerOptions):
                            param="image_url")
         src = Path(url[len("file://"):] if url.startswith("file://") else url)
     try:
-        return load_image(src)  # the pixel limit is checked from the header, before decoding
+        return load_image(src, opts.max_pixels)  # the pixel limit is checked from the header, before decoding
     except ImageTooLargeError as e:
         raise ApiError(413, f"image_url: {e}", param="image_url") from None
     except InputError as e:
@@ -242,13 +244,10 @@ class Worker:
         self._t.join(timeout=10)
 
     def _chat(self, req: ChatRequest):
-        chat = self.pipe.chat(system=req.system)
-        tok, t = self.pipe.tokenizer, self.pipe.template
-        for user, imgs, reply in req.history:  # earlier turns go into the keys without generating
-            keys, hashes, _ = chat.prompt_keys(user, imgs)
-            chat.keys = keys + tok.encode(reply) + tok.encode(t.assistant_end)
-            chat.images += hashes
-        return chat
+        from .api import Turn
+
+        return self.pipe.chat(system=req.system,
+                              history=[Turn(user, reply, imgs) for user, imgs, reply in req.history])
 
     def _run(self) -> None:
         while True:
@@ -295,6 +294,8 @@ def create_app(pipe, opts: ServerOptions | None = None):
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
     opts = opts or ServerOptions()
+    if opts.max_pixels is None:
+        opts = dataclasses.replace(opts, max_pixels=pipe.options.max_pixels)
     metrics = Metrics()
     worker = Worker(pipe, opts, metrics)
 

@@ -197,6 +197,13 @@ def export_bundle(ckpt: str | Path, out: str | Path, opts: ExportOptions | None 
             files = sorted(p.name for p in tmp.iterdir() if p.is_file())
             manifest = _manifest(cfg, template, max_ctx, opts, vision_quant, tmp, files, ckpt, head_dtype)
             atomic_write_json(tmp / "manifest.json", manifest)
+            if cfg.llm.quantization:  # the CPU runtime's INT8 KV cache: scales from this very bundle
+                from .kv_scales import write_kv_scales_isolated
+
+                kv = write_kv_scales_isolated(tmp)
+                manifest["files"][kv.name] = sha256_file(kv)
+                manifest["files"] = dict(sorted(manifest["files"].items()))
+                atomic_write_json(tmp / "manifest.json", manifest)
             if opts.check_trt:
                 from .trt_check import check_bundle
 

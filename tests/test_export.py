@@ -181,7 +181,9 @@ def test_int8_kv_cache_scales_and_agreement(w4_bundle):
     be = q8.backend
     m = be.cfg.llm
     top = np.zeros((len(be.past), m.num_kv_heads, m.head_dim), np.int32)
-    for emb in be._kv_calibration_sequences():
+    from edge_vila.export.kv_scales import calibration_sequences
+
+    for emb in calibration_sequences(be):
         be.reset()
         be.forward(emb, 0)
         for j in range(len(be.past)):

@@ -29,15 +29,23 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     f.write_bytes(bomb_png())
     with pytest.raises(ImageTooLargeError, match="bomb.png"):
         load_image(f)
-    from edge_vila import preprocess
+    small = _png(Image.new("RGB", (20, 20)))
+    with pytest.raises(ImageTooLargeError, match="limit of 0.0001 MP"):
+        load_image(small, max_pixels=100)
+    assert load_image(small).size == (20, 20)  # the limit was the call's, not the process's
 
-    old = preprocess.MAX_PIXELS
-    try:
-        preprocess.set_max_pixels(100)
-        with pytest.raises(ImageTooLargeError):
-            load_image(_png(Image.new("RGB", (20, 20))))
-    finally:
-        preprocess.set_max_pixels(old)
+
+def test_two_pipelines_keep_their_own_pixel_limits(tiny_ckpt):
+    """max_pixels is a pipeline's option (it used to be one process-wide setting: the last
+    load's limit held for every pipeline)."""
+    import edge_vila
+
+    strict = edge_vila.load(tiny_ckpt, max_pixels=100)
+    loose = edge_vila.load(tiny_ckpt)
+    img = _png(Image.new("RGB", (40, 40), (200, 30, 30)))  # encoded: the limit is checked before decoding
+    with pytest.raises(ImageTooLargeError, match="max_pixels"):
+        strict.generate("What is it?", images=[img], max_new_tokens=2)
+    assert isinstance(loose.generate("What is it?", images=[img], max_new_tokens=2), str)
 
 
 def test_unusual_modes_become_rgb():

@@ -14,7 +14,8 @@ instruction, and writes the new positions in place like GroupQueryAttention's sh
 
 The library is compiled on first use with the system C compiler (`$CC`, else cc/gcc/clang)
 for this CPU (`-march=native`) and cached per user (never in the bundle: a copied bundle may
-land on another CPU), keyed by the source, the compiler and the CPU's flags. Without a
+land on another CPU), keyed by the source, the compiler and the CPU's flags, and checked
+against the sha256 recorded when it was built before every load. Without a
 compiler the backend keeps GroupQueryAttention and MatMulNBits and says so in the log.
 """
 from __future__ import annotations
@@ -28,6 +29,8 @@ import platform
 import shutil
 import subprocess
 from pathlib import Path
+
+from ..fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
@@ -58,11 +61,30 @@ def _compiler() -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def _build_key(cc: str, flags: tuple[str, ...]) -> str:
-    """Source + flags + compiler version + CPU flags, hashed; once per process (every backend
-    load asks, and it runs the compiler and reads /proc/cpuinfo)."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    """Source + flags + the compiler's identity + CPU flags, hashed; once per process. The
+    compiler is identified by its resolved path, size and mtime, not by running it: a load
+    whose library is built runs no compiler at all."""
+    exe = Path(shutil.which(cc) or cc).resolve()
+    st = exe.stat()
     sources = [p.read_text() for p in _sources()] + [(CSRC / "ort_op.h").read_text()]
-    return hashlib.sha256("\n".join([*sources, " ".join(flags), *version, _cpu_key()]).encode()).hexdigest()[:16]
+    ident = f"{exe} {st.st_size} {st.st_mtime_ns}"
+    return hashlib.sha256("\n".join([*sources, " ".join(flags), ident, _cpu_key()]).encode()).hexdigest()[:16]
+
+
+def _verified(lib: Path) -> bool:
+    """The library matches the sha256 recorded beside it when it was built (a truncated or
+    overwritten .so is rebuilt, never loaded)."""
+    rec = lib.with_name(lib.name + ".sha256")
+    if not (lib.is_file() and rec.is_file()):
+        return False
+    if rec.read_text().strip() == _sha256(lib):
+        return True
+    log.warning("%s: changed since it was built (sha256 mismatch): rebuilding", lib)
+    return False
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _sources() -> list[Path]:
@@ -83,7 +105,7 @@ def build_library(folder: Path | None = None, portable: bool = False) -> Path:
     flags = CFLAGS + (["-mno-avx512f"] if portable else [])
     folder = folder or cache_dir()
     lib = folder / f"libedge_vila_ops-{_build_key(cc, tuple(flags))}.so"
-    if lib.is_file():
+    if _verified(lib):
         return lib
     folder.mkdir(parents=True, exist_ok=True)
     tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")  # atomic: a half-written .so is never loaded
@@ -92,7 +114,9 @@ def build_library(folder: Path | None = None, portable: bool = False) -> Path:
     if res.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"{cc} could not build the ops in {CSRC}:\n{res.stderr.strip()[-2000:]}")
+    digest = _sha256(tmp)
     tmp.replace(lib)
+    atomic_write_text(lib.with_name(lib.name + ".sha256"), digest + "\n")  # written last: a record means done
     log.info("built our ONNX Runtime ops %s", lib)
     return lib
 

@@ -3,7 +3,8 @@
 Providers are tried in order TensorRT EP (engine cache inside the bundle) -> CUDA EP ->
 CPU. On the CPU the backend runs a private, faster graph derived from the bundle's
 llm.onnx (ort_fast.py: MatMulNBits + attention over one preallocated KV buffer that decode
-steps write in place; rewinds are free). Over the default INT8 cache, attention and the INT4
+steps write in place; rewinds are free), cached and verified by cpu_cache.py. Over the
+default INT8 cache (its scales come with the bundle), attention and the INT4
 linears are our own custom ops (native_ops.py) when a C compiler can build them (the linear
 only where it has its AVX-512 VNNI kernel), else GroupQueryAttention and MatMulNBits.
 `variant="bundle"` runs the bundle's own graph instead: there each step's `present` outputs
@@ -12,17 +13,17 @@ a rewind slices it once.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from ..bundle import BundleConfig
 from ..errors import InputError
+from ..options import RuntimeOptions
 from . import BundleBackend
+from .cpu_cache import KV_SCALES_FILE, FastGraphKey, fast_graph, read_kv_scales
 
 log = logging.getLogger(__name__)
 
@@ -51,31 +52,21 @@ def _providers(root: Path, want: list[str] | None) -> list:
 class OrtBackend(BundleBackend):
     name = "onnxruntime"
 
-    def __init__(self, cfg: BundleConfig, max_context: int | None = None, threads: int | None = None,
-                 providers: list[str] | None = None, exact: bool = False, variant: str = "auto",
-                 kv_cache: str = "auto", attention: str = "auto", matmul: str = "auto"):
+    def __init__(self, cfg: BundleConfig, options: RuntimeOptions | None = None, providers: list[str] | None = None):
         import onnxruntime as ort
+        o = options or RuntimeOptions()
+        exact, variant, kv_cache, attention, matmul = o.exact, o.variant, o.kv_cache, o.attention, o.matmul
         self.cfg = cfg
         root = cfg.root
-        self.max_context = min(max_context or cfg.max_context, cfg.max_context)
+        self.max_context = min(o.max_context or cfg.max_context, cfg.max_context)
         self.hidden_size = cfg.llm.hidden_size
         self.tokens_forwarded = 0
         so = ort.SessionOptions()
-        so.intra_op_num_threads = threads or int(os.environ.get("EDGE_VILA_THREADS", "0"))
+        so.intra_op_num_threads = o.threads or int(os.environ.get("EDGE_VILA_THREADS", "0"))
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if exact:  # MatMulNBits' default accuracy level quantizes activations to int8
             so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         provs = _providers(root, providers)
-        if variant not in ("auto", "fast", "bundle"):
-            raise InputError(f"variant {variant!r} unknown (expected auto, fast or bundle)")
-        if kv_cache not in ("auto", "int8", "fp32"):
-            raise InputError(f"kv_cache {kv_cache!r} unknown (expected auto, int8 or fp32)")
-        if attention not in ("auto", "edge", "gqa"):
-            raise InputError(f"attention {attention!r} unknown (expected auto, edge or gqa)")
-        if matmul not in ("auto", "edge", "nbits"):
-            raise InputError(f"matmul {matmul!r} unknown (expected auto, edge or nbits)")
-        if matmul == "edge" and exact:
-            raise InputError("matmul='edge' quantizes activations to int8 per block; exact=True keeps MatMulNBits")
         cpu_only = all((p if isinstance(p, str) else p[0]) == "CPUExecutionProvider" for p in provs)
         self.vision = self.projector = None
         if cfg.is_multimodal:
@@ -91,30 +82,40 @@ class OrtBackend(BundleBackend):
                 self.projector = ort.InferenceSession(str(root / "projector.onnx"), vso, providers=provs)
         self._load_embeddings(root)
         fast, level = None, 0 if exact else 4
-        if variant == "fast" or (variant == "auto" and cpu_only and (cfg.manifest.get("quant") or {}).get("llm") == "awq-w4"):
-            fast = _fast_graph(cfg, accuracy_level=level, required=variant == "fast")
-        if kv_cache == "int8" and not fast:
+        want_fast = variant == "fast" or (variant == "auto" and cpu_only and
+                                          (cfg.manifest.get("quant") or {}).get("llm") == "awq-w4")
+        if kv_cache == "int8" and not want_fast:
             raise InputError(f"{root}: an INT8 KV cache needs the fast CPU graph (INT4 bundle, CPU provider)")
-        self.kv_cache, self.attention, self.matmul = "fp32", "gqa" if fast else None, "nbits" if fast else None
-        if fast and (kv_cache == "int8" or (kv_cache == "auto" and not exact)):
-            fp32_graph = fast
-            lib, mm = None, False
-            if attention != "gqa" or (matmul != "nbits" and not exact):  # our ops (native_ops.py)
-                from . import native_ops
-                explicit = "edge" in (attention, matmul)
-                try:
-                    lib = native_ops.build_library() if explicit else native_ops.try_build_library()
-                except (RuntimeError, OSError) as e:  # asked for explicitly: say why it cannot be had
-                    raise InputError(f"{'attention' if attention == 'edge' else 'matmul'}='edge': {e}") from None
-                # without AVX-512 VNNI our linear runs portable loops; MatMulNBits is faster there
-                mm = bool(lib) and not exact and (
-                    matmul == "edge" or (matmul == "auto" and native_ops.int4_linear_native(lib)))
+        self.kv_cache, self.attention, self.matmul = "fp32", None, None
+        kv8 = want_fast and (kv_cache == "int8" or (kv_cache == "auto" and not exact))
+        if kv8 and read_kv_scales(cfg) is None:  # scales are computed at export; a load never calibrates
+            if kv_cache == "int8":
+                raise InputError(f"{root}: no {KV_SCALES_FILE} (exported by an older edge-vila), so no INT8 KV "
+                                 "cache; re-export the bundle")
+            log.warning("%s: no %s (exported by an older edge-vila): FP32 KV cache; re-export for INT8",
+                        root, KV_SCALES_FILE)
+            kv8 = False
+        if "edge" in (attention, matmul) and not kv8:
+            raise InputError(f"{root}: the edge ops need the INT8 KV cache of the fast CPU graph")
+        lib, mm, attn = None, False, "gqa"
+        if kv8 and (attention != "gqa" or (matmul != "nbits" and not exact)):  # our ops (native_ops.py)
+            from . import native_ops
+            explicit = "edge" in (attention, matmul)
+            try:
+                lib = native_ops.build_library() if explicit else native_ops.try_build_library()
+            except (RuntimeError, OSError) as e:  # asked for explicitly: say why it cannot be had
+                raise InputError(f"{'attention' if attention == 'edge' else 'matmul'}='edge': {e}") from None
+            # without AVX-512 VNNI our linear runs portable loops; MatMulNBits is faster there
+            mm = bool(lib) and not exact and (
+                matmul == "edge" or (matmul == "auto" and native_ops.int4_linear_native(lib)))
             attn = "edge" if lib and attention != "gqa" else "gqa"
-            kv8 = _fast_graph(cfg, accuracy_level=level, required=kv_cache == "int8",
-                              kv_scales=lambda: self._calibrate_kv(fp32_graph, so),
-                              attention=attn, matmul="edge" if mm else "nbits")
+        if want_fast:
+            self.fast_key = FastGraphKey(level, kv8, attn, "edge" if mm else "nbits")
+            fast = fast_graph(cfg, self.fast_key, required=variant == "fast" or kv_cache == "int8")
+        if fast:
+            self.attention, self.matmul = "gqa", "nbits"
             if kv8:
-                fast, self.kv_cache = kv8, "int8"
+                self.kv_cache = "int8"
                 if lib and (attn == "edge" or mm):
                     so.register_custom_ops_library(str(lib))
                     self.attention = attn
@@ -122,8 +123,6 @@ class OrtBackend(BundleBackend):
                     self.matmul = "edge"
                     native_ops.set_threads(lib, so.intra_op_num_threads)
                     so.intra_op_num_threads = 1
-        elif "edge" in (attention, matmul):
-            raise InputError(f"{root}: the edge ops need the INT8 KV cache of the fast CPU graph")
         self.variant = "fast" if fast else "bundle"
         self.llm = ort.InferenceSession(str(fast or root / "llm.onnx"), so, providers=provs)
         m = cfg.llm
@@ -134,45 +133,6 @@ class OrtBackend(BundleBackend):
         past_type = next(i.type for i in self.llm.get_inputs() if i.name in self._past_names)
         self._kv_np = np.float16 if past_type == "tensor(float16)" else np.float32
         self.reset()
-
-    def _calibrate_kv(self, fp32_graph: Path, so) -> np.ndarray:
-        """INT8 KV scales, from the FP32-cache fast graph run on the bundle's own embeddings."""
-        import onnxruntime as ort
-
-        from .ort_fast import calibrate_kv_scales
-
-        m = self.cfg.llm
-        ref = ort.InferenceSession(str(fp32_graph), so, providers=["CPUExecutionProvider"])
-        return calibrate_kv_scales(ref, self._kv_calibration_sequences(), m.num_layers, m.num_kv_heads, m.head_dim)
-
-    def _kv_calibration_sequences(self) -> list[np.ndarray]:
-        """Prompts the way the runtime sends them: chat-formatted text and, for a VLM, image
-        embeddings from vision.onnx (synthetic scenes and a photo-like gradient) inside them."""
-        from ..prompt import TextTokenizer
-        from .ort_fast import KV_CALIBRATION_TEXT
-
-        tok = TextTokenizer(self.cfg.root)
-        img = None
-        if self.vision is not None:
-            from PIL import Image
-
-            from ..preprocess import preprocess_images
-            from ..synthetic import world
-
-            pre = self.cfg.preprocess
-            side = max(pre.height, pre.width)
-            pics = [world.random_scene(world.rng_for(5, i)).render(side) for i in range(3)]
-            yy, xx = np.mgrid[0:side, 0:side] / max(side - 1, 1)
-            pics.append(Image.fromarray((np.stack([xx, yy, 1 - xx * yy], -1) * 255).astype(np.uint8)))
-            img = self.encode_untiled(preprocess_images(pics, pre))  # [n_images, tokens, hidden]
-        seqs = []
-        for j, text in enumerate(KV_CALIBRATION_TEXT):
-            ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(text)
-            emb = self.embed(np.asarray(ids[: self.max_context // 2]))
-            if img is not None:
-                emb = np.concatenate([emb[:1], img[j % len(img)], emb[1:]])
-            seqs.append(emb[: self.max_context])
-        return seqs
 
     def reset(self) -> None:
         if self.variant == "fast":
@@ -264,42 +224,3 @@ class OrtBackend(BundleBackend):
         self.length = start + n
         self.tokens_forwarded += n
         return self._logits_np[0].copy()  # the buffer is overwritten by the next step
-
-
-def _fast_graph(cfg: BundleConfig, accuracy_level: int, required: bool,
-                kv_scales: Callable[[], np.ndarray] | None = None, attention: str = "gqa",
-                matmul: str = "nbits") -> Path | None:
-    """The cached fast CPU graph for this bundle (built on first use); None if unavailable.
-    With `kv_scales` (called only when the graph must be built) its KV cache is INT8; that
-    graph is cached as `<sha>-acc<level>-kv8` (`-edgeattn` with our attention op, `-edgemm`
-    with our INT4 linear op), keyed by llm.onnx's and llm.onnx.data's hashes like the FP32 one."""
-    try:
-        from .ort_fast import build_fast_llm
-    except ImportError as e:  # the onnx package is needed to build it
-        if required:
-            raise InputError(f"the fast CPU graph needs the onnx package ({e})") from None
-        return None
-    files = cfg.manifest["files"]  # the graph and its weights file: one without the other says little
-    digest = hashlib.sha256((files["llm.onnx"] + files.get("llm.onnx.data", "")).encode()).hexdigest()[:16]
-    name = f"{digest}-acc{accuracy_level}" + ("-kv8" if kv_scales else "") + ("-edgeattn" if attention == "edge" else "") + (
-        "-edgemm" if matmul == "edge" else "")
-    candidates = [cfg.root / "engines" / "ort-cpu" / name,
-                  Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-vila" / "ort-cpu" / name]
-    for folder in candidates:
-        path = folder / "llm_fast.onnx"
-        if path.is_file() and (folder / "llm_fast.onnx.data").is_file():
-            return path
-    scales = kv_scales() if kv_scales else None
-    for folder in candidates:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            return build_fast_llm(cfg.root / "llm.onnx", cfg.manifest, folder / "llm_fast.onnx", accuracy_level,
-                                  kv_scales=scales, attention=attention, matmul=matmul)
-        except PermissionError:
-            continue
-        except (ValueError, KeyError) as e:  # a graph this builder does not know: run the bundle's own
-            if required:
-                raise InputError(f"{cfg.root}: cannot build the fast CPU graph ({e})") from None
-            log.warning("%s: running the bundle graph (fast CPU graph unavailable: %s)", cfg.root, e)
-            return None
-    return None

@@ -3,7 +3,7 @@
 The bundle's llm.onnx is standard ONNX for TensorRT (block DequantizeLinear -> MatMul,
 attention from primitive ops, a KV cache that grows by concatenation). On the CPU, ONNX
 Runtime's contrib ops do the same maths faster, so the ORT backend derives this graph from
-the bundle and caches it (`engines/ort-cpu/`, keyed by llm.onnx's sha256):
+the bundle and caches it (`engines/ort-cpu/`, cpu_cache.py: keyed and verified by hash):
 
 - every decoder linear -> MatMulNBits with its native AWQ zero points (recovered exactly
   from the bundle's symmetric INT4 + zero-point correction); q/k/v and gate/up are fused
@@ -13,8 +13,8 @@ the bundle and caches it (`engines/ort-cpu/`, keyed by llm.onnx's sha256):
   past/present sharing one preallocated buffer: a decode step writes one position in place,
   a prefix rewind is free (the next step simply says where the sequence ends);
 - RMSNorm -> (Skip)SimplifiedLayerNormalization; the LM head runs on the last position only;
-- optionally an INT8 KV cache (static per-channel scales calibrated on the bundle's own
-  embeddings, `calibrate_kv_scales`): decode reads the whole cache every step, so at long
+- optionally an INT8 KV cache (static per-channel scales the bundle brings,
+  kv_scales.safetensors, computed at export by export/kv_scales.py): decode reads the whole cache every step, so at long
   context the cache, not the INT4 weights, dominates the bytes per token; INT8 reads a
   quarter of FP32's. Attention over it is GroupQueryAttention's `kv_cache_bit_width=8` or,
   `attention="edge"`, our own op (csrc/decode_attention.c), which ran decode at 1024
@@ -38,21 +38,6 @@ MS = "com.microsoft"
 EDGE_DOMAIN = "edge_vila"  # our custom ops (csrc/, built by native_ops.py)
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
         "mlp.up_proj", "mlp.down_proj")
-
-
-# What the KV-cache calibration feeds the model (with image embeddings spliced in for a
-# VLM): chat turns, questions about a scene, plain prose, numbers and code, so the scales
-# cover the activations that templates, answers and odd tokens produce.
-KV_CALIBRATION_TEXT = (
-    "USER: What is in front of the robot? Describe the objects, their colours and where they are.\n"
-    "ASSISTANT: There is a red cube on the left, a blue bottle in the middle and a person on the right.",
-    "USER: How many circles are there? ASSISTANT: Two. USER: What color is the square? ASSISTANT: green. "
-    "USER: Is there a yellow triangle? ASSISTANT: no. USER: Where is the purple circle? ASSISTANT: top.",
-    "The warehouse robot stopped at the loading dock, scanned the pallets and reported three damaged "
-    "boxes. Its battery was at 43 percent, so it planned a route back to the charger before noon.",
-    "def plan(path, speed=0.5):\n    for x, y in path:\n        move(x, y, speed)  # metres, m/s\n"
-    "    return {'ok': True, 'steps': len(path)}\n1 2 3 4 5 6 7 8 9 10 100 1000 3.14159 -42 #@!?",
-)
 
 
 @dataclass
@@ -279,7 +264,7 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
 def _build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int,
                     kv_scales: np.ndarray | None, attention: str, matmul: str) -> Path:
     """Write the fast graph for `bundle_llm` (the bundle's llm.onnx) to `out` (atomically).
-    `kv_scales` ([layers, 2 (key, value), kv_heads, head_dim], from `calibrate_kv_scales`)
+    `kv_scales` ([layers, 2 (key, value), kv_heads, head_dim], the bundle's kv_scales.safetensors)
     makes the KV cache INT8. `attention="edge"` (INT8 cache only) runs attention in our own
     custom op (`native_ops.py`) instead of GroupQueryAttention; its key cache is stored in
     blocks of 64 positions, [1, kv_heads, key_blocks = ceil(max_seq / 64), head_dim, 64].
@@ -457,31 +442,4 @@ def _build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int,
     return out
 
 
-def calibrate_kv_scales(session, sequences: list[np.ndarray], num_layers: int, num_kv_heads: int, head_dim: int,
-                        margin: float = 1.25) -> np.ndarray:
-    """Per-channel INT8 scales for the KV cache, from the FP32-cache fast graph run on
-    `sequences` (each [tokens, hidden] input embeddings: text and image tokens alike).
-
-    Keys are cached after RoPE, which rotates channel c with channel c + head_dim/2 by a
-    position-dependent angle; each pair's scale is therefore set from the pair's norm (the
-    largest value either channel can take at any position), so positions beyond the
-    calibration text are covered. `margin` leaves room for activations larger than seen."""
-    amax = np.zeros((num_layers, 2, num_kv_heads, head_dim), np.float32)
-    half = head_dim // 2
-    for emb in sequences:
-        n = emb.shape[0]
-        feeds = {"inputs_embeds": np.ascontiguousarray(emb[None], np.float32),
-                 "seqlens_k": np.array([n - 1], np.int32), "total_sequence_length": np.array(n, np.int32)}
-        for i in range(num_layers):
-            for kind in ("key", "value"):
-                feeds[f"past_{kind}.{i}"] = np.zeros((1, num_kv_heads, n, head_dim), np.float32)
-        outs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
-        for i in range(num_layers):
-            k = outs[f"present_key.{i}"][0, :, :n]  # [kv_heads, n, head_dim]
-            pair = np.sqrt(k[..., :half] ** 2 + k[..., half:] ** 2).max(axis=1)
-            amax[i, 0] = np.maximum(amax[i, 0], np.concatenate([pair, pair], axis=-1))
-            amax[i, 1] = np.maximum(amax[i, 1], np.abs(outs[f"present_value.{i}"][0, :, :n]).max(axis=1))
-    return (np.maximum(amax, 1e-4) * margin / 127.0).astype(np.float32)
-
-
-__all__ = ["build_fast_llm", "calibrate_kv_scales", "read_int4_linears", "pack_matmulnbits", "Int4Linear"]
+__all__ = ["build_fast_llm", "read_int4_linears", "pack_matmulnbits", "Int4Linear"]
