@@ -74,7 +74,7 @@ def cmd_build(a: argparse.Namespace) -> int:
 
     man = read_manifest(a.path)
     board = detect().board
-    max_ctx = a.max_context or man["model"]["max_context"]
+    max_ctx = a.max_context or man.model.max_context
     if board:
         b = budget(ModelDims.from_manifest(man), board,
                    BudgetOptions(max_context=max_ctx, max_images=a.max_images, workspace_mb=a.workspace,

@@ -16,7 +16,7 @@ import onnx
 import torch
 
 from edge_vila import __version__
-from edge_vila.bundle import FORMAT, FORMAT_VERSION
+from edge_vila.bundle import FORMAT, FORMAT_VERSION, Manifest
 from edge_vila.config import TINYCHAT, load_config
 from edge_vila.errors import InputError
 from edge_vila.fsutil import work_dir, atomic_dir, atomic_write_json, release_freed_memory, sha256_file
@@ -196,14 +196,14 @@ def export_bundle(ckpt: str | Path, out: str | Path, opts: ExportOptions | None 
                 vision_quant = _write_vision_isolated(cfg, src, tmp / "vision.onnx", opts)
             files = sorted(p.name for p in tmp.iterdir() if p.is_file())
             manifest = _manifest(cfg, template, max_ctx, opts, vision_quant, tmp, files, ckpt, head_dtype)
-            atomic_write_json(tmp / "manifest.json", manifest)
+            atomic_write_json(tmp / "manifest.json", manifest.to_dict())
             if cfg.llm.quantization:  # the CPU runtime's INT8 KV cache: scales from this very bundle
                 from .kv_scales import write_kv_scales_isolated
 
                 kv = write_kv_scales_isolated(tmp)
-                manifest["files"][kv.name] = sha256_file(kv)
-                manifest["files"] = dict(sorted(manifest["files"].items()))
-                atomic_write_json(tmp / "manifest.json", manifest)
+                manifest = dataclasses.replace(manifest, files=dict(sorted({**manifest.files,
+                                                                            kv.name: sha256_file(kv)}.items())))
+                atomic_write_json(tmp / "manifest.json", manifest.to_dict())
             if opts.check_trt:
                 from .trt_check import check_bundle
 
@@ -327,7 +327,7 @@ _DTYPE_NAMES = {"fp16": "float16", "fp32": "float32", "int4": "int4"}  # option 
 
 
 def _manifest(cfg, template, max_ctx, opts, vision_quant, folder: Path, files: list[str], source: Path,
-              head_dtype: str) -> dict:
+              head_dtype: str) -> Manifest:
     s = cfg.llm
     q = s.quantization or {}
     tok_eos = TextTokenizer(folder).eos_id
@@ -360,7 +360,7 @@ def _manifest(cfg, template, max_ctx, opts, vision_quant, folder: Path, files: l
         "source": str(source),
     }
     man["files"] = {f: sha256_file(folder / f) for f in files if f != "manifest.json"}
-    return man
+    return Manifest.from_dict(man, folder / "manifest.json")  # what export writes passes the reader's checks
 
 
 __all__ = ["ExportOptions", "export_bundle"]

@@ -74,30 +74,30 @@ def _score(pipe, keys_images, toks) -> list[np.ndarray]:
 def bundle_report(float_ckpt: Path, bundle: Path, n: int = 200, quantized_ref: Path | None = None) -> dict:
     """The reference runs first and is freed before the bundle loads: peak memory is the
     larger of the two, not their sum."""
-    import json
 
     import edge_vila
+    from edge_vila.bundle import read_manifest
     from edge_vila.fsutil import release_freed_memory
     from edge_vila.config import load_config
     from edge_vila.synthetic import world
     from edge_vila.synthetic.eval import eval_shapes_vqa
 
-    man = json.loads((Path(bundle) / "manifest.json").read_text())
-    multimodal = man.get("preprocess") is not None
+    man = read_manifest(bundle, verify=False)
+    multimodal = man.preprocess is not None
     images = []
     if multimodal:
         rng = world.rng_for(31337)
-        images = [world.random_scene(rng).render(man["preprocess"]["height"]) for _ in range(3)]
+        images = [world.random_scene(rng).render(man.preprocess["height"]) for _ in range(3)]
     # the prompts need a few hundred positions; a smaller cache than the bundle's keeps the
     # reference's float32 KV small at 3B (the bundle's graph grows its cache as it goes)
-    ctx = min(man["model"]["max_context"], 1024)
+    ctx = min(man.model.max_context, 1024)
     recorded = None
     release_freed_memory()  # what writing the bundle freed
     if quantized_ref is not None:
         ref = edge_vila.load(quantized_ref, max_context=ctx)
         # the torch reference dequantizes every INT4 weight at every step: at billions of
         # parameters, 3 prompts x 8 steps (what benchmarks/scale.py asks) instead of 5 x 12
-        big = (man["model"].get("params") or 0) > 1e9
+        big = (man.model.params or 0) > 1e9
         recorded = reference_logits(ref, PROMPTS[:3] if big else PROMPTS, images, steps=8 if big else 12)
         del ref
         release_freed_memory()

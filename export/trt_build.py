@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_vila.bundle import read_manifest
+from edge_vila.bundle import Manifest, read_manifest
 from edge_vila.errors import InputError
 from edge_vila.fsutil import atomic_write_bytes
 from edge_vila.jetson.detect import detect, precisions_for_tensorrt
@@ -43,12 +43,12 @@ class BuildOptions:
     rebuild: bool = False
 
 
-def builder_flags(precision: str, man: dict, trt_version: str) -> list[str]:
+def builder_flags(precision: str, man: Manifest, trt_version: str) -> list[str]:
     """Names of `trt.BuilderFlag`s for this bundle. Raises when the bundle needs more than the TRT has."""
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision!r} unknown (expected one of {', '.join(PRECISIONS)})")
     p = precisions_for_tensorrt(trt_version)
-    quant = man.get("quant") or {}
+    quant = man.quant
     if quant.get("llm") == "awq-w4" and not p.int4_weights:
         raise InputError(f"this bundle's LLM is INT4 (block DequantizeLinear), which TensorRT {trt_version} cannot "
                          "build (needs TensorRT >= 10, JetPack >= 6.1); export with --llm-quant fp16")
@@ -61,10 +61,10 @@ def builder_flags(precision: str, man: dict, trt_version: str) -> list[str]:
     return flags
 
 
-def plan_key(bundle: Path, man: dict, trt_version: str, sm: str, jetpack: str | None, o: BuildOptions) -> EngineKey:
-    max_ctx = o.max_context or man["model"]["max_context"]
+def plan_key(bundle: Path, man: Manifest, trt_version: str, sm: str, jetpack: str | None, o: BuildOptions) -> EngineKey:
+    max_ctx = o.max_context or man.model.max_context
     return EngineKey(tensorrt=trt_version, sm=sm, jetpack=jetpack,
-                     onnx_sha256={k: v for k, v in man["files"].items() if k.endswith((".onnx", ".onnx.data"))},
+                     onnx_sha256={k: v for k, v in man.files.items() if k.endswith((".onnx", ".onnx.data"))},
                      precision=o.precision, max_context=max_ctx, max_prefill=o.max_prefill or min(max_ctx, 1024),
                      max_images=o.max_images, strongly_typed=o.strongly_typed)
 
@@ -119,10 +119,10 @@ def build_engines(bundle: str | Path, o: BuildOptions | None = None) -> Path:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     cache_path = Path(o.timing_cache) if o.timing_cache else folder / TIMING_CACHE
-    if "vision.onnx" in man["files"]:
+    if "vision.onnx" in man.files:
         _build_one(trt, bundle / "vision.onnx", [vision_profile(man, o.max_images)], flags, o, cache_path,
                    folder / VISION_PLAN)
-    if "projector.onnx" in man["files"]:  # dynamic_s2: the projector after the host's S2 merge
+    if "projector.onnx" in man.files:  # dynamic_s2: the projector after the host's S2 merge
         _build_one(trt, bundle / "projector.onnx", [projector_profile(man, o.max_images)], flags, o, cache_path,
                    folder / PROJECTOR_PLAN)
     _build_one(trt, bundle / "llm.onnx", llm_profiles(man, key.max_context, key.max_prefill), flags, o, cache_path,

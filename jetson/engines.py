@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edge_vila.bundle import Manifest
 from edge_vila.errors import CheckpointError
 
 KEY_FILE = "engine_key.json"
@@ -123,19 +124,19 @@ class Profile:
                 raise ValueError(f"profile {self.name}: {inp} needs min <= opt <= max, got {lo} {opt} {hi}")
 
 
-def llm_profiles(man: dict, max_context: int, max_prefill: int) -> list[Profile]:
+def llm_profiles(man: Manifest, max_context: int, max_prefill: int) -> list[Profile]:
     """Two profiles over one engine: prefill (many new tokens) and decode (one token).
 
     Index 0 is prefill, 1 is decode: the backend switches with
     `set_optimization_profile_async`. The past length of decode starts at 1.
     """
-    m = man["model"]
-    if max_context > m["max_context"]:
-        raise ValueError(f"max_context {max_context} exceeds the bundle's exported {m['max_context']}")
+    m = man.model
+    if max_context > m.max_context:
+        raise ValueError(f"max_context {max_context} exceeds the bundle's exported {m.max_context}")
     if not 1 <= max_prefill <= max_context:
         raise ValueError(f"max_prefill must be in 1..{max_context}, got {max_prefill}")
-    D, kv, hd = m["hidden_size"], m["num_kv_heads"], m["head_dim"]
-    ins = man["io"]["llm"]["inputs"]
+    D, kv, hd = m.hidden_size, m.num_kv_heads, m.head_dim
+    ins = man.io["llm"]["inputs"]
     past_names = ins[2:]
 
     def build(name, seq, past) -> Profile:
@@ -153,16 +154,16 @@ def llm_profiles(man: dict, max_context: int, max_prefill: int) -> list[Profile]
     return [prefill, decode]
 
 
-def vision_batch(man: dict, max_images: int) -> int:
+def vision_batch(man: Manifest, max_images: int) -> int:
     """Vision inputs per engine call: every tile (and thumbnail) of max_images images."""
     from edge_vila.config import PreprocessSpec
 
-    pre = man.get("preprocess")
+    pre = man.preprocess
     return max_images * (PreprocessSpec(**pre).max_inputs_per_image if pre else 1)
 
 
-def vision_profile(man: dict, max_images: int) -> Profile:
-    pre = man.get("preprocess")
+def vision_profile(man: Manifest, max_images: int) -> Profile:
+    pre = man.preprocess
     if not pre:
         raise ValueError("text-only bundle: no vision engine to build")
     hw = (pre["height"], pre["width"])
@@ -171,11 +172,11 @@ def vision_profile(man: dict, max_images: int) -> Profile:
     return p
 
 
-def projector_profile(man: dict, max_images: int) -> Profile:
+def projector_profile(man: Manifest, max_images: int) -> Profile:
     """dynamic_s2's projector.onnx: blocks of merged features, at most max_tiles per image."""
     from edge_vila.config import PreprocessSpec
 
-    pre, v = man.get("preprocess"), man.get("vision_dims") or {}
+    pre, v = man.preprocess, man.vision_dims or {}
     if not pre or not PreprocessSpec(**pre).s2:
         raise ValueError("only a dynamic_s2 bundle has a projector engine")
     shape = (v["patches"], v["projector_channels"])

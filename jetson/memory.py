@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edge_vila.bundle import Manifest
 from edge_vila.config import ImageTokens, PreprocessSpec, ProjectorSpec
 
 GiB = 1024 ** 3
@@ -112,26 +113,26 @@ class ModelDims:
                    inputs_per_image=tiles)
 
     @classmethod
-    def from_manifest(cls, man: dict) -> "ModelDims":
-        m = man["model"]
-        v = man.get("vision_dims") or {}
-        pre = man.get("preprocess")
-        return cls(hidden=m["hidden_size"], intermediate=m["intermediate_size"], layers=m["num_layers"],
-                   heads=m["num_heads"], kv_heads=m["num_kv_heads"], head_dim=m["head_dim"], vocab=m["vocab_size"],
-                   tie_embeddings=bool(m.get("tie_word_embeddings", False)),
+    def from_manifest(cls, man: Manifest) -> "ModelDims":
+        m = man.model
+        v = man.vision_dims or {}
+        pre = man.preprocess
+        return cls(hidden=m.hidden_size, intermediate=m.intermediate_size, layers=m.num_layers,
+                   heads=m.num_heads, kv_heads=m.num_kv_heads, head_dim=m.head_dim, vocab=m.vocab_size,
+                   tie_embeddings=m.tie_word_embeddings,
                    vision_hidden=v.get("hidden_size", 0), vision_intermediate=v.get("intermediate_size", 0),
                    vision_layers=v.get("num_layers", 0), vision_heads=v.get("num_heads", 0),
-                   vision_patches=v.get("patches", 0), tokens_per_image=man.get("tokens_per_image", 0),
+                   vision_patches=v.get("patches", 0), tokens_per_image=man.tokens_per_image,
                    patch_size=v.get("patch_size", 14), projector_in=v.get("projector_in", 0),
                    projector_mid=v.get("projector_mid", 0), positions_per_image=image_positions(man),
                    inputs_per_image=PreprocessSpec(**pre).max_inputs_per_image if pre else 1)
 
 
-def image_positions(man: dict) -> int:
+def image_positions(man: Manifest) -> int:
     """A bundle's LLM positions per image at most (older bundles: tokens_per_image)."""
-    it, pre = man.get("image_tokens"), man.get("preprocess")
+    it, pre = man.image_tokens, man.preprocess
     if not it or not pre:
-        return man.get("tokens_per_image", 0)
+        return man.tokens_per_image
     return ImageTokens(**it).max_positions(PreprocessSpec(**pre))
 
 
@@ -179,12 +180,12 @@ class Budget:
                 "fits": self.fits, "suggestion": self.suggestion, "options": self.options}
 
 
-def bundle_byte_widths(root: Path, man: dict) -> dict[str, int]:
+def bundle_byte_widths(root: Path, man: Manifest) -> dict[str, int]:
     """kv_bytes / embed_bytes as this bundle stores them: its manifest's KV dtype (a bundle
     without one is float32) and its embedding table's dtype."""
     from edge_vila.config import safetensors_header
 
-    out = {"kv_bytes": 2 if man.get("io", {}).get("llm", {}).get("kv_dtype", "float32") == "float16" else 4}
+    out = {"kv_bytes": 2 if (man.io.get("llm") or {}).get("kv_dtype", "float32") == "float16" else 4}
     embed = Path(root) / "embed.safetensors"
     if embed.is_file():
         dtype = safetensors_header(embed)[1].get("embed_tokens", {}).get("dtype", "F32")

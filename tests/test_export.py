@@ -245,6 +245,42 @@ def test_bad_bundles_fail_with_one_line(w4_bundle, tmp_path):
         edge_vila.load(w4_bundle, backend="torch")
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.update(colour="red"), "unknown field 'colour'"),
+    (lambda m: m["model"].update(num_experts=8), "unknown field 'model.num_experts'"),
+    (lambda m: m.pop("template"), "missing field 'template'"),
+    (lambda m: m["model"].pop("head_dim"), "missing field 'model.head_dim'"),
+    (lambda m: m["model"].update(num_layers="2"), "field 'model.num_layers' is str '2', expected int"),
+    (lambda m: m.update(files=["llm.onnx"]), "field 'files' is list"),
+    (lambda m: m.update(tokens_per_image=True), "field 'tokens_per_image' is bool"),
+])
+def test_the_manifest_schema_refuses_what_it_does_not_know(w4_bundle, tmp_path, change, message):
+    b = tmp_path / "b"
+    shutil.copytree(w4_bundle, b, ignore=shutil.ignore_patterns("engines"))
+    man = json.loads((b / "manifest.json").read_text())
+    change(man)
+    (b / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(BundleError, match=f"manifest.json: {message}"):
+        edge_vila.load(b)
+
+
+def test_the_manifest_schema_and_its_documentation_agree():
+    """docs/bundle-format.md's field table names exactly the Manifest's fields (and model.*)."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from edge_vila.bundle import Manifest, ModelInfo, TemplateInfo
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "bundle-format.md").read_text()
+    table = doc[doc.index("## manifest.json fields"):]
+    documented = set(re.findall(r"^\| `([a-z_.]+)` \|", table, re.M))
+    want = {f.name for f in dataclasses.fields(Manifest)}
+    want |= {f"{p}.{f.name}" for p, kind in (("model", ModelInfo), ("template", TemplateInfo))
+             for f in dataclasses.fields(kind)}
+    assert documented == want, (sorted(want - documented), sorted(documented - want))
+
+
 def test_fast_cpu_graph_matches_bundle_graph_qwen2(tmp_path):
     """The private CPU graph is derived from the bundle by structure: Qwen2 (q/k/v biases, ties)
     and norm weights the exporter merged (all ones at random init) must still come out exact."""

@@ -2,6 +2,7 @@
 memory budgets (hand-computed for VILA1.5-3B), engine keys and TensorRT profiles, setup.sh."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import onnx
 import pytest
 
+from edge_vila.bundle import read_manifest
 from edge_vila.jetson import detect as D
 from edge_vila.jetson import engines as E
 from edge_vila.jetson import memory as M
@@ -131,24 +133,25 @@ def test_budget_of_released_layouts_from_their_configs():
 
 
 def test_budget_from_bundle_manifest(tiny_bundle):
-    man = json.loads((tiny_bundle / "manifest.json").read_text())
+    man = read_manifest(tiny_bundle, verify=False)
     d = M.ModelDims.from_manifest(man)
-    assert d.hidden == 128 and d.vision_layers > 0 and d.tokens_per_image == man["tokens_per_image"]
+    assert d.hidden == 128 and d.vision_layers > 0 and d.tokens_per_image == man.tokens_per_image
     b = M.budget(d, "orin-nano-8gb", M.BudgetOptions(max_context=512))
     assert b.fits and b.parts["vision_weights"] > 0
     # what the bundle stores: fp16 KV I/O; the tiny checkpoint is float32, so its table stays fp32
     assert M.bundle_byte_widths(tiny_bundle, man) == {"kv_bytes": 2, "embed_bytes": 4}
-    assert M.bundle_byte_widths(tiny_bundle, {})["kv_bytes"] == 4  # a manifest from before kv_dtype
+    old = dataclasses.replace(man, io={})  # a manifest from before kv_dtype
+    assert M.bundle_byte_widths(tiny_bundle, old)["kv_bytes"] == 4
 
 
 def _key(man, **kw):
     base = dict(tensorrt="10.3.0", sm="sm87", jetpack="6.1",
-                onnx_sha256={k: v for k, v in man["files"].items() if k.endswith(".onnx")})
+                onnx_sha256={k: v for k, v in man.files.items() if k.endswith(".onnx")})
     return E.EngineKey(**{**base, **kw})
 
 
 def test_engine_keys_refuse_mismatches(tiny_bundle, tmp_path):
-    man = json.loads((tiny_bundle / "manifest.json").read_text())
+    man = read_manifest(tiny_bundle, verify=False)
     here = _key(man)
     assert here.dirname() == "trt10.3.0-sm87-jp6.1"
     with pytest.raises(E.EngineMismatch, match="no engines for this device; build them"):
@@ -175,7 +178,7 @@ def test_engine_keys_refuse_mismatches(tiny_bundle, tmp_path):
 
 
 def test_llm_profiles_cover_the_onnx_inputs(tiny_bundle):
-    man = json.loads((tiny_bundle / "manifest.json").read_text())
+    man = read_manifest(tiny_bundle, verify=False)
     model = onnx.load(str(tiny_bundle / "llm.onnx"), load_external_data=False)
     prefill, decode = E.llm_profiles(man, max_context=512, max_prefill=256)
     graph_inputs = {i.name: [d.dim_value or None for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
@@ -190,7 +193,7 @@ def test_llm_profiles_cover_the_onnx_inputs(tiny_bundle):
     with pytest.raises(ValueError, match="exceeds the bundle's exported 512"):
         E.llm_profiles(man, max_context=1024, max_prefill=16)
     vis = E.vision_profile(man, max_images=4)
-    pre = man["preprocess"]
+    pre = man.preprocess
     assert vis.shapes["pixels"] == ((1, 3, pre["height"], pre["width"]), (1, 3, pre["height"], pre["width"]),
                                     (4, 3, pre["height"], pre["width"]))
 
@@ -199,7 +202,7 @@ def test_builder_flags_and_key(tiny_bundle):
     from edge_vila.errors import InputError
     from edge_vila.export.trt_build import BuildOptions, builder_flags, plan_key
 
-    man = json.loads((tiny_bundle / "manifest.json").read_text())
+    man = read_manifest(tiny_bundle, verify=False)
     assert builder_flags("auto", man, "10.3.0") == ["FP16", "INT8"]
     assert builder_flags("fp16", man, "10.3.0") == ["FP16"] and builder_flags("fp32", man, "10.3.0") == []
     with pytest.raises(InputError, match="TensorRT 8.6.2 cannot build.*--llm-quant fp16"):

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from edge_vila.bundle import read_manifest
 from edge_vila.config import load_config
 from edge_vila.errors import CheckpointError
 from edge_vila.released import LAYOUTS, get_layout, template_for_name
@@ -505,7 +506,7 @@ def test_nvila_8b_replica_info_quantize_export_run(nvila_8b, tmp_path, photo):
     r = cli("budget", b, "--board", "agx-orin-64gb")
     assert r.returncode == 0, r.stderr
     # the TensorRT profiles (built on the device; their shapes checked here against the graphs)
-    assert E.vision_batch(man, 1) == 17
+    assert E.vision_batch(read_manifest(b, verify=False), 1) == 17
     graph_in = onnx.load(str(b / "projector.onnx"), load_external_data=False).graph.input
     assert [i.name for i in graph_in] == ["image_features"]
     assert [d.dim_value for d in graph_in[0].type.tensor_type.shape.dim][1:] == [1024, 3456]

@@ -52,7 +52,7 @@ class FastGraphKey:
 def read_kv_scales(cfg: BundleConfig) -> np.ndarray | None:
     """The bundle's INT8 KV-cache scales, or None for a bundle exported without them."""
     path = cfg.root / KV_SCALES_FILE
-    if KV_SCALES_FILE not in cfg.manifest["files"] or not path.is_file():
+    if KV_SCALES_FILE not in cfg.manifest.files or not path.is_file():
         return None
     from safetensors.numpy import load_file
 
@@ -69,7 +69,7 @@ def read_kv_scales(cfg: BundleConfig) -> np.ndarray | None:
 
 
 def _sources(cfg: BundleConfig, key: FastGraphKey) -> dict[str, str]:
-    files = cfg.manifest["files"]
+    files = cfg.manifest.files
     names = [n for n in SOURCES if n in files and (key.kv8 or n != KV_SCALES_FILE)]
     return {n: files[n] for n in names}
 
@@ -179,7 +179,7 @@ def build_cpu(path: str | Path, options, rebuild: bool = False) -> dict:
     from .onnxruntime import OrtBackend
 
     cfg = load_bundle_config(path)
-    if (cfg.manifest.get("quant") or {}).get("llm") != "awq-w4":
+    if cfg.manifest.quant.get("llm") != "awq-w4":
         return {"target": "ort-cpu", "built": [], "note": "a float bundle runs its own llm.onnx: nothing to build"}
     if rebuild:
         shutil.rmtree(cfg.root / "engines" / "ort-cpu", ignore_errors=True)

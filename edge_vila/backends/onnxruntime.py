@@ -78,12 +78,12 @@ class OrtBackend(BundleBackend):
             if not cpu_only or exact or variant == "bundle":
                 vso.add_session_config_entry("session.qdqisint8allowed", "1")
             self.vision = ort.InferenceSession(str(root / "vision.onnx"), vso, providers=provs)
-            if "projector.onnx" in cfg.manifest["files"]:  # dynamic_s2: the projector runs after the host merge
+            if "projector.onnx" in cfg.manifest.files:  # dynamic_s2: the projector runs after the host merge
                 self.projector = ort.InferenceSession(str(root / "projector.onnx"), vso, providers=provs)
         self._load_embeddings(root)
         fast, level = None, 0 if exact else 4
         want_fast = variant == "fast" or (variant == "auto" and cpu_only and
-                                          (cfg.manifest.get("quant") or {}).get("llm") == "awq-w4")
+                                          cfg.manifest.quant.get("llm") == "awq-w4")
         if kv_cache == "int8" and not want_fast:
             raise InputError(f"{root}: an INT8 KV cache needs the fast CPU graph (INT4 bundle, CPU provider)")
         self.kv_cache, self.attention, self.matmul = "fp32", None, None

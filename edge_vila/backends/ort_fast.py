@@ -273,10 +273,9 @@ def _build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int,
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    m = man["model"]
-    H, nh, nkv, hd, L, V = (m["hidden_size"], m["num_heads"], m["num_kv_heads"], m["head_dim"], m["num_layers"],
-                            m["vocab_size"])
-    max_ctx = m["max_context"]
+    m = man.model
+    H, nh, nkv, hd, L, V = m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim, m.num_layers, m.vocab_size
+    max_ctx = m.max_context
     model = onnx.load(str(bundle_llm), load_external_data=False)  # weights are read one at a time
     reader = TensorReader(model, Path(bundle_llm).parent)
     lins = read_int4_linears(model, reader)

@@ -53,7 +53,7 @@ class TensorRTBackend(BundleBackend):
         self.cuda = open_runtime(runtime)
         sm = info.sm or device_sm()
         here = EngineKey(tensorrt=trt.__version__, sm=sm, jetpack=info.jetpack,
-                         onnx_sha256={k: v for k, v in cfg.manifest["files"].items() if k.endswith((".onnx", ".onnx.data"))})
+                         onnx_sha256={k: v for k, v in cfg.manifest.files.items() if k.endswith((".onnx", ".onnx.data"))})
         folder, built = select_engines(cfg.root, here)
         self.max_context = min(max_context or built.max_context, built.max_context)
         self.max_prefill = built.max_prefill
@@ -63,7 +63,7 @@ class TensorRTBackend(BundleBackend):
         rt = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.llm = rt.deserialize_cuda_engine((folder / LLM_PLAN).read_bytes())
         self.ctx = self.llm.create_execution_context()
-        io = cfg.manifest["io"]["llm"]
+        io = cfg.manifest.io["llm"]
         self._in, self._out = io["inputs"], io["outputs"]
         m = cfg.llm
         D, V = m.hidden_size, m.vocab_size
@@ -90,10 +90,10 @@ class TensorRTBackend(BundleBackend):
             pre = cfg.preprocess
             self._pix_shape = (3, pre.height, pre.width)
             self._pix = self.cuda.alloc(self.max_images * int(np.prod(self._pix_shape)) * 4)
-            vio = cfg.manifest["io"]["vision"]
+            vio = cfg.manifest.io["vision"]
             self._vout = vio["outputs"][0]
             if pre.s2:  # vision engine: ViT features per tile; the projector engine runs after the host merge
-                v = cfg.manifest["vision_dims"]
+                v = cfg.manifest.vision_dims
                 self._vout_shape = (v["patches"], v["hidden_size"])
                 self.projector = rt.deserialize_cuda_engine((folder / PROJECTOR_PLAN).read_bytes())
                 self.pctx = self.projector.create_execution_context()
