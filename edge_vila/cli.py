@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import EdgeVilaError, InputError
 from .fsutil import atomic_write_json
-from .options import add_runtime_args
+from .options import DEFAULT_CONTEXT, add_runtime_args
 
 log = logging.getLogger("edge_vila")
 
@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "float) or fp32")
     s.add_argument("--vision-quant", default="int8", choices=["int8", "fp32"],
                    help="ViT in the bundle: int8 (calibrated Q/DQ, TensorRT's INT8) or fp32")
-    s.add_argument("--max-context", type=int, default=2048,
+    s.add_argument("--max-context", type=int, default=DEFAULT_CONTEXT,
                    help="LLM positions the bundle's graphs and engines support")
     s.add_argument("--group-size", type=int, default=128, help="INT4 quantization group along the input dimension")
     s.add_argument("--quant-method", default="awq", choices=["awq", "rtn"],

@@ -19,6 +19,7 @@ from edge_vila import __version__
 from edge_vila.bundle import FORMAT, FORMAT_VERSION, Manifest
 from edge_vila.config import TINYCHAT, load_config
 from edge_vila.errors import InputError
+from edge_vila.options import DEFAULT_CONTEXT
 from edge_vila.fsutil import work_dir, atomic_dir, atomic_write_json, release_freed_memory, sha256_file
 from edge_vila.modeling.int8 import INT8_FILE, load_int8
 from edge_vila.modeling.weights import CheckpointWeights, SafetensorsWriter
@@ -40,7 +41,7 @@ VISION_QUANTS = ("int8", "fp32")
 class ExportOptions:
     llm_quant: str = "awq-w4"
     vision_quant: str = "int8"
-    max_context: int = 2048
+    max_context: int = DEFAULT_CONTEXT
     group_size: int = 128
     check_trt: str = "10.3"
     report: bool = True

@@ -136,3 +136,17 @@ def test_the_compiled_ops_library_is_verified_before_use(tmp_path, caplog):
         assert native_ops.build_library(tmp_path) == lib
     assert "sha256 mismatch" in caplog.text
     assert native_ops._sha256(lib) == lib.with_name(lib.name + ".sha256").read_text().strip()
+
+
+def test_a_bundle_that_cannot_be_written_caches_in_the_user_dir(bundle, tmp_path, monkeypatch, caplog):
+    """A read-only bundle's cache goes to $XDG_CACHE_HOME/edge-vila/ort-cpu/. (Tests run as root
+    here, for whom permissions do not stop a write: `engines` is made a plain file instead, so
+    the bundle's cache folder cannot be created.)"""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (bundle / "engines").write_text("not a folder")
+    with caplog.at_level(logging.INFO, logger="edge_vila"):
+        pipe = edge_vila.load(bundle)
+    assert pipe.backend.kv_cache == "int8" and "using the user's cache dir" in caplog.text
+    (folder,) = (tmp_path / "cache" / "edge-vila" / "ort-cpu").iterdir()
+    assert verify(folder, json.loads((folder / RECORD).read_text())["sources"], _key(folder)) is None
+    assert (bundle / "engines").read_text() == "not a folder"  # the bundle untouched

@@ -161,7 +161,12 @@ def fast_graph(cfg: BundleConfig, key: FastGraphKey, required: bool, build_missi
             log.info("building the fast CPU graph in %s (once per bundle; `edge-vila build --target ort-cpu` "
                      "does it ahead of time)", folder)
             return build(cfg, key, folder)
-        except PermissionError:
+        except OSError as e:  # a read-only bundle (or full disk there): the user's cache dir next
+            if folder == folders[-1]:
+                raise
+            log.info("cannot write the fast CPU graph into %s (%s): using the user's cache dir", folder.parent,
+                     e.strerror or e)
+            shutil.rmtree(folder, ignore_errors=True)
             continue
         except (ValueError, KeyError) as e:  # a graph this builder does not know: run the bundle's own
             shutil.rmtree(folder, ignore_errors=True)
