@@ -124,7 +124,7 @@ def server_bodies(files: dict[str, Path], long_prompt: str) -> list[tuple[str, b
                                 {"type": "image_url", "image_url": {"url": _data_url(p)}}]))
            for n, p in files.items() if p.is_file() or not p.exists()]
     out += [
-        ("not_json", b"{not json"), ("json_array", b"[1, 2]"), ("empty_body", b""), ("null", b"null"),
+        ("not_json", b"{not json"), ("not_utf8", b"\x80{}"), ("json_array", b"[1, 2]"), ("empty_body", b""), ("null", b"null"),
         ("no_messages", json.dumps({"model": "x"}).encode()),
         ("messages_not_list", json.dumps({"messages": "hi"}).encode()),
         ("message_not_object", json.dumps({"messages": [42]}).encode()),

@@ -352,6 +352,8 @@ def create_app(pipe, opts: ServerOptions | None = None):
                 body = json.loads(raw, parse_constant=_no_constants)
             except json.JSONDecodeError as e:
                 raise ApiError(400, f"body is not JSON ({e})") from None
+            except UnicodeDecodeError as e:  # json.loads decodes bytes as UTF-8/16/32 (found by test_fuzz.py)
+                raise ApiError(400, f"body is not UTF-8 JSON (byte {e.start}: {e.reason})") from None
             except RecursionError:
                 raise ApiError(400, "body is nested too deeply") from None
             if not isinstance(body, dict):

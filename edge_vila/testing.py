@@ -141,10 +141,12 @@ class MJPEGServer:
     """An MJPEG-over-HTTP camera on loopback (what many IP cameras serve), for tests and
     soak benchmarks of network sources; `frame_fn(i) -> HxWx3 uint8` picks the pictures.
     `drop()` closes every open stream and refuses new ones until `resume()`, which is how
-    a camera that loses its link looks to a client."""
+    a camera that loses its link looks to a client; `stall()` keeps the connections open but
+    sends nothing until `resume()` (a hung camera); `garbage_every=N` sends random bytes in
+    place of every Nth JPEG (a corrupting link)."""
 
     def __init__(self, fps: float = 30.0, size: tuple[int, int] = (64, 48), host: str = "127.0.0.1",
-                 frame_fn=None):
+                 frame_fn=None, garbage_every: int = 0):
         import http.server
         import io
         import socketserver
@@ -156,7 +158,10 @@ class MJPEGServer:
 
         self.up = threading.Event()
         self.up.set()
+        self.flowing = threading.Event()
+        self.flowing.set()
         self.sent = 0
+        noise = np.random.default_rng(0)
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -173,11 +178,16 @@ class MJPEGServer:
                 w, h = size
                 try:
                     while server.up.is_set():
+                        if not server.flowing.is_set():
+                            time.sleep(0.02)
+                            continue
                         v = server.sent % 200
                         img = frame_fn(server.sent) if frame_fn else np.full((h, w, 3), v, np.uint8)
                         buf = io.BytesIO()
                         Image.fromarray(img).save(buf, "JPEG", quality=95)
                         data = buf.getvalue()
+                        if garbage_every and server.sent % garbage_every == garbage_every - 1:
+                            data = noise.integers(0, 256, len(data), dtype=np.uint8).tobytes()
                         self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
                                          % len(data) + data + b"\r\n")
                         server.sent += 1
@@ -194,8 +204,12 @@ class MJPEGServer:
     def drop(self) -> None:
         self.up.clear()
 
+    def stall(self) -> None:
+        self.flowing.clear()
+
     def resume(self) -> None:
         self.up.set()
+        self.flowing.set()
 
     def close(self) -> None:
         self.up.clear()

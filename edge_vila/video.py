@@ -10,7 +10,9 @@
 
 Options go in the query string (`?width=1280&height=720&fps=30`). A capture thread reads
 continuously and keeps only the newest frame (no queue can grow); a dropped live stream is
-reopened with exponential backoff; `close()` stops the thread and releases the device.
+reopened with exponential backoff - as is a network stream that stalls (no frame for
+`?timeout=5` seconds) or sends frames that do not decode; `drops` and `reconnects` count
+them; `close()` stops the thread and releases the device.
 """
 from __future__ import annotations
 
@@ -61,6 +63,7 @@ class VideoSource:
         self.error: str | None = None
         self.frames = 0        # frames captured
         self.reconnects = 0    # successful reopenings after a drop
+        self.drops = 0         # streams that dropped, stalled past their timeout or failed to decode
         self.fps = 0.0         # capture rate (EMA)
 
     # -- subclass hooks ------------------------------------------------------------
@@ -150,6 +153,7 @@ class VideoSource:
                 log.warning("%s: capture error %s", self.uri, e)
                 got = None
             if got is None:
+                self.drops += 1
                 self._release()
                 if not (self.live and self.reconnect):
                     break
@@ -160,6 +164,10 @@ class VideoSource:
         with self._cond:
             self.ended = True
             self._cond.notify_all()
+
+
+# a network source that delivers nothing for this long is reopened (URI option ?timeout=S)
+NETWORK_TIMEOUT_S = 5.0
 
 
 class _Paced:
@@ -181,6 +189,12 @@ class OpenCVSource(VideoSource):
     def __init__(self, uri: str, target: str | int, api: str, options: dict[str, str], live: bool, **kw):
         super().__init__(uri, options, **kw)
         self.target, self.api, self.live = target, api, live
+        try:
+            self.timeout_s = float(options.get("timeout", NETWORK_TIMEOUT_S))
+        except ValueError:
+            self.timeout_s = -1.0
+        if not 0 < self.timeout_s < 3600:
+            raise InputError(f"{uri}: timeout={options.get('timeout')!r}, expected seconds in (0, 3600)")
         self.cap = None
         self._pace: _Paced | None = None
 
@@ -191,7 +205,11 @@ class OpenCVSource(VideoSource):
             raise InputError("video sources need OpenCV: pip install 'edge-vila[demo]'") from None
         api = {"v4l2": cv2.CAP_V4L2, "gstreamer": cv2.CAP_GSTREAMER, "ffmpeg": cv2.CAP_FFMPEG,
                "any": cv2.CAP_ANY}[self.api]
-        cap = cv2.VideoCapture(self.target, api)
+        params = []
+        if self.api == "ffmpeg" and self.live:  # a stalled network camera: read() gives up, is reopened
+            ms = int(self.timeout_s * 1000)
+            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+        cap = cv2.VideoCapture(self.target, api, params)
         if not cap.isOpened():
             raise InputError(f"{self.uri}: cannot open (OpenCV {self.api} backend)")
         o = self.options

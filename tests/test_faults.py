@@ -77,7 +77,7 @@ def test_killed_export_keeps_the_last_bundle_and_a_rerun_completes(tiny_ckpt, tm
             continue
         recover(out)  # what the next run does first
         man = read_manifest(out)  # the previous bundle, whole: every file's sha256 checks out
-        assert man["created"] >= first
+        assert man.created >= first
     r = _export(tiny_ckpt, out)
     assert r.wait(timeout=600) == 0, r.stderr.read()
     read_manifest(out)

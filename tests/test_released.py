@@ -461,7 +461,7 @@ def test_max_tiles_caps_nvila_lite_tiling(nvila_lite):
     img = np.random.default_rng(0).integers(0, 256, (1000, 2000, 3), dtype=np.uint8)  # 2000x1000
     keys, hashes, _ = pipe.chat().prompt_keys("Describe.", [img])
     assert len(hashes) == 3 and sum(not isinstance(k, int) for k in keys) == 3 * 121
-    with pytest.raises(InputError, match="max_tiles 0 is below the checkpoint's min_tiles 1"):
+    with pytest.raises(InputError, match="max_tiles must be an integer >= 1, got 0"):  # RuntimeOptions' check
         edge_vila.load(nvila_lite, max_context=1024, max_tiles=0)
 
 

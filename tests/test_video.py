@@ -206,3 +206,46 @@ def test_run_cli_takes_a_video_clip(tiny_bundle, tmp_path):
     assert "3 frames sampled" in r.stderr
     r = subprocess.run([*exe, "--video", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "it is a directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_camera_sending_garbage_frames_keeps_streaming():
+    """Every 5th JPEG is random bytes: the source never raises, good frames keep coming, and
+    what it could not decode is counted (a drop and a reopen), never passed on as a picture."""
+    from edge_vila.testing import MJPEGServer
+
+    cam = MJPEGServer(fps=60, garbage_every=5)
+    try:
+        with open_source(cam.url, backoff=(0.05, 0.2)) as src:
+            seen = [src.read(timeout=10)]
+            for _ in range(20):
+                seen.append(src.read(timeout=10, newer_than=seen[-1].index))
+                assert seen[-1] is not None, "the stream stopped delivering frames"
+            assert not src.ended and cam.sent > 25
+            for f in seen:  # frames are uniform grey pictures; garbage would not be
+                assert f.image.shape == (48, 64, 3) and int(f.image.std()) <= 3
+    finally:
+        cam.close()
+
+
+def test_a_stalled_camera_is_reopened_and_reported(caplog):
+    """The camera keeps its connection open but sends nothing: after the URI's timeout the
+    source gives up on the read, says so, reopens, and frames flow again when the camera does."""
+    import logging
+
+    from edge_vila.testing import MJPEGServer
+
+    cam = MJPEGServer(fps=60)
+    try:
+        with caplog.at_level(logging.WARNING, logger="edge_vila"), \
+                open_source(cam.url + "?timeout=1", backoff=(0.05, 0.2)) as src:
+            assert src.read(timeout=10) is not None
+            cam.stall()
+            time.sleep(3)
+            assert src.drops >= 1, "a stall longer than the timeout was not noticed"
+            stalled_at = src.frames
+            cam.resume()
+            f = src.read(timeout=10, newer_than=stalled_at - 1)  # a frame captured after the stall
+            assert f is not None and src.reconnects >= 1 and not src.ended
+        assert "dropped" in caplog.text or "capture error" in caplog.text
+    finally:
+        cam.close()
