@@ -24,7 +24,8 @@ from edge_vila.bundle import Manifest, read_manifest
 from edge_vila.errors import InputError
 from edge_vila.fsutil import atomic_write_bytes
 from edge_vila.jetson.detect import detect, precisions_for_tensorrt
-from edge_vila.jetson.engines import (LLM_PLAN, PROJECTOR_PLAN, TIMING_CACHE, VISION_PLAN, EngineKey, Profile,
+from edge_vila.jetson.engines import (LLM_PLAN, PROJECTOR_PLAN, TIMING_CACHE, VISION_PLAN, EngineKey, EngineMismatch,
+                                      Profile, check_engines,
                                       engine_dir, llm_profiles, projector_profile, vision_profile, write_key)
 
 log = logging.getLogger(__name__)
@@ -114,9 +115,13 @@ def build_engines(bundle: str | Path, o: BuildOptions | None = None) -> Path:
     key = plan_key(bundle, man, trt.__version__, info.sm or _cuda_sm(), info.jetpack, o)
     flags = builder_flags(o.precision, man, trt.__version__)
     folder = engine_dir(bundle, key)
-    if (folder / LLM_PLAN).is_file() and not o.rebuild:
-        log.info("engines exist in %s (use --rebuild to build again)", folder)
-        return folder
+    if folder.is_dir() and not o.rebuild:
+        try:
+            check_engines(folder, key)
+            log.info("engines exist in %s and match their record (use --rebuild to build again)", folder)
+            return folder
+        except EngineMismatch as e:  # an interrupted, older or corrupted build: never used, built again
+            log.warning("rebuilding: %s", e)
     folder.mkdir(parents=True, exist_ok=True)
     cache_path = Path(o.timing_cache) if o.timing_cache else folder / TIMING_CACHE
     if "vision.onnx" in man.files:

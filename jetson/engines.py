@@ -38,6 +38,7 @@ class EngineKey:
     max_prefill: int = 1024
     max_images: int = 1
     strongly_typed: bool = False
+    plan_sha256: dict = field(default_factory=dict)  # each built .plan -> its sha256, checked before use
 
     def dirname(self) -> str:
         return f"trt{self.tensorrt}-{self.sm}-jp{self.jetpack or 'none'}"
@@ -57,10 +58,15 @@ def engine_dir(bundle: Path, key: EngineKey) -> Path:
     return Path(bundle) / "engines" / key.dirname()
 
 
-def write_key(folder: Path, key: EngineKey) -> None:
-    from edge_vila.fsutil import atomic_write_json
+def write_key(folder: Path, key: EngineKey) -> EngineKey:
+    """The folder's record, written after its plans: the key plus each plan's sha256."""
+    from dataclasses import replace
 
+    from edge_vila.fsutil import atomic_write_json, sha256_file
+
+    key = replace(key, plan_sha256={p.name: sha256_file(p) for p in sorted(Path(folder).glob("*.plan"))})
     atomic_write_json(folder / KEY_FILE, key.to_json())
+    return key
 
 
 def compatibility_problems(built: EngineKey, here: EngineKey) -> list[str]:
@@ -94,6 +100,16 @@ def check_engines(folder: Path, here: EngineKey) -> EngineKey:
     for plan in (LLM_PLAN,) + ((VISION_PLAN,) if "vision.onnx" in here.onnx_sha256 else ()):
         if not (Path(folder) / plan).is_file():
             raise EngineMismatch(f"{Path(folder) / plan}: missing; rebuild with `edge-vila build --rebuild`")
+        if plan not in built.plan_sha256:
+            raise EngineMismatch(f"{path}: no sha256 recorded for {plan} (an older or interrupted build); "
+                                 "rebuild with `edge-vila build --rebuild`")
+    from edge_vila.fsutil import sha256_file
+
+    for plan, digest in built.plan_sha256.items():
+        f = Path(folder) / plan
+        if not f.is_file() or sha256_file(f) != digest:
+            raise EngineMismatch(f"{f}: changed or missing since it was built (sha256 mismatch); rebuild with "
+                                 "`edge-vila build --rebuild`")
     return built
 
 

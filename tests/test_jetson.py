@@ -165,7 +165,14 @@ def test_engine_keys_refuse_mismatches(tiny_bundle, tmp_path):
         E.check_engines(folder, here)
     for plan in (E.LLM_PLAN, E.VISION_PLAN):
         (folder / plan).write_bytes(b"plan")
+    with pytest.raises(E.EngineMismatch, match="no sha256 recorded for llm.plan"):  # key written before the plans
+        E.check_engines(folder, here)
+    E.write_key(folder, here)  # the build writes it last, with each plan's sha256
     assert E.select_engines(tmp_path, here)[0] == folder
+    (folder / E.VISION_PLAN).write_bytes(b"plaN")  # overwritten since the build: never deserialized
+    with pytest.raises(E.EngineMismatch, match="vision.plan: changed or missing since it was built"):
+        E.select_engines(tmp_path, here)
+    E.write_key(folder, here)
     # the same folder name cannot hide a different ONNX
     changed = _key(man, onnx_sha256={**here.onnx_sha256, "llm.onnx": "0" * 64})
     with pytest.raises(E.EngineMismatch, match="llm.onnx changed since the engines were built.*--rebuild"):
