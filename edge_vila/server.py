@@ -223,6 +223,35 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
+class CountStatuses:
+    """ASGI middleware: every status the server sends is counted in /metrics - the handlers'
+    own answers, the framework's 404/405, and a 500 from an exception no handler caught (counted
+    here; the framework's outer error handler then sends it). Pure ASGI, not BaseHTTPMiddleware:
+    that would sit between a streaming response and the client's disconnect."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def counting_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                self.metrics.count(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            if not started:
+                self.metrics.count(500)
+            raise
+
+
 class Worker:
     """Runs jobs one at a time on a thread (one model, one KV cache)."""
 
@@ -305,11 +334,11 @@ def create_app(pipe, opts: ServerOptions | None = None):
         worker.close()
 
     app = FastAPI(title="edge-vila", version="1", lifespan=lifespan)
+    app.add_middleware(CountStatuses, metrics=metrics)
     app.state.worker = worker
     created = int(time.time())
 
     def fail(e: ApiError) -> JSONResponse:
-        metrics.count(e.status)
         headers = {"Retry-After": "1"} if e.status in (429, 503) else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
@@ -393,7 +422,6 @@ def create_app(pipe, opts: ServerOptions | None = None):
                 job.cancelled.set()
                 raise
             st = payload
-            metrics.count(200)
             return {"id": cid, "object": "chat.completion", "created": now, "model": opts.model_id,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "finish_reason": "length" if st.finish_reason == "length" else "stop"}],
@@ -431,7 +459,6 @@ def create_app(pipe, opts: ServerOptions | None = None):
             finally:
                 job.cancelled.set()  # client went away mid-stream: stop generating
 
-        metrics.count(200)
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

@@ -110,6 +110,31 @@ def test_limits(client):
     assert 'edge_vila_requests_total{code="400"}' in metrics and "edge_vila_completion_tokens_total" in metrics
 
 
+def test_every_status_sent_is_counted(tiny_pipe):
+    """The framework's own 404/405 and a 500 from an exception no handler caught are counted
+    like the handlers' answers (each request once)."""
+    from fastapi.testclient import TestClient
+
+    from edge_vila.server import create_app
+
+    app = create_app(tiny_pipe)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        def counts() -> dict[str, int]:
+            lines = c.get("/metrics").text.splitlines()
+            return {ln.split('"')[1]: int(ln.rsplit(" ", 1)[1]) for ln in lines
+                    if ln.startswith("edge_vila_requests_total")}
+
+        assert c.get("/no/such/path").status_code == 404
+        assert c.get("/v1/chat/completions").status_code == 405
+        assert c.post("/v1/chat/completions", content=b"[]").status_code == 400
+        app.state.worker.q.qsize = None  # /health now raises: an exception no handler catches
+        assert c.get("/health").status_code == 500
+        del app.state.worker.q.qsize  # /metrics reads it too
+        got = counts()  # rendered before its own 200 is counted
+        assert counts().get("200") == 1
+    assert (got.get("404"), got.get("405"), got.get("400"), got.get("500")) == (1, 1, 1, 1), got
+
+
 def test_api_key_and_bind_rules(tiny_bundle):
     from fastapi.testclient import TestClient
 
