@@ -506,11 +506,12 @@ def test_nvila_8b_replica_info_quantize_export_run(nvila_8b, tmp_path, photo):
     r = cli("budget", b, "--board", "agx-orin-64gb")
     assert r.returncode == 0, r.stderr
     # the TensorRT profiles (built on the device; their shapes checked here against the graphs)
-    assert E.vision_batch(read_manifest(b, verify=False), 1) == 17
+    schema = read_manifest(b, verify=False)  # what the TensorRT builder reads
+    assert E.vision_batch(schema, 1) == 17
     graph_in = onnx.load(str(b / "projector.onnx"), load_external_data=False).graph.input
     assert [i.name for i in graph_in] == ["image_features"]
     assert [d.dim_value for d in graph_in[0].type.tensor_type.shape.dim][1:] == [1024, 3456]
-    assert E.projector_profile(man, max_images=1).shapes["image_features"] == \
+    assert E.projector_profile(schema, max_images=1).shapes["image_features"] == \
         ((1, 1024, 3456), (12, 1024, 3456), (12, 1024, 3456))
     r = cli("run", b, "--image", photo, "--prompt", "Describe the image.", "--max-new-tokens", "3")
     assert r.returncode == 0, r.stderr
