@@ -10,12 +10,12 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 import edge_vila
 from edge_vila.backends.cpu_cache import KV_SCALES_FILE, RECORD, verify
 from edge_vila.errors import InputError
+from edge_vila.fsutil import sha256_file
 
 
 @pytest.fixture
@@ -127,7 +127,7 @@ def test_the_compiled_ops_library_is_verified_before_use(tmp_path, caplog):
 
     lib = native_ops.build_library(tmp_path)
     record = lib.with_name(lib.name + ".sha256").read_text().strip()
-    assert record == native_ops._sha256(lib)
+    assert record == sha256_file(lib)
     assert native_ops.build_library(tmp_path) == lib  # verified, reused
     with open(lib, "r+b") as f:  # 64 bytes overwritten: never loaded, rebuilt
         f.seek(lib.stat().st_size // 2)
@@ -135,7 +135,7 @@ def test_the_compiled_ops_library_is_verified_before_use(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="edge_vila"):
         assert native_ops.build_library(tmp_path) == lib
     assert "sha256 mismatch" in caplog.text
-    assert native_ops._sha256(lib) == lib.with_name(lib.name + ".sha256").read_text().strip()
+    assert sha256_file(lib) == lib.with_name(lib.name + ".sha256").read_text().strip()
 
 
 def test_a_bundle_that_cannot_be_written_caches_in_the_user_dir(bundle, tmp_path, monkeypatch, caplog):

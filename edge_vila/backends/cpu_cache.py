@@ -49,13 +49,18 @@ class FastGraphKey:
                 + ("-edgeattn" if self.attention == "edge" else "") + ("-edgemm" if self.matmul == "edge" else ""))
 
 
+def has_kv_scales(cfg: BundleConfig) -> bool:
+    """Whether the bundle brings INT8 KV-cache scales (read_manifest checked the file is there)."""
+    return KV_SCALES_FILE in cfg.manifest.files
+
+
 def read_kv_scales(cfg: BundleConfig) -> np.ndarray | None:
     """The bundle's INT8 KV-cache scales, or None for a bundle exported without them."""
-    path = cfg.root / KV_SCALES_FILE
-    if KV_SCALES_FILE not in cfg.manifest.files or not path.is_file():
+    if not has_kv_scales(cfg):
         return None
     from safetensors.numpy import load_file
 
+    path = cfg.root / KV_SCALES_FILE
     m = cfg.llm
     want = (m.num_layers, 2, m.num_kv_heads, m.head_dim)
     try:
@@ -132,9 +137,9 @@ def build(cfg: BundleConfig, key: FastGraphKey, folder: Path) -> Path:
     return out
 
 
-def fast_graph(cfg: BundleConfig, key: FastGraphKey, required: bool, build_missing: bool = True) -> Path | None:
+def fast_graph(cfg: BundleConfig, key: FastGraphKey, required: bool) -> Path | None:
     """The verified cached fast graph for `cfg` and `key`, built when missing or failing its
-    record (unless `build_missing` is False); None when it cannot be had and is not required."""
+    record; None when it cannot be had and is not required."""
     sources = _sources(cfg, key)
     folders = _folders(cfg, key)
     for folder in folders:
@@ -144,8 +149,6 @@ def fast_graph(cfg: BundleConfig, key: FastGraphKey, required: bool, build_missi
         if why is None:
             return folder / "llm_fast.onnx"
         log.warning("%s: not using this cached fast graph: %s", folder, why)
-    if not build_missing:
-        return None
     try:
         import onnx  # noqa: F401 - the builder's; a verified cache needs only onnxruntime
     except ImportError as e:
@@ -190,8 +193,7 @@ def build_cpu(path: str | Path, options, rebuild: bool = False) -> dict:
         shutil.rmtree(cfg.root / "engines" / "ort-cpu", ignore_errors=True)
     t0 = time.time()
     be = OrtBackend(cfg, options.replace(variant="fast"), providers=["CPUExecutionProvider"])
-    key = be.fast_key
-    folder = next(f for f in _folders(cfg, key) if f.is_dir() and verify(f, _sources(cfg, key), key) is None)
+    key, folder = be.fast_key, be.fast_graph.parent  # the folder the load verified or built: not hashed again
     rec = json.loads((folder / RECORD).read_text())
     built = rec.get("built_unix", 0) >= t0
     return {"target": "ort-cpu", "folder": str(folder), "key": asdict(key), "kv_cache": be.kv_cache,

@@ -30,7 +30,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from ..fsutil import atomic_write_text
+from ..fsutil import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
@@ -77,14 +77,10 @@ def _verified(lib: Path) -> bool:
     rec = lib.with_name(lib.name + ".sha256")
     if not (lib.is_file() and rec.is_file()):
         return False
-    if rec.read_text().strip() == _sha256(lib):
+    if rec.read_text().strip() == sha256_file(lib):
         return True
     log.warning("%s: changed since it was built (sha256 mismatch): rebuilding", lib)
     return False
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _sources() -> list[Path]:
@@ -114,7 +110,7 @@ def build_library(folder: Path | None = None, portable: bool = False) -> Path:
     if res.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"{cc} could not build the ops in {CSRC}:\n{res.stderr.strip()[-2000:]}")
-    digest = _sha256(tmp)
+    digest = sha256_file(tmp)
     tmp.replace(lib)
     atomic_write_text(lib.with_name(lib.name + ".sha256"), digest + "\n")  # written last: a record means done
     log.info("built our ONNX Runtime ops %s", lib)

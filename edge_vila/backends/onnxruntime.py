@@ -23,7 +23,7 @@ from ..bundle import BundleConfig
 from ..errors import InputError
 from ..options import RuntimeOptions
 from . import BundleBackend
-from .cpu_cache import KV_SCALES_FILE, FastGraphKey, fast_graph, read_kv_scales
+from .cpu_cache import KV_SCALES_FILE, FastGraphKey, fast_graph, has_kv_scales
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class OrtBackend(BundleBackend):
             raise InputError(f"{root}: an INT8 KV cache needs the fast CPU graph (INT4 bundle, CPU provider)")
         self.kv_cache, self.attention, self.matmul = "fp32", None, None
         kv8 = want_fast and (kv_cache == "int8" or (kv_cache == "auto" and not exact))
-        if kv8 and read_kv_scales(cfg) is None:  # scales are computed at export; a load never calibrates
+        if kv8 and not has_kv_scales(cfg):  # scales are computed at export; a load never calibrates
             if kv_cache == "int8":
                 raise InputError(f"{root}: no {KV_SCALES_FILE} (exported by an older edge-vila), so no INT8 KV "
                                  "cache; re-export the bundle")
@@ -112,6 +112,7 @@ class OrtBackend(BundleBackend):
         if want_fast:
             self.fast_key = FastGraphKey(level, kv8, attn, "edge" if mm else "nbits")
             fast = fast_graph(cfg, self.fast_key, required=variant == "fast" or kv_cache == "int8")
+        self.fast_graph = fast
         if fast:
             self.attention, self.matmul = "gqa", "nbits"
             if kv8:
