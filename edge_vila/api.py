@@ -43,7 +43,9 @@ def load(path: str | Path, options: RuntimeOptions | None = None, *, template: s
     cache whose scales the bundle brings, unless `exact`. `max_tiles` caps NVILA-Lite's
     dynamic tiling (and NVILA-8B's last S2 scale); `max_pixels` refuses, before decoding, an
     image whose header claims more pixels (per pipeline)."""
-    opts = (options or RuntimeOptions()).replace(**runtime) if runtime else (options or RuntimeOptions())
+    opts = options or RuntimeOptions()
+    if runtime:
+        opts = opts.replace(**runtime)
     from .bundle import is_bundle
 
     if is_bundle(path):

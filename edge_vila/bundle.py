@@ -51,8 +51,6 @@ class ModelInfo:
     params: int | None = None
     tie_word_embeddings: bool = False
 
-    quantization = None  # a bundle's LLM quantization is `Manifest.quant` (LLMSpec has this field)
-
 
 @dataclass(frozen=True)
 class TemplateInfo:
