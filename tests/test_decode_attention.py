@@ -15,7 +15,7 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
-from edge_vila.backends.native_ops import build_library  # noqa: E402
+from edge_vila.backends.native_ops import build_library, kernels, use_kernel  # noqa: E402
 
 NH, NKV, HD, MAXC = 6, 2, 32, 150  # 150: the last key block is partly beyond max_seq
 PREFILL_THEN_DECODE = [(0, MAXC - 1), (MAXC - 1, 1)]  # (past, new tokens): a short schedule to the cache's end
@@ -43,14 +43,27 @@ def _session(lib, maxc: int, parallel: bool):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-@pytest.fixture(scope="module", params=["native", "native-parallel", "portable"])
+def _kernel_lib(folder, kernel: str, isa: str = "native"):
+    """A library of its own (the kernel choice is per loaded library) running `kernel`."""
+    if isa != "native" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("an x86 build; elsewhere the native build is the only one")
+    lib = build_library(folder, isa=isa)
+    if kernel not in kernels(lib):
+        pytest.skip(f"this CPU/build has no {kernel} kernel (has {kernels(lib)})")
+    use_kernel(lib, kernel)
+    return lib
+
+
+@pytest.fixture(scope="module", params=["avx512", "avx512-parallel", "avx2", "avx2-parallel", "neon",
+                                        "neon-parallel", "portable", "avx2-build"])
 def session(request, tmp_path_factory):
-    """The op built for this CPU (AVX-512 here), the same splitting the KV heads over our thread
-    pool (parallel=1, as in graphs with our linear op), and without AVX-512 (the C loops ARM builds)."""
-    if request.param == "portable" and platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("-mno-avx512f is an x86 flag; elsewhere the native build is the portable one")
-    lib = build_library(tmp_path_factory.mktemp("ops"), portable=request.param == "portable")
-    return _session(lib, MAXC, request.param == "native-parallel")
+    """Every kernel this machine runs (AVX-512; the 8-lane vector path that AVX2 and NEON compile;
+    the C loops), each also splitting the KV heads over our thread pool (parallel=1, as in graphs
+    with our linear op), and the AVX2 path from a build without AVX-512."""
+    kernel, _, parallel = request.param.partition("-parallel")
+    isa = "avx2" if kernel == "avx2-build" else "native"
+    lib = _kernel_lib(tmp_path_factory.mktemp("ops"), "avx2" if isa == "avx2" else kernel, isa)
+    return _session(lib, MAXC, request.param.endswith("-parallel"))
 
 
 def _rope_tables(maxc: int = MAXC):
@@ -141,10 +154,15 @@ def test_long_context_decode_split_over_positions(tmp_path):
     the partial softmaxes (flash-decoding); decode across that threshold to a cache end that is
     not a whole key block."""
     maxc = 700
-    for parallel in (True, False):
-        sess = _session(build_library(), maxc, parallel)
-        schedule = [(0, 500)] + [(500 + i, 1) for i in range(200)]
-        assert _check(sess, schedule, maxc) < 1e-4
+    for kernel in ("avx512", "avx2", "neon"):
+        lib = build_library(tmp_path / kernel)
+        if kernel not in kernels(lib):
+            continue
+        use_kernel(lib, kernel)
+        for parallel in (True, False):
+            sess = _session(lib, maxc, parallel)
+            schedule = [(0, 500)] + [(500 + i, 1) for i in range(200)]
+            assert _check(sess, schedule, maxc) < 1e-4, (kernel, parallel)
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps (Linux)")

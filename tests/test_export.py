@@ -172,11 +172,14 @@ def test_int8_kv_cache_scales_and_agreement(w4_bundle):
     q8 = edge_vila.load(w4_bundle, variant="fast")  # auto: INT8 when not exact
     assert (fp.backend.kv_cache, q8.backend.kv_cache) == ("fp32", "int8")
     assert q8.backend.past[0].numpy().dtype == np.int8
-    assert q8.backend.attention == "edge"  # our attention op (a C compiler is there)
-    from edge_vila.backends.native_ops import build_library, int4_linear_native
-    vnni = int4_linear_native(build_library())  # our INT4 linear op by default only with its fast kernel
-    assert q8.backend.matmul == ("edge" if vnni else "nbits")
-    assert list((w4_bundle / "engines" / "ort-cpu").glob("*-kv8-edgeattn" + ("-edgemm" if vnni else "") + "/llm_fast.onnx"))
+    from edge_vila.backends.native_ops import build_library
+    from edge_vila.backends.op_choice import choose, shape_of
+    # the defaults are what measured faster on this machine at this model's shapes (recorded once)
+    choice = choose(build_library(), shape_of(q8.backend.cfg, 0))
+    assert (q8.backend.attention, q8.backend.matmul) == (choice.attention, choice.matmul)
+    assert list((w4_bundle / "engines" / "ort-cpu").glob("*-kv8" + ("-edgeattn" if choice.attention == "edge" else "")
+                                                          + ("-edgemm" if choice.matmul == "edge" else "")
+                                                          + "/llm_fast.onnx"))
     assert edge_vila.load(w4_bundle, exact=True).backend.kv_cache == "fp32"
     be = q8.backend
     m = be.cfg.llm
@@ -202,8 +205,8 @@ def test_int8_kv_cache_scales_and_agreement(w4_bundle):
     res = logit_agreement(gq, q8, PROMPTS * 4, _images(), steps=10)
     assert res["greedy_agreement"] >= 0.97 and res["max_rel_logit_err"] <= 0.05, res
     # our INT4 linear op (forced, so the portable loops run where VNNI is missing) against MatMulNBits
-    mm = edge_vila.load(w4_bundle, matmul="edge")
-    nb = edge_vila.load(w4_bundle, matmul="nbits")
+    mm = edge_vila.load(w4_bundle, matmul="edge", attention="edge")
+    nb = edge_vila.load(w4_bundle, matmul="nbits", attention="edge")
     assert (mm.backend.matmul, nb.backend.matmul, nb.backend.attention) == ("edge", "nbits", "edge")
     res = logit_agreement(nb, mm, PROMPTS * 4, _images(), steps=10)
     assert res["greedy_agreement"] >= 0.97 and res["max_rel_logit_err"] <= 0.05, res
@@ -352,3 +355,21 @@ def test_bf16_checkpoint_gets_a_float16_head_with_the_same_logits(qckpt, tmp_pat
         assert got["max_rel_logit_err"] <= 1e-6 and got["greedy_agreement"] == 1.0, (variant, got)
     f32 = export_bundle(src, tmp_path / "f32", ExportOptions(**opts))  # a float32 checkpoint: no rounding
     assert json.loads((f32 / "manifest.json").read_text())["io"]["llm"]["head_dtype"] == "float32"
+
+
+def test_a_load_follows_the_recorded_choice(w4_bundle, tmp_path, monkeypatch):
+    """The default ops are the recorded (measured) choice of backends/op_choice.py; asked-for ops are kept."""
+    from edge_vila.backends import native_ops, op_choice
+    from edge_vila.backends.op_choice import OpChoice
+    from edge_vila.bundle import load_bundle_config
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a library (and record) of its own
+    lib = native_ops.build_library()
+    shape = op_choice.shape_of(load_bundle_config(w4_bundle), 0)
+    for matmul, attention in (("nbits", "gqa"), ("edge", "edge"), ("nbits", "edge")):
+        rec = {"library_sha256": native_ops.sha256_file(lib),
+               "choices": {shape.key(): OpChoice(matmul, attention, {}, "portable").__dict__}}
+        lib.with_name(lib.name + ".choice.json").write_text(json.dumps(rec))
+        be = edge_vila.load(w4_bundle).backend
+        assert (be.matmul, be.attention, be.kv_cache) == (matmul, attention, "int8")
+        assert edge_vila.load(w4_bundle, matmul="edge", attention="edge").backend.matmul == "edge"  # asked: kept

@@ -1,6 +1,7 @@
-"""Our INT4 linear op (backends/csrc/int4_linear.c): the packed layout and both kernels
-(AVX-512 VNNI and the portable loops) against a numpy model of the same maths, through ctypes
-and as an ONNX Runtime node, plus its errors and its thread pool."""
+"""Our INT4 linear op (backends/csrc/int4_linear.c): the packed layout and every kernel this
+machine can run (AVX-512 VNNI, AVX2, NEON dot product, the portable loops; each x86 one also
+from a build without the larger ISAs, as CPUs without them compile it) against a numpy model of
+the same maths, through ctypes and as an ONNX Runtime node, plus its errors and its thread pool."""
 from __future__ import annotations
 
 import platform
@@ -8,7 +9,7 @@ import platform
 import numpy as np
 import pytest
 
-from edge_vila.backends.native_ops import build_library, int4_linear, int4_linear_native, set_threads
+from edge_vila.backends.native_ops import build_library, int4_linear, kernels, set_threads, use_kernel
 from edge_vila.backends.ort_fast import Int4Linear, pack_int4_tiles
 
 X86 = platform.machine() in ("x86_64", "AMD64")
@@ -16,11 +17,24 @@ X86 = platform.machine() in ("x86_64", "AMD64")
 
 @pytest.fixture(scope="module")
 def libs(tmp_path_factory):
-    native = build_library(tmp_path_factory.mktemp("ops"))
-    out = {"native": native}
+    out = {"native": build_library(tmp_path_factory.mktemp("ops"))}
     if X86:
-        out["portable"] = build_library(tmp_path_factory.mktemp("ops_portable"), portable=True)
+        for isa in ("avx2", "portable"):
+            out[isa] = build_library(tmp_path_factory.mktemp(f"ops_{isa}"), isa=isa)
     return out
+
+
+# (build, kernel): every kernel of the native build, and the x86 builds without AVX-512 / AVX2
+CASES = [("native", k) for k in ("avx512", "avx2", "neon", "portable")] + [("avx2", "avx2"), ("avx2", "portable"),
+                                                                          ("portable", "portable")]
+
+
+def _lib(libs, build, kernel):
+    if build not in libs:
+        pytest.skip(f"the {build} build is an x86 build; elsewhere the native build is the only one")
+    if kernel not in kernels(libs[build]):
+        pytest.skip(f"this CPU/build has no {kernel} kernel (has {kernels(libs[build])})")
+    return libs[build]
 
 
 def _linear(rng, K, N, bs):
@@ -53,18 +67,16 @@ def _reference(lin: Int4Linear, x: np.ndarray, swiglu: bool = False) -> tuple[np
 
 @pytest.mark.parametrize("K,N,bs,M", [(576, 1000, 128, 1), (576, 37, 128, 13), (256, 64, 32, 5), (100, 20, 32, 3),
                                       (1280, 48, 64, 1)])
-@pytest.mark.parametrize("kind", ["native", "native-portable-loops", "portable"])
-def test_matches_reference(libs, kind, K, N, bs, M):
+@pytest.mark.parametrize("build,kernel", CASES)
+def test_matches_reference(libs, build, kernel, K, N, bs, M):
     """Odd K (a short last block) and N (a partial last tile), one row (decode's kernel) and
     13 rows (prefill's 8 + 4 + 1 row groups), with a bias."""
-    if kind == "portable" and "portable" not in libs:
-        pytest.skip("-mno-avx512f is an x86 flag; elsewhere the native build is the portable one")
-    lib = libs["portable" if kind == "portable" else "native"]
+    lib = _lib(libs, build, kernel)
     rng = np.random.default_rng(K + N + M)
     lin = _linear(rng, K, N, bs)
     x = rng.standard_normal((M, K)).astype(np.float32)
     bias = rng.standard_normal(N).astype(np.float32)
-    y = int4_linear(lib, x, pack_int4_tiles(lin), K, N, bs, bias, portable=kind == "native-portable-loops")
+    y = int4_linear(lib, x, pack_int4_tiles(lin), K, N, bs, bias, kernel=kernel)
     same, plain = _reference(lin, x)
     assert y.shape == (M, N)
     assert np.abs(y - bias - same).max() <= 1e-5 * np.abs(same).max()
@@ -102,11 +114,27 @@ def test_thread_pool_gives_the_same_numbers(libs):
         set_threads(lib, 0)
 
 
-def test_native_kernel_is_reported(libs):
-    flags = open("/proc/cpuinfo").read() if platform.system() == "Linux" else ""
-    assert int4_linear_native(libs["native"]) == ("avx512_vnni" in flags and "avx512bw" in flags)
-    if "portable" in libs:
-        assert not int4_linear_native(libs["portable"])
+def test_kernels_follow_the_cpu_and_the_build(libs):
+    flags = set(next((ln for ln in open("/proc/cpuinfo") if ln.startswith(("flags", "Features"))), "").split())
+    have = kernels(libs["native"])
+    assert have[0] == "portable"
+    if X86:
+        assert ("avx512" in have) == ({"avx512f", "avx512bw", "avx512_vnni"} <= flags)
+        assert ("avx2" in have) == ({"avx2", "fma"} <= flags)
+        assert "avx512" not in kernels(libs["avx2"]) and kernels(libs["portable"]) == ["portable"]
+    else:
+        assert ("neon" in have) == ("asimddp" in flags)
+    with pytest.raises(ValueError, match="kernel 'sve': not available here"):
+        use_kernel(libs["native"], "sve")
+    with pytest.raises(ValueError, match="kernel 'avx512': not available here"):
+        if X86:
+            use_kernel(libs["portable"], "avx512")
+        else:
+            use_kernel(libs["native"], "avx512")
+    x = np.ones((1, 64), np.float32)
+    lin = _linear(np.random.default_rng(0), 64, 16, 32)
+    with pytest.raises(ValueError, match="int4_linear: kernel 'neon' not available here" if X86 else "kernel 'avx2'"):
+        int4_linear(libs["native"], x, pack_int4_tiles(lin), 64, 16, 32, kernel="neon" if X86 else "avx2")
 
 
 def test_as_an_onnx_runtime_node(libs):
@@ -140,8 +168,8 @@ def test_as_an_onnx_runtime_node(libs):
         session(K, activation=2)
 
 
-@pytest.mark.parametrize("kind", ["native", "portable"])
-def test_rmsnorm_prologue(libs, kind):
+@pytest.mark.parametrize("kernel", ["avx512", "avx2", "neon", "portable"])
+def test_rmsnorm_prologue(libs, kernel):
     """norm_weight (+ skip): the linear reads RMSNorm(x + skip) * w and returns x + skip, as the
     SkipSimplifiedLayerNormalization node it replaces in the fast graph."""
     rng = np.random.default_rng(4)
@@ -152,8 +180,8 @@ def test_rmsnorm_prologue(libs, kind):
     total = x + skip
     normed = total / np.sqrt((total.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps) * w
     same, _ = _reference(lin, normed)
-    y, got_total = int4_linear(libs["native"], x, pack_int4_tiles(lin), K, N, bs, skip=skip, norm_weight=w, epsilon=eps,
-                               portable=kind == "portable")
+    y, got_total = int4_linear(_lib(libs, "native", kernel), x, pack_int4_tiles(lin), K, N, bs, skip=skip,
+                               norm_weight=w, epsilon=eps, kernel=kernel)
     np.testing.assert_allclose(got_total, total, rtol=1e-6)
     assert np.abs(y.reshape(-1, N) - same).max() <= 1e-4 * np.abs(same).max()
     y2, _ = int4_linear(libs["native"], x, pack_int4_tiles(lin), K, N, bs, norm_weight=w, epsilon=eps)  # no skip

@@ -2,8 +2,9 @@
 `SessionOptions.register_custom_ops_library` loads:
 
 - `edge_vila.DecodeAttention` (decode_attention.c): attention over the INT8 KV cache;
-- `edge_vila.Int4Linear` (int4_linear.c): the INT4 linears with AVX-512 VNNI, replacing
-  MatMulNBits (which read the weights at ~27 GB/s of a ~70 GB/s host during decode);
+- `edge_vila.Int4Linear` (int4_linear.c): the INT4 linears (AVX-512 VNNI, AVX2, NEON dot
+  product), replacing MatMulNBits (which read the weights at ~27 GB/s of a ~70 GB/s host
+  during decode);
 - a small thread pool both use (ops.c; ORT's own pool then runs with one thread).
 
 Why our own attention op: ORT's CPU GroupQueryAttention spends 60-80 us per layer per decoded token
@@ -12,8 +13,13 @@ at 1024 cached positions (measured on a 2-core Zen 4), so decode at 1024 context
 into the query), keeps the key cache transposed so 16 positions score in one vector
 instruction, and writes the new positions in place like GroupQueryAttention's shared buffer.
 
+Each op has portable C loops and SIMD kernels (`KERNELS`); the library holds those the
+compiler targets and runs the best one the CPU reports at run time (`kernels`, `use_kernel`).
+Whether our ops or ORT's run by default is measured once per machine and model shape
+(op_choice.py).
+
 The library is compiled on first use with the system C compiler (`$CC`, else cc/gcc/clang)
-for this CPU (`-march=native`) and cached per user (never in the bundle: a copied bundle may
+for this CPU (`-march=native`, or `$EDGE_VILA_MARCH` for a cross compiler) and cached per user (never in the bundle: a copied bundle may
 land on another CPU), keyed by the source, the compiler and the CPU's flags, and checked
 against the sha256 recorded when it was built before every load. Without a
 compiler the backend keeps GroupQueryAttention and MatMulNBits and says so in the log.
@@ -40,8 +46,17 @@ CSRC = Path(__file__).parent / "csrc"
 # again (often at the same address, its pool's mutex and condition variable re-initialized under
 # the sleeping workers), which crashed or hung the next parallel op (seen in CI). Never unloaded,
 # the library keeps one pool for the life of the process.
-CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-Wall",
+CFLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-Wall",
           "-Wl,-z,nodelete"]
+
+
+KERNELS = {"portable": 1, "avx2": 2, "avx512": 4, "neon": 8}  # the EV_* bits of ort_op.h
+# build_library(isa=...): the x86 flags that leave kernels out (tests of the smaller CPUs' paths)
+ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"], "portable": ["-mno-avx512f", "-mno-avx2", "-mno-fma"]}
+
+
+def _march() -> list[str]:
+    return [f"-march={os.environ.get('EDGE_VILA_MARCH') or 'native'}"]
 
 
 def _cpu_key() -> str:
@@ -91,14 +106,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-vila" / "ops"
 
 
-def build_library(folder: Path | None = None, portable: bool = False) -> Path:
+def build_library(folder: Path | None = None, isa: str = "native") -> Path:
     """The compiled op library for this CPU (built and cached on first call). Raises
-    RuntimeError naming the compiler and its output when it cannot be built. `portable`
-    leaves out the AVX-512 kernels (the loops ARM and older x86 compile), for tests."""
+    RuntimeError naming the compiler and its output when it cannot be built. `isa` "avx2" or
+    "portable" leaves out the larger x86 kernels (what CPUs without them compile), for tests."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (set $CC, or install gcc) to build our ONNX Runtime ops")
-    flags = CFLAGS + (["-mno-avx512f"] if portable else [])
+    if isa != "native" and platform.machine() not in ("x86_64", "AMD64"):
+        raise ValueError(f"isa={isa!r}: x86 builds only; elsewhere the native build is used")
+    flags = _march() + CFLAGS + ISA_FLAGS[isa]
     folder = folder or cache_dir()
     lib = folder / f"libedge_vila_ops-{_build_key(cc, tuple(flags))}.so"
     if _verified(lib):
@@ -132,6 +149,7 @@ def _cdll(lib: Path) -> ctypes.CDLL:
     uses, so settings made here (threads) reach the ops inside a session."""
     dll = ctypes.CDLL(str(lib))
     dll.edge_vila_set_threads.argtypes = [ctypes.c_int]
+    dll.edge_vila_use_kernel.argtypes = [ctypes.c_int]
     f = dll.edge_vila_int4_linear
     f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
@@ -145,18 +163,34 @@ def set_threads(lib: Path, n: int | None) -> int:
     return int(_cdll(lib).edge_vila_set_threads(int(n or 0)))
 
 
-def int4_linear_native(lib: Path) -> bool:
-    """Whether Int4Linear has this CPU's fast kernel (AVX-512 VNNI) in `lib`; without it ORT's
-    MatMulNBits (NEON / AVX2 kernels) is faster than our portable loops and is kept."""
-    return bool(_cdll(lib).edge_vila_int4_linear_native())
+def kernels(lib: Path) -> list[str]:
+    """The kernels `lib` holds that this CPU runs (KERNELS' names, "portable" always)."""
+    mask = int(_cdll(lib).edge_vila_kernels())
+    return [name for name, bit in KERNELS.items() if mask & bit]
+
+
+def kernel_in_force(lib: Path) -> str:
+    """The kernel both ops run now: the best of `kernels(lib)` unless `use_kernel` forced one."""
+    bit = int(_cdll(lib).edge_vila_kernel_in_force())
+    return next(n for n, b in KERNELS.items() if b == bit)
+
+
+def use_kernel(lib: Path, name: str | None) -> str:
+    """Make both ops run kernel `name` (None: the best available again), process-wide; returns
+    the kernel in force. ValueError when `lib` on this CPU has no such kernel."""
+    bit = KERNELS.get(name, -2) if name else 0
+    got = int(_cdll(lib).edge_vila_use_kernel(bit)) if bit >= 0 else -1
+    if got < 0:
+        raise ValueError(f"kernel {name!r}: not available here (have {kernels(lib)})")
+    return next(n for n, b in KERNELS.items() if b == got)
 
 
 def int4_linear(lib: Path, x, packed: tuple, K: int, N: int, block: int, bias=None, swiglu: bool = False,
-                skip=None, norm_weight=None, epsilon: float = 1e-5, portable: bool = False):
+                skip=None, norm_weight=None, epsilon: float = 1e-5, kernel: str | None = None):
     """y = x W^T through the op's kernel without ONNX Runtime (tests, benchmarks). `packed` is
     `ort_fast.pack_int4_tiles`'s (W, scales, zeros); `swiglu`: x is [..., 2K] = gate | up and the
     linear reads silu(gate) * up; `norm_weight`: it reads RMSNorm(x + skip) * norm_weight, and
-    (y, x + skip) is returned."""
+    (y, x + skip) is returned. `kernel`: one of `kernels(lib)` (None: the one in force)."""
     import numpy as np
 
     def arr(a):
@@ -173,10 +207,14 @@ def int4_linear(lib: Path, x, packed: tuple, K: int, N: int, block: int, bias=No
     total = np.empty_like(x) if norm_weight is not None else None
     ptr = lambda a: None if a is None else a.ctypes.data
     rc = _cdll(lib).edge_vila_int4_linear(ptr(x), M, K, N, block, ptr(w), ptr(sc), ptr(zp), ptr(b), ptr(y), int(swiglu),
-                                          ptr(skip), ptr(norm_weight), float(epsilon), ptr(total), int(portable))
+                                          ptr(skip), ptr(norm_weight), float(epsilon), ptr(total),
+                                          KERNELS.get(kernel, -1) if kernel else 0)
     if rc:
-        raise ValueError(f"int4_linear: bad arguments (K={K}, N={N}, block={block})" if rc == -1 else "out of memory")
+        raise ValueError({-1: f"int4_linear: bad arguments (K={K}, N={N}, block={block})",
+                          -3: f"int4_linear: kernel {kernel!r} not available here (have {kernels(lib)})"}
+                         .get(rc, "int4_linear: out of memory"))
     return y if norm_weight is None else (y, total)
 
 
-__all__ = ["build_library", "try_build_library", "cache_dir", "CSRC", "set_threads", "int4_linear_native", "int4_linear"]
+__all__ = ["build_library", "try_build_library", "cache_dir", "CSRC", "set_threads", "kernels", "use_kernel",
+           "kernel_in_force", "int4_linear", "KERNELS"]

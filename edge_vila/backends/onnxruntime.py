@@ -105,10 +105,13 @@ class OrtBackend(BundleBackend):
                 lib = native_ops.build_library() if explicit else native_ops.try_build_library()
             except (RuntimeError, OSError) as e:  # asked for explicitly: say why it cannot be had
                 raise InputError(f"{'attention' if attention == 'edge' else 'matmul'}='edge': {e}") from None
-            # without AVX-512 VNNI our linear runs portable loops; MatMulNBits is faster there
-            mm = bool(lib) and not exact and (
-                matmul == "edge" or (matmul == "auto" and native_ops.int4_linear_native(lib)))
-            attn = "edge" if lib and attention != "gqa" else "gqa"
+            choice = None
+            if lib and "auto" in (matmul, attention):  # ours by default only where it measured faster here
+                from .op_choice import choose, shape_of
+                choice = choose(lib, shape_of(cfg, so.intra_op_num_threads))
+            mm = bool(lib) and not exact and (matmul == "edge" or (matmul == "auto" and choice.matmul == "edge"))
+            attn = "edge" if lib and (attention == "edge" or (attention == "auto" and choice.attention == "edge")) \
+                else "gqa"
         if want_fast:
             self.fast_key = FastGraphKey(level, kv8, attn, "edge" if mm else "nbits")
             fast = fast_graph(cfg, self.fast_key, required=variant == "fast" or kv_cache == "int8")

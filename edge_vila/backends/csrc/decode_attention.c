@@ -96,7 +96,170 @@ static void attend_portable(const float *qs, int G, int hd, const int8_t *Kt, co
   }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define ATT_AVX512 1
+#endif
+#if (defined(__AVX2__) && defined(__FMA__)) || (defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD))
+#define ATT_VEC 1
+#endif
+
+#ifdef ATT_VEC
+#if defined(__AVX2__)
+#include <immintrin.h>
+#else
+#include <arm_neon.h>
+#endif
+/* The same maths on 8-float vectors (GCC's vector extensions: AVX2 ymm registers on x86, pairs
+ * of NEON q registers on aarch64 - one source for both ISAs, held against the same reference),
+ * register-blocked like the AVX-512 path below but for 16 registers: 32 positions x 2 heads of
+ * scores, 32 channels x 2 heads of values. Needs head_dim % 32 == 0. */
+typedef float vf8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+typedef int8_t vb8 __attribute__((vector_size(8)));
+
+/* 8 int8 -> 8 floats with the ISA's widening instructions (GCC scalarizes a generic
+ * __builtin_convertvector from int8 to float: 8 extracts and 8 scalar converts, 5x slower) */
+static inline vf8 widen8(const int8_t *p) {
+#if defined(__AVX2__)
+  const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+  vf8 v;
+  memcpy(&v, &f, sizeof v);
+  return v;
+#else
+  const int16x8_t w = vmovl_s8(vld1_s8(p));
+  const float32x4_t lo = vcvtq_f32_s32(vmovl_s16(vget_low_s16(w))), hi = vcvtq_f32_s32(vmovl_s16(vget_high_s16(w)));
+  vf8 v;
+  memcpy(&v, &lo, 16);
+  memcpy((float *)&v + 4, &hi, 16);
+  return v;
+#endif
+}
+static inline vf8 splat(float x) { return (vf8){x, x, x, x, x, x, x, x}; }
+/* lanes of a where m (a comparison's all-ones lanes), else b: C has no vector ?: */
+static inline vf8 pick(vi8 m, vf8 a, vf8 b) { return (vf8)(((vi8)a & m) | ((vi8)b & ~m)); }
+
+/* exp for x <= 0 on 8 lanes, exp_neg's polynomial */
+static inline vf8 exp_neg8(vf8 x) {
+  x = pick(x < splat(-87.f), splat(-87.f), x);
+  const vf8 t = x * splat(1.44269504f);
+  vf8 fl = __builtin_convertvector(__builtin_convertvector(t, vi8), vf8); /* toward zero */
+  fl = pick(fl > t, fl - splat(1.f), fl); /* floor */
+  const vf8 f = t - fl;
+  vf8 p = splat(0.0018762329f);
+  p = p * f + splat(0.0089925844f);
+  p = p * f + splat(0.0558236055f);
+  p = p * f + splat(0.2401545346f);
+  p = p * f + splat(0.6931529641f);
+  p = p * f + splat(0.9999999404f);
+  const vi8 bits = (__builtin_convertvector(fl, vi8) + 127) << 23;
+  return p * (vf8)bits;
+}
+
+static inline float hmax8(vf8 v) {
+  float m = v[0];
+  for (int i = 1; i < 8; i++) m = v[i] > m ? v[i] : m;
+  return m;
+}
+static inline float hsum8(vf8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+static inline __attribute__((always_inline)) void scores_half(int HN, const float *qs, int hd, const int8_t *Kt,
+                                                              int64_t j, int half, float *s, int64_t Tp) {
+  vf8 acc[2][4];
+  for (int h = 0; h < HN; h++)
+    for (int i = 0; i < 4; i++) acc[h][i] = splat(0.f);
+  for (int d = 0; d < hd; d++) {
+    const int8_t *kp = Kt + j * hd + d * KB + 32 * half;
+    __builtin_prefetch(kp + 2 * KB * hd);  /* the block after next */
+    const vf8 k[4] = {widen8(kp), widen8(kp + 8), widen8(kp + 16), widen8(kp + 24)};
+    for (int h = 0; h < HN; h++) {
+      const vf8 q = splat(qs[h * hd + d]);
+      for (int i = 0; i < 4; i++) acc[h][i] += q * k[i];
+    }
+  }
+  for (int h = 0; h < HN; h++)
+    for (int i = 0; i < 4; i++) memcpy(s + h * Tp + j + 32 * half + 8 * i, &acc[h][i], sizeof(vf8));
+}
+
+static inline __attribute__((always_inline)) void values_chunk(int HN, const float *p, int64_t Tp, int64_t T,
+                                                               const int8_t *V, int hd, int dc, const float *vscale,
+                                                               const float *inv, float *out) {
+  vf8 acc[2][4];
+  for (int h = 0; h < HN; h++)
+    for (int i = 0; i < 4; i++) acc[h][i] = splat(0.f);
+  for (int64_t j = 0; j < T; j++) {
+    const int8_t *vp = V + j * hd + dc;
+    __builtin_prefetch(vp + 32 * hd);
+    const vf8 v[4] = {widen8(vp), widen8(vp + 8), widen8(vp + 16), widen8(vp + 24)};
+    for (int h = 0; h < HN; h++) {
+      const vf8 w = splat(p[h * Tp + j]);
+      for (int i = 0; i < 4; i++) acc[h][i] += w * v[i];
+    }
+  }
+  for (int h = 0; h < HN; h++)
+    for (int i = 0; i < 4; i++) {
+      vf8 sc = splat(inv[h]);
+      if (vscale) {
+        vf8 vs;
+        memcpy(&vs, vscale + dc + 8 * i, sizeof vs);
+        sc *= vs;
+      }
+      const vf8 o = acc[h][i] * sc;
+      memcpy(out + h * hd + dc + 8 * i, &o, sizeof o);
+    }
+}
+
+/* softmax512's contract on 8 lanes (the scalar tail past the last whole vector) */
+static float softmax_vec(float *s, int64_t T, float *mx_out, float *sum_out) {
+  vf8 mv = splat(-3.0e38f);
+  int64_t j = 0;
+  for (; j + 8 <= T; j += 8) {
+    vf8 v;
+    memcpy(&v, s + j, sizeof v);
+    mv = pick(v > mv, v, mv);
+  }
+  float m = hmax8(mv);
+  for (int64_t i = j; i < T; i++) m = s[i] > m ? s[i] : m;
+  vf8 sv = splat(0.f);
+  for (j = 0; j + 8 <= T; j += 8) {
+    vf8 v;
+    memcpy(&v, s + j, sizeof v);
+    v = exp_neg8(v - splat(m));
+    memcpy(s + j, &v, sizeof v);
+    sv += v;
+  }
+  float total = hsum8(sv);
+  for (; j < T; j++) total += (s[j] = exp_neg(s[j] - m));
+  if (mx_out) *mx_out = m, *sum_out = total;
+  return 1.f / total;
+}
+
+#define BY_HEADS2(HN, call) switch (HN) { case 1: call(1); break; default: call(2); }
+
+/* attend_avx512's contract (see there) on the vector path */
+static void attend_vec(const float *qs, int G, int hd, const int8_t *Kt, const int8_t *V, int64_t T,
+                       const float *vscale, float *scores, float *out, float *mx, float *sum) {
+  const int64_t Tp = (T + 63) / 64 * 64;
+  float inv[2];
+  for (int h0 = 0; h0 < G; h0 += 2) {
+    const int hn = G - h0 < 2 ? G - h0 : 2;
+    const float *q = qs + h0 * hd;
+    for (int64_t j = 0; j < T; j += 64)
+      for (int half = 0; half < 2 && j + 32 * half < T; half++) {
+#define SCORES2(HN) scores_half(HN, q, hd, Kt, j, half, scores, Tp)
+        BY_HEADS2(hn, SCORES2)
+      }
+    for (int h = 0; h < hn; h++)
+      inv[h] = mx ? (softmax_vec(scores + h * Tp, T, mx + h0 + h, sum + h0 + h), 1.f)
+                  : softmax_vec(scores + h * Tp, T, NULL, NULL);
+    for (int dc = 0; dc < hd; dc += 32) {
+#define VALUES2(HN) values_chunk(HN, scores, Tp, T, V, hd, dc, mx ? NULL : vscale, inv, out + h0 * hd)
+      BY_HEADS2(hn, VALUES2)
+    }
+  }
+}
+#endif
+
+#ifdef ATT_AVX512
 #include <immintrin.h>
 /* The same maths with AVX-512, register-blocked: 64 positions x up to 4 heads of scores stay in
  * 16 registers while all channels stream through, and each INT8 load is widened once for all
@@ -202,16 +365,30 @@ static void attend_avx512(const float *qs, int G, int hd, const int8_t *Kt, cons
 }
 #endif
 
+/* the vector paths' shared signature: full attention (mx NULL) or a split-softmax partial */
+typedef void (*attend_fn)(const float *qs, int G, int hd, const int8_t *Kt, const int8_t *V, int64_t T,
+                          const float *vscale, float *scores, float *out, float *mx, float *sum);
+
+/* the kernel in force's vector path for this head_dim, or NULL (the portable loops) */
+static attend_fn vector_path(int64_t hd) {
+  const int k = ev_kernel();
+  (void)k, (void)hd;
+#ifdef ATT_AVX512
+  if (k == EV_AVX512 && hd % 16 == 0) return attend_avx512;
+#endif
+#ifdef ATT_VEC
+  if ((k == EV_AVX2 || k == EV_NEON || k == EV_AVX512) && hd % 32 == 0) return attend_vec;
+#endif
+  return NULL;
+}
+
 static void attend(const float *qs, int G, int hd, const int8_t *Kt, const int8_t *V, int64_t pos,
                    const float *vscale, float *scores, float *acc, float *out) {
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-  if (hd % 16 == 0) {
-    (void)acc;
-    attend_avx512(qs, G, hd, Kt, V, pos + 1, vscale, scores, out, NULL, NULL);
-    return;
-  }
-#endif
-  attend_portable(qs, G, hd, Kt, V, pos, vscale, scores, acc, out);
+  const attend_fn f = vector_path(hd);
+  if (f)
+    f(qs, G, hd, Kt, V, pos + 1, vscale, scores, out, NULL, NULL);
+  else
+    attend_portable(qs, G, hd, Kt, V, pos, vscale, scores, acc, out);
 }
 
 static int8_t quant(float x, float inv_scale) {
@@ -261,13 +438,13 @@ static void attend_heads(void *arg, int64_t g0, int64_t g1) {
   free(work);
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
 /* Decode at long context, split over positions too (flash-decoding): KV heads alone leave a
  * thread idle whenever there are fewer of them than threads x a few (SmolLM2: 3 on 2 cores).
  * Task g * chunks + c attends head g's positions of chunk c; the caller merges the partials. */
 #define CHUNK_MIN 256
 typedef struct {
   const AttendJob *a;
+  attend_fn fn;
   int64_t chunks, chunk;  /* positions per chunk, a multiple of the key block */
   float *acc, *mx, *sum;  /* [kv_heads][chunks][G](x head_dim) */
   int failed;
@@ -287,14 +464,14 @@ static void attend_chunks(void *arg, int64_t t0, int64_t t1) {
     const int64_t g = t / sj->chunks, c = t % sj->chunks, b = c * sj->chunk;
     const int64_t n = T - b < sj->chunk ? T - b : sj->chunk;
     head_queries(j, g, 0, qs);  /* one new token */
-    attend_avx512(qs, (int)G, (int)hd, j->Kt + g * j->kstride + b * hd, j->V + (g * j->max_seq + b) * hd, n, NULL,
-                  scores, sj->acc + t * G * hd, sj->mx + t * G, sj->sum + t * G);
+    sj->fn(qs, (int)G, (int)hd, j->Kt + g * j->kstride + b * hd, j->V + (g * j->max_seq + b) * hd, n, NULL,
+           scores, sj->acc + t * G * hd, sj->mx + t * G, sj->sum + t * G);
   }
   free(work);
 }
 
 /* one new token: every head's chunks in parallel, then the softmax merge; 0 if out of memory */
-static int attend_split(const AttendJob *a) {
+static int attend_split(const AttendJob *a, attend_fn fn) {
   const int64_t G = a->nh / a->nkv, hd = a->hd, T = a->total;
   int64_t chunks = (T + CHUNK_MIN - 1) / CHUNK_MIN;
   if (chunks > 8) chunks = 8;
@@ -303,7 +480,7 @@ static int attend_split(const AttendJob *a) {
   const int64_t tasks = a->nkv * chunks;
   float *buf = malloc(sizeof(float) * (size_t)(tasks * G * (hd + 2)));
   if (!buf) return 0;
-  SplitJob sj = {a, chunks, chunk, buf, buf + tasks * G * hd, buf + tasks * G * hd + tasks * G, 0};
+  SplitJob sj = {a, fn, chunks, chunk, buf, buf + tasks * G * hd, buf + tasks * G * hd + tasks * G, 0};
   parallel_for(tasks, 1, attend_chunks, &sj);
   for (int64_t g = 0; g < a->nkv && !sj.failed; g++)
     for (int64_t h = 0; h < G; h++) {
@@ -322,7 +499,6 @@ static int attend_split(const AttendJob *a) {
   free(buf);
   return !sj.failed;
 }
-#endif
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   static const char *names[] = {"qkv", "past_key", "past_value", "seqlens_k", "total_sequence_length",
@@ -385,12 +561,11 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   }
   /* the KV heads in parallel (each reads only its own cache) */
   AttendJob job = {k, qkv, cosc, sinc, ks, vs, Kt, V, attn, S, past, total, nh, nkv, hd, W, kstride, max_seq, 0};
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-  if (k->parallel && S == 1 && total >= 2 * CHUNK_MIN && hd % 16 == 0) {
-    if (!attend_split(&job)) return error("DecodeAttention: out of memory");
+  const attend_fn vec = vector_path(hd);
+  if (k->parallel && S == 1 && total >= 2 * CHUNK_MIN && vec) {
+    if (!attend_split(&job, vec)) return error("DecodeAttention: out of memory");
     return NULL;
   }
-#endif
   if (k->parallel)
     parallel_for(nkv, 1, attend_heads, &job);
   else

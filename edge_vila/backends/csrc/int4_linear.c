@@ -22,8 +22,17 @@
  */
 #include "ort_op.h"
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#include <immintrin.h>
 #define INT4_AVX512 1
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#define INT4_AVX2 1
+#endif
+#if defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+#include <arm_neon.h>
+#define INT4_NEON 1
+#endif
+#if defined(INT4_AVX512) || defined(INT4_AVX2)
+#include <immintrin.h>
 #endif
 /* software prefetch distance in the decode loop, bytes of weights ahead: one core's hardware
  * prefetch alone kept ~30 GB/s; 2-4 KB ahead read 35-39 GB/s on one core, 47-59 on two (Zen 4).
@@ -32,7 +41,7 @@
 #ifndef PF_W
 #define PF_W 4096
 #endif
-#ifndef PF_HINT
+#if !defined(PF_HINT) && (defined(INT4_AVX512) || defined(INT4_AVX2))
 #define PF_HINT _MM_HINT_NTA
 #endif
 
@@ -54,7 +63,7 @@ typedef struct {
   const float *x;
   float *y;
   int64_t M, K, N, Kp, nb, bs, activation;
-  int portable; /* the plain C loops even where AVX-512 is compiled in (tests) */
+  int kernel; /* EV_*: the code path (ev_kernel(), or the one a caller forces) */
 } Job;
 
 /* one block of activations (SwiGLU applied if asked) -> int8, its scale and its sum */
@@ -118,6 +127,7 @@ typedef struct {
   float *sum, *out;
   int64_t K;
   float eps;
+  int kernel;
 } NormJob;
 
 /* rows [begin, end): s = x (+ skip), out = s / rms(s) * w */
@@ -129,6 +139,7 @@ static void norm_rows(void *arg, int64_t begin, int64_t end) {
     float ss = 0.f;
     int64_t k = 0;
 #ifdef INT4_AVX512
+    if (n->kernel == EV_AVX512) {
     __m512 acc = _mm512_setzero_ps();
     for (; k + 16 <= n->K; k += 16) {
       __m512 v = _mm512_loadu_ps(x + k);
@@ -137,6 +148,7 @@ static void norm_rows(void *arg, int64_t begin, int64_t end) {
       acc = _mm512_fmadd_ps(v, v, acc);
     }
     ss = _mm512_reduce_add_ps(acc);
+    }
 #endif
     for (; k < n->K; k++) {
       s[k] = x[k] + (skip ? skip[k] : 0.f);
@@ -157,7 +169,7 @@ static void quantize_rows(void *arg, int64_t begin, int64_t end) {
       float *scale = (float *)j->xs + m * j->nb + b;
       int32_t *total = (int32_t *)j->xsum + m * j->nb + b;
 #ifdef INT4_AVX512
-      if (!j->portable)
+      if (j->kernel == EV_AVX512)
         quantize_block_avx512(j, x, k0, k1, q + k0, scale, total);
       else
 #endif
@@ -296,23 +308,166 @@ static void tiles_avx512(void *arg, int64_t begin, int64_t end) {
 }
 #endif
 
+#ifdef INT4_AVX2
+/* AVX2 (no VNNI): a 32-byte half of a 64-byte group holds 8 rows x 4 bytes. VPMADDUBSW multiplies
+ * the unsigned 4-bit weights by the int8 activations into int16 pair sums - at most 2 x 15 x 127
+ * = 3810, and the low and high nibbles' sums added 7620, so nothing saturates - and VPMADDWD
+ * with ones widens each row's pairs into its int32 lane. */
+static inline __m256i dot8_avx2(__m256i v, __m256i xa, __m256i xc) {
+  const __m256i lo4 = _mm256_set1_epi8(0x0F);
+  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, lo4), xa),
+                                     _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), lo4), xc));
+  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+static inline void store_tile_avx2(const Job *j, int64_t m, int64_t t, __m256 a0, __m256 a1) {
+  float out[16];
+  _mm256_storeu_ps(out, a0);
+  _mm256_storeu_ps(out + 8, a1);
+  for (int r = 0; r < 16 && t * 16 + r < j->N; r++)
+    j->y[m * j->N + t * 16 + r] = out[r] + (j->bias ? j->bias[t * 16 + r] : 0.f);
+}
+
+/* MT rows of X against tile t (MT 1: decode, two accumulators per half hide the latency) */
+static inline __attribute__((always_inline)) void rows_avx2(const Job *j, int64_t t, int64_t m0, const int MT) {
+  const int64_t G = j->bs / 8;
+  __m256 acc[4][2];
+#pragma GCC unroll 4
+  for (int r = 0; r < MT; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const uint8_t *w = j->w + t * j->nb * G * 64;
+  for (int64_t b = 0; b < j->nb; b++) {
+    __m256i d[4][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < MT; r++) d[r][0] = d[r][1] = _mm256_setzero_si256();
+    for (int64_t g = 0; g < G; g++, w += 64) {
+#if PF_W
+      if (MT == 1) _mm_prefetch((const char *)w + PF_W, PF_HINT);
+#endif
+      const __m256i v0 = _mm256_loadu_si256((const __m256i *)w), v1 = _mm256_loadu_si256((const __m256i *)(w + 32));
+#pragma GCC unroll 4
+      for (int r = 0; r < MT; r++) {
+        const int32_t *xb = (const int32_t *)(j->xq + (m0 + r) * j->Kp + b * j->bs) + 2 * g;
+        const __m256i xa = _mm256_set1_epi32(xb[0]), xc = _mm256_set1_epi32(xb[1]);
+        d[r][0] = _mm256_add_epi32(d[r][0], dot8_avx2(v0, xa, xc));
+        d[r][1] = _mm256_add_epi32(d[r][1], dot8_avx2(v1, xa, xc));
+      }
+    }
+    const int64_t sb = t * j->nb + b;
+    const __m256i z0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(j->zeros + sb * 16)));
+    const __m256i z1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(j->zeros + sb * 16 + 8)));
+    const __m256 s0 = _mm256_loadu_ps(j->scales + sb * 16), s1 = _mm256_loadu_ps(j->scales + sb * 16 + 8);
+#pragma GCC unroll 4
+    for (int r = 0; r < MT; r++) {
+      const int64_t mb = (m0 + r) * j->nb + b;
+      const __m256i xs = _mm256_set1_epi32(j->xsum[mb]);
+      const __m256 sx = _mm256_set1_ps(j->xs[mb]);
+      acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d[r][0], _mm256_mullo_epi32(z0, xs))),
+                                  _mm256_mul_ps(s0, sx), acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d[r][1], _mm256_mullo_epi32(z1, xs))),
+                                  _mm256_mul_ps(s1, sx), acc[r][1]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < MT; r++) store_tile_avx2(j, m0 + r, t, acc[r][0], acc[r][1]);
+}
+
+static void tiles_avx2(void *arg, int64_t begin, int64_t end) {
+  const Job *j = arg;
+  for (int64_t t = begin; t < end; t++) {
+    int64_t m = 0;
+    for (; m + 4 <= j->M; m += 4) rows_avx2(j, t, m, 4);
+    for (; m < j->M; m++) rows_avx2(j, t, m, 1);
+  }
+}
+#endif
+
+#ifdef INT4_NEON
+/* NEON with the dot-product instructions (Armv8.2+, an Orin's Cortex-A78AE): a 64-byte group is
+ * four 16-byte vectors of 4 rows x 4 bytes; SDOT adds each row's 4 products into its int32 lane
+ * (the 4-bit weights, 0..15, are valid int8). */
+static inline __attribute__((always_inline)) void rows_neon(const Job *j, int64_t t, int64_t m0, const int MT) {
+  const int64_t G = j->bs / 8;
+  const uint8x16_t lo4 = vdupq_n_u8(0x0F);
+  float32x4_t acc[4][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < MT; r++)
+    for (int q = 0; q < 4; q++) acc[r][q] = vdupq_n_f32(0.f);
+  const uint8_t *w = j->w + t * j->nb * G * 64;
+  for (int64_t b = 0; b < j->nb; b++) {
+    int32x4_t d[4][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < MT; r++)
+      for (int q = 0; q < 4; q++) d[r][q] = vdupq_n_s32(0);
+    for (int64_t g = 0; g < G; g++, w += 64) {
+      __builtin_prefetch(w + 1024, 0, 0);
+      int8x16_t lo[4], hi[4];
+      for (int q = 0; q < 4; q++) {
+        const uint8x16_t v = vld1q_u8(w + 16 * q);
+        lo[q] = vreinterpretq_s8_u8(vandq_u8(v, lo4));
+        hi[q] = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < MT; r++) {
+        const int32_t *xb = (const int32_t *)(j->xq + (m0 + r) * j->Kp + b * j->bs) + 2 * g;
+        const int8x16_t xa = vreinterpretq_s8_s32(vdupq_n_s32(xb[0])), xc = vreinterpretq_s8_s32(vdupq_n_s32(xb[1]));
+        for (int q = 0; q < 4; q++) d[r][q] = vdotq_s32(vdotq_s32(d[r][q], lo[q], xa), hi[q], xc);
+      }
+    }
+    const int64_t sb = t * j->nb + b;
+    const uint16x8_t z16a = vmovl_u8(vld1_u8(j->zeros + sb * 16)), z16b = vmovl_u8(vld1_u8(j->zeros + sb * 16 + 8));
+    const int32x4_t z[4] = {vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(z16a))),
+                            vreinterpretq_s32_u32(vmovl_u16(vget_high_u16(z16a))),
+                            vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(z16b))),
+                            vreinterpretq_s32_u32(vmovl_u16(vget_high_u16(z16b)))};
+#pragma GCC unroll 4
+    for (int r = 0; r < MT; r++) {
+      const int64_t mb = (m0 + r) * j->nb + b;
+      for (int q = 0; q < 4; q++) {
+        const int32x4_t dq = vmlsq_n_s32(d[r][q], z[q], j->xsum[mb]);
+        const float32x4_t s = vmulq_n_f32(vld1q_f32(j->scales + sb * 16 + 4 * q), j->xs[mb]);
+        acc[r][q] = vfmaq_f32(acc[r][q], vcvtq_f32_s32(dq), s);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < MT; r++) {
+    float out[16];
+    for (int q = 0; q < 4; q++) vst1q_f32(out + 4 * q, acc[r][q]);
+    for (int i = 0; i < 16 && t * 16 + i < j->N; i++)
+      j->y[(m0 + r) * j->N + t * 16 + i] = out[i] + (j->bias ? j->bias[t * 16 + i] : 0.f);
+  }
+}
+
+static void tiles_neon(void *arg, int64_t begin, int64_t end) {
+  const Job *j = arg;
+  for (int64_t t = begin; t < end; t++) {
+    int64_t m = 0;
+    for (; m + 2 <= j->M; m += 2) rows_neon(j, t, m, 2);
+    for (; m < j->M; m++) rows_neon(j, t, m, 1);
+  }
+}
+#endif
+
 /* Exported for tests and benchmarks (ctypes, no ORT): y[M, N] = x[M, K] W^T with the packed
- * weights (x [M, 2K] with activation 1); `portable` forces the plain C loops. */
+ * weights (x [M, 2K] with activation 1); `kernel` (an EV_* bit, 0: the one in force) picks the
+ * code path; -3 when that kernel is not available here. */
 __attribute__((visibility("default"))) int edge_vila_int4_linear(const float *x, int64_t M, int64_t K, int64_t N,
                                                                  int64_t bs, const uint8_t *w, const float *scales,
                                                                  const uint8_t *zeros, const float *bias, float *y,
                                                                  int activation, const float *skip,
                                                                  const float *norm_weight, float epsilon, float *sum,
-                                                                 int portable) {
+                                                                 int kernel) {
   if (bs <= 0 || bs % 8 || bs > 1024 || K <= 0 || N <= 0 || M < 0 || activation < 0 || activation > 1 ||
       (norm_weight && activation) || ((skip || sum) && !norm_weight))
     return -1;
+  if (kernel && (kernel & (kernel - 1) || !(kernel & edge_vila_kernels()))) return -3;
+  if (!kernel) kernel = ev_kernel();
   const int64_t nb = (K + bs - 1) / bs, Kp = nb * bs, tiles = (N + 15) / 16;
   if (M == 0) return 0;
   float *normed = NULL;
   if (norm_weight) {
     if (!(normed = malloc(sizeof(float) * (size_t)(M * K)))) return -2;
-    NormJob n = {x, skip, norm_weight, sum, normed, K, epsilon};
+    NormJob n = {x, skip, norm_weight, sum, normed, K, epsilon, kernel};
     parallel_for(M, 16, norm_rows, &n);
     x = normed;
   }
@@ -323,15 +478,20 @@ __attribute__((visibility("default"))) int edge_vila_int4_linear(const float *x,
     free(xq), free(xs), free(xsum), free(normed);
     return -2;
   }
-  Job j = {w, scales, zeros, bias, xq, xs, xsum, x, y, M, K, N, Kp, nb, bs, activation, portable};
+  Job j = {w, scales, zeros, bias, xq, xs, xsum, x, y, M, K, N, Kp, nb, bs, activation, kernel};
   parallel_for(M, 16, quantize_rows, &j);
   /* chunks of >= ~32 KB of weights: smaller ones cost more in hand-off than they balance */
   const int64_t grain = 1 + 32768 / (Kp * 8);
   parallel_fn fn = tiles_portable;
 #ifdef INT4_AVX512
-  if (!portable) fn = tiles_avx512;
+  if (kernel == EV_AVX512) fn = tiles_avx512;
 #endif
-  (void)portable;
+#ifdef INT4_AVX2
+  if (kernel == EV_AVX2) fn = tiles_avx2;
+#endif
+#ifdef INT4_NEON
+  if (kernel == EV_NEON) fn = tiles_neon;
+#endif
   parallel_for(tiles, grain, fn, &j);
   free(xq), free(xs), free(xsum), free(normed);
   return 0;

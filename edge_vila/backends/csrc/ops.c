@@ -229,14 +229,50 @@ void parallel_for(int64_t n, int64_t grain, parallel_fn fn, void *arg) {
   atomic_flag_clear_explicit(&pool.busy, memory_order_release);
 }
 
-/* 1 when the INT4 linear op has this CPU's fast kernel (AVX-512 VNNI); the backend keeps ORT's
- * MatMulNBits otherwise (its NEON / AVX2 kernels beat our portable loops). */
-__attribute__((visibility("default"))) int edge_vila_int4_linear_native(void) {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-  return 1;
-#else
-  return 0;
+/* Kernels: each op has plain C loops (portable) and SIMD paths, compiled where the compiler
+ * targets the ISA (-march=native: this CPU's) and used only where the CPU reports it at run time
+ * (a library cross-built with fixed flags may land on a smaller core). The best available one
+ * runs unless edge_vila_use_kernel() forces another (tests, benchmarks, the build's calibration). */
+static int cpu_kernels(void) {
+  int k = EV_PORTABLE;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+#if defined(__AVX2__) && defined(__FMA__)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) k |= EV_AVX2;
 #endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni"))
+    k |= EV_AVX512;
+#endif
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+  if (getauxval(AT_HWCAP) & EV_HWCAP_ASIMDDP) k |= EV_NEON;
+#endif
+  return k;
+}
+
+static atomic_int forced; /* 0: the best available */
+
+__attribute__((visibility("default"))) int edge_vila_kernels(void) {
+  static atomic_int mask;
+  if (!atomic_load(&mask)) atomic_store(&mask, cpu_kernels());
+  return atomic_load(&mask);
+}
+
+/* force kernel `k` (one EV_* bit) or 0 for the best; returns the kernel now in force, or -1
+ * (nothing changed) when `k` is not available here */
+__attribute__((visibility("default"))) int edge_vila_use_kernel(int k) {
+  if (k && (k & (k - 1) || !(k & edge_vila_kernels()))) return -1;
+  atomic_store(&forced, k);
+  return ev_kernel();
+}
+
+__attribute__((visibility("default"))) int edge_vila_kernel_in_force(void) { return ev_kernel(); }
+
+int ev_kernel(void) {
+  const int f = atomic_load_explicit(&forced, memory_order_relaxed);
+  if (f) return f;
+  const int m = edge_vila_kernels();
+  return m & EV_AVX512 ? EV_AVX512 : m & EV_AVX2 ? EV_AVX2 : m & EV_NEON ? EV_NEON : EV_PORTABLE;
 }
 
 /* The entry point ORT looks up in a custom-op library (SessionOptions.register_custom_ops_library). */

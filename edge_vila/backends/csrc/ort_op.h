@@ -105,6 +105,15 @@ OrtStatus *get_output(OrtKernelContext *ctx, size_t index, const int64_t *dims, 
 typedef void (*parallel_fn)(void *arg, int64_t begin, int64_t end);
 void parallel_for(int64_t n, int64_t grain, parallel_fn fn, void *arg);
 
+/* kernel ids (bits): which code path an op runs (ops.c) */
+enum { EV_PORTABLE = 1, EV_AVX2 = 2, EV_AVX512 = 4, EV_NEON = 8 };
+int ev_kernel(void); /* the kernel in force: forced by edge_vila_use_kernel, else the best available */
+int edge_vila_kernels(void); /* the EV_* bits compiled in and supported by this CPU */
+#if defined(__aarch64__)
+#include <sys/auxv.h>
+#define EV_HWCAP_ASIMDDP (1UL << 20) /* <asm/hwcap.h>'s HWCAP_ASIMDDP: the dot-product instructions */
+#endif
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 /* e^x on 16 lanes for x in [-87, 88]: 2^floor * a degree-5 fit of 2^frac (relative error < 1e-7) */

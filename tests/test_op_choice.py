@@ -1,0 +1,55 @@
+"""The fast graph's default ops are measured on this machine (backends/op_choice.py): the
+timing runs once per op library and model shape, its record is reused, a record of another
+library build is not, and a load follows the record."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from edge_vila.backends import native_ops, op_choice  # noqa: E402
+from edge_vila.backends.op_choice import OpChoice, Shape  # noqa: E402
+
+SMALL = Shape(hidden=128, intermediate=256, num_heads=4, kv_heads=2, head_dim=32, block=32, positions=200, threads=2,
+              num_layers=2)
+
+
+@pytest.fixture()
+def lib(tmp_path):
+    return native_ops.build_library(tmp_path / "ops")
+
+
+def test_measured_once_recorded_and_reused(lib, monkeypatch):
+    first = op_choice.choose(lib, SMALL)
+    assert first.matmul in ("edge", "nbits") and first.attention in ("edge", "gqa")
+    assert first.kernel in native_ops.kernels(lib)
+    us = first.us
+    assert all(us[k] > 0 for k in ("edge_linear", "nbits", "edge_attention_pool", "gqa"))
+    best = min((v, k) for k, v in us.items() if k.startswith("layer_"))[1]
+    assert best == f"layer_{first.matmul}_{first.attention}"  # the pair with the shortest layer
+    rec = json.loads(lib.with_name(lib.name + ".choice.json").read_text())
+    assert rec["library_sha256"] == native_ops.sha256_file(lib) and SMALL.key() in rec["choices"]
+
+    def no_timing(*a):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(op_choice, "measure", no_timing)
+    assert op_choice.choose(lib, SMALL) == first  # from the record
+    with pytest.raises(AssertionError, match="measured again"):  # another shape is timed
+        op_choice.choose(lib, Shape(**{**SMALL.__dict__, "threads": 1}))
+
+
+def test_record_of_another_build_or_unreadable_is_measured_again(lib, monkeypatch, caplog):
+    path = lib.with_name(lib.name + ".choice.json")
+    fake = OpChoice("nbits", "gqa", {"x": 1.0}, "portable")
+    calls = []
+    monkeypatch.setattr(op_choice, "measure", lambda l, s: calls.append(s) or fake)
+    path.write_text(json.dumps({"library_sha256": "0" * 64, "choices": {SMALL.key(): fake.__dict__}}))
+    assert op_choice.choose(lib, SMALL) == fake and len(calls) == 1
+    assert "recorded for another build of the library" in caplog.text
+    path.write_text("{not json")
+    assert op_choice.choose(lib, SMALL) == fake and len(calls) == 2
+    assert "unreadable" in caplog.text
