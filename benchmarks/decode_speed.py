@@ -153,6 +153,37 @@ def bench_llamacpp(gguf: Path, hf: Path, ctx: int, new: int, runs: int) -> float
     return statistics.median(rates[1:])
 
 
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8",
+              "asimd", "asimddp", "sve", "i8mm")
+
+
+def machine() -> dict:
+    """The CPU the figures are from: model, the SIMD flags that pick kernels (ours, ORT's,
+    llama.cpp's), cores, and which of our kernels ran."""
+    info = {"arch": platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(), "cpu": None,
+            "simd_flags": []}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for ln in text.splitlines():
+        key, _, val = ln.partition(":")
+        key = key.strip()
+        if key in ("model name", "Model", "CPU part") and not info["cpu"]:
+            info["cpu"] = val.strip()
+        if key in ("flags", "Features") and not info["simd_flags"]:
+            have = set(val.split())
+            info["simd_flags"] = [f for f in SIMD_FLAGS if f in have]
+    try:
+        from edge_vila.backends import native_ops
+        lib = native_ops.build_library()
+        info["edge_vila_kernels"] = native_ops.kernels(lib)
+        info["edge_vila_kernel"] = native_ops.kernel_in_force(lib)
+    except (RuntimeError, OSError) as e:
+        info["edge_vila_kernels"] = f"unavailable: {e}"
+    return info
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hf", required=True, type=Path)
@@ -171,10 +202,14 @@ def main() -> None:
     ap.add_argument("--paired-bandwidth", action="store_true",
                     help="measure the copy bandwidth before every timed run (for roofline.py)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (no ratio vs it)")
+    ap.add_argument("--kernel", default=None, help="force our ops' kernel: portable, avx2, avx512 or neon")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/decode_speed.json"))
     a = ap.parse_args()
-    res = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                       "python": platform.python_version()}, "new_tokens": a.new, "runs": a.runs, "results": {}}
+    if a.kernel:  # our ops' kernel, process-wide (e.g. the AVX2 path on an AVX-512 machine)
+        from edge_vila.backends import native_ops
+        native_ops.use_kernel(native_ops.build_library(), a.kernel)
+    res = {"machine": machine(), "new_tokens": a.new, "runs": a.runs, "results": {}}
+    print(f"machine: {res['machine']}", flush=True)
     global PAIRED
     if a.paired_bandwidth:
         PAIRED = res["paired_bandwidth"] = {}

@@ -37,9 +37,10 @@ class RuntimeOptions:
     variant: ORT on the CPU runs the fast graph derived from an INT4 bundle (auto/fast) or
       the bundle's own graph (bundle).
     kv_cache: the fast graph's KV cache, INT8 unless exact (auto), int8 or fp32.
-    attention: over the INT8 cache, our op where a C compiler builds it (auto/edge) or ORT's
-      GroupQueryAttention (gqa). matmul: the INT4 linears, our op where it has its AVX-512
-      VNNI kernel (auto/edge) or ORT's MatMulNBits (nbits); never with exact.
+    attention: over the INT8 cache, our op (edge) or ORT's GroupQueryAttention (gqa).
+      matmul: the INT4 linears, our op (edge) or ORT's MatMulNBits (nbits); never ours with
+      exact. auto (both): whichever pair measured faster on this machine at this model's
+      decode shapes (timed once, recorded: backends/op_choice.py), where a C compiler builds ours.
     max_tiles: caps NVILA-Lite's dynamic tiling (and NVILA-8B's last S2 scale, >= 9).
     max_pixels: images whose header claims more pixels are refused before decoding.
     """

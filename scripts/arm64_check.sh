@@ -17,8 +17,12 @@ CACHE=${EDGE_VILA_ARM64_CACHE:-$HOME/.cache/edge-vila/arm64}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 ROOT=$CACHE/rootfs
 PYVER=3.11   # bookworm's python3
-# the device runtime's dependencies (setup.cfg install_requires + the ort extra)
-REQS="numpy>=1.24 pillow>=10 tokenizers>=0.20 safetensors>=0.4 tqdm>=4.60 pyyaml>=6 onnxruntime>=1.20 onnx>=1.17"
+# the device runtime's dependencies (setup.cfg install_requires + the ort extra; onnx builds the
+# fast graph) and pytest, which runs the op tests there. onnxruntime 1.23.2: the aarch64 wheels
+# of 1.24 and later die with SIGSEGV at import under Debian 12's qemu-user 7.2 (-cpu max,
+# cortex-a76 and neoverse-n1 alike; 1.21-1.23 import and run) - an emulator limit as far as this
+# machine can tell, not checked on aarch64 hardware
+REQS="numpy>=1.24 pillow>=10 tokenizers>=0.20 safetensors>=0.4 tqdm>=4.60 pyyaml>=6 onnxruntime==1.23.2 onnx>=1.17 pytest"
 SITE=$CACHE/site-$(echo "$REQS" | sha256sum | cut -c1-12)
 QEMU_CPU=${QEMU_CPU:-max}   # emulates the Armv8.x extensions, dot product included
 
@@ -59,7 +63,8 @@ if [ ! -f "$SITE/.complete" ]; then
   # shellcheck disable=SC2086
   $PY -m pip install -q --target "$SITE.tmp" --only-binary=:all: --implementation cp --python-version $PYVER \
     --platform manylinux_2_28_aarch64 --platform manylinux_2_27_aarch64 --platform manylinux_2_17_aarch64 \
-    --platform manylinux2014_aarch64 $REQS
+    --platform manylinux2014_aarch64 --no-warn-conflicts $REQS > "$CACHE/pip.log" 2>&1 \
+    || { grep -v WARNING "$CACHE/pip.log" | tail -20 >&2; exit 1; }
   rm -rf "$SITE"
   mv "$SITE.tmp" "$SITE"
   touch "$SITE/.complete"
