@@ -1,5 +1,7 @@
 """Vision encoder on the CPU (issue #5): fp32 vs the bundle's INT8 (S8 Q/DQ, TensorRT's form)
-vs INT8 with U8 activations (what the ORT backend runs on a CPU), latency and cosine to fp32.
+vs INT8 with U8 activations (what the ORT backend runs on a CPU with VNNI) vs U8U8 (uint8
+weights: what it runs on x86 without VNNI), latency and cosine to fp32. The figures are this
+machine's kernels: U8U8's point is a CPU without VNNI, where U8S8 saturates.
 
     python benchmarks/vision_speed.py [--out runs/bench/vision]
 
@@ -21,11 +23,11 @@ import numpy as np
 import onnxruntime as ort
 
 
-def _sess(path: Path, s8: bool) -> ort.InferenceSession:
+def _sess(path: Path | bytes, s8: bool) -> ort.InferenceSession:
     so = ort.SessionOptions()
     if s8:
         so.add_session_config_entry("session.qdqisint8allowed", "1")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=["CPUExecutionProvider"])
 
 
 def _time(s, x, runs=10) -> float:
@@ -45,16 +47,23 @@ def compare(fp32: Path, int8: Path, images: list) -> dict:
     cfg = load_bundle_config(int8)
     x = preprocess_images(images, cfg.preprocess)
     one = x[:1]
+    import onnx
+
+    from edge_vila.backends.vision_cpu import to_u8u8
+
+    u8u8 = onnx.load(str(int8 / "vision.onnx"))
+    to_u8u8(u8u8)  # what the backend derives on x86 without VNNI (backends/vision_cpu.py)
     s_fp, s_s8, s_u8 = _sess(fp32 / "vision.onnx", False), _sess(int8 / "vision.onnx", True), \
         _sess(int8 / "vision.onnx", False)
+    s_u8u8 = _sess(u8u8.SerializeToString(), False)
     ref = s_fp.run(None, {"pixels": x})[0]
     out = {}
-    for name, s in (("fp32", s_fp), ("int8_s8", s_s8), ("int8_u8", s_u8)):
+    for name, s in (("fp32", s_fp), ("int8_s8", s_s8), ("int8_u8", s_u8), ("int8_u8u8", s_u8u8)):
         o = s.run(None, {"pixels": x})[0]
         cos = (o * ref).sum(-1) / np.linalg.norm(o, axis=-1) / np.linalg.norm(ref, axis=-1)
         out[name] = {"ms_per_image": 1000 * _time(s, one), "cosine_mean": float(cos.mean()),
                      "cosine_min": float(cos.min())}
-    for k in ("int8_s8", "int8_u8"):
+    for k in ("int8_s8", "int8_u8", "int8_u8u8"):
         out[k]["speedup_vs_fp32"] = out["fp32"]["ms_per_image"] / out[k]["ms_per_image"]
     return out
 
@@ -88,7 +97,7 @@ def main() -> None:
                                              [random_scene(rng_for(123, k)).render(size) for k in range(16)])
     for name, r in res.items():
         for k, v in r.items():
-            print(f"{name:26s} {k:8s} {v['ms_per_image']:8.2f} ms/image  cosine mean {v['cosine_mean']:.5f} "
+            print(f"{name:26s} {k:9s} {v['ms_per_image']:8.2f} ms/image  cosine mean {v['cosine_mean']:.5f} "
                   f"min {v['cosine_min']:.5f}" + (f"  x{v['speedup_vs_fp32']:.2f} vs fp32" if "speedup_vs_fp32" in v
                                                   else ""))
     (a.out / "vision.json").write_text(json.dumps(res, indent=2))

@@ -20,6 +20,7 @@ CHOICES = {
     "kv_cache": ("auto", "int8", "fp32"),
     "attention": ("auto", "edge", "gqa"),
     "matmul": ("auto", "edge", "nbits"),
+    "vision_int8": ("auto", "u8", "u8u8", "s8"),
 }
 
 
@@ -41,6 +42,10 @@ class RuntimeOptions:
       matmul: the INT4 linears, our op (edge) or ORT's MatMulNBits (nbits); never ours with
       exact. auto (both): whichever pair measured faster on this machine at this model's
       decode shapes (timed once, recorded: backends/op_choice.py), where a C compiler builds ours.
+    vision_int8: how ORT on the CPU runs the INT8 ViT: u8 (U8 activations x S8 weights, its
+      fast path), u8u8 (uint8 weights with zero point 128, derived once and cached: x86 CPUs
+      without VNNI sum u8 x s8 pairs into saturating int16), s8 (the bundle's S8 form as is:
+      accurate, slow); auto: u8u8 on x86 without VNNI, else u8; exact: s8.
     max_tiles: caps NVILA-Lite's dynamic tiling (and NVILA-8B's last S2 scale, >= 9).
     max_pixels: images whose header claims more pixels are refused before decoding.
     """
@@ -53,6 +58,7 @@ class RuntimeOptions:
     kv_cache: str = "auto"
     attention: str = "auto"
     matmul: str = "auto"
+    vision_int8: str = "auto"
     max_tiles: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
 
@@ -109,9 +115,13 @@ def add_runtime_args(s: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
     g.add_argument("--kv-cache", default=None, choices=CHOICES["kv_cache"],
                    help="KV cache of the CPU fast graph (auto: INT8)")
     g.add_argument("--attention", default=None, choices=CHOICES["attention"],
-                   help="attention over the INT8 cache: our op (edge; auto when a C compiler builds it) or ORT's gqa")
+                   help="attention over the INT8 cache: our op (edge) or ORT's gqa (auto: see --matmul)")
     g.add_argument("--matmul", default=None, choices=CHOICES["matmul"],
-                   help="INT4 linears: our op (edge; auto where it has its AVX-512 VNNI kernel) or ORT's MatMulNBits")
+                   help="INT4 linears: our op (edge) or ORT's MatMulNBits (nbits); auto: the pair of attention "
+                        "and matmul that measured faster on this machine (timed once)")
+    g.add_argument("--vision-int8", default=None, choices=CHOICES["vision_int8"],
+                   help="INT8 ViT on the CPU: u8, u8u8 (uint8 weights: no int16 saturation on x86 without VNNI), "
+                        "s8 (accurate, slow); auto: u8u8 on x86 where VNNI is missing")
     g.add_argument("--max-tiles", type=int, default=None,
                    help="NVILA-Lite: cut a lone image into at most N tiles; NVILA-8B: at most N blocks of its "
                         "last S2 scale, N >= 9 (default: the checkpoint's, 12); fewer tiles, faster answers")

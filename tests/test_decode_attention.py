@@ -37,7 +37,8 @@ def _session(lib, maxc: int, parallel: bool):
     node = helper.make_node("DecodeAttention", [i.name for i in ins], [o.name for o in outs], domain="edge_vila",
                             num_heads=NH, kv_num_heads=NKV, scale=HD ** -0.5, parallel=int(parallel))
     model = helper.make_model(helper.make_graph([node], "t", ins, outs),
-                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("edge_vila", 1)])
+                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("edge_vila", 1)],
+                              ir_version=10)  # what every onnxruntime >= 1.20 reads
     so = ort.SessionOptions()
     so.register_custom_ops_library(str(lib))
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])

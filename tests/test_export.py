@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 
 import numpy as np
@@ -373,3 +374,50 @@ def test_a_load_follows_the_recorded_choice(w4_bundle, tmp_path, monkeypatch):
         be = edge_vila.load(w4_bundle).backend
         assert (be.matmul, be.attention, be.kv_cache) == (matmul, attention, "int8")
         assert edge_vila.load(w4_bundle, matmul="edge", attention="edge").backend.matmul == "edge"  # asked: kept
+
+
+def test_int8_vision_forms_hold_cosine_on_every_cpu_path(w4_bundle, fp_bundle, monkeypatch):
+    """The CPU's INT8 ViT forms (backends/vision_cpu.py) against the float bundle's features:
+    U8S8 (this CPU's default with VNNI), U8U8 (the default on x86 without VNNI, where U8S8's int16
+    pair sums saturate: derived once, cached with a record, weights dequantizing to the same
+    values) and the bundle's S8 form; auto follows the CPU's flags."""
+    from edge_vila.backends import vision_cpu
+
+    imgs = _images(4)
+
+    def feats(pipe):
+        hs = [pipe.encode_images([im])[0][0] for im in imgs]
+        return np.stack([pipe.image_embeds([h])[h].reshape(-1) for h in hs]).astype(np.float64)
+
+    ref = feats(edge_vila.load(fp_bundle))
+    got = {}
+    for form in ("u8", "u8u8", "s8"):
+        pipe = edge_vila.load(w4_bundle, vision_int8=form)
+        assert pipe.backend.vision_int8 == form
+        f = feats(pipe)
+        got[form] = f
+        cos = (f * ref).sum(-1) / np.linalg.norm(f, axis=-1) / np.linalg.norm(ref, axis=-1)
+        assert cos.min() >= 0.999, (form, cos)
+    np.testing.assert_allclose(got["u8u8"], got["u8"], rtol=0, atol=1e-4 * np.abs(got["u8"]).max())
+    folder = next((w4_bundle / "engines" / "ort-cpu").glob("vision-*-u8u8"))
+    assert json.loads((folder / "record.json").read_text())["weights_rewritten"] > 0
+    # auto: u8u8 exactly where the CPU has no VNNI (x86), s8 when exact
+    monkeypatch.setattr(vision_cpu, "x86_without_vnni", lambda cpuinfo=None: True)
+    assert edge_vila.load(w4_bundle).backend.vision_int8 == "u8u8"
+    assert edge_vila.load(w4_bundle, exact=True).backend.vision_int8 == "s8"
+    monkeypatch.setattr(vision_cpu, "x86_without_vnni", lambda cpuinfo=None: False)
+    assert edge_vila.load(w4_bundle).backend.vision_int8 == "u8"
+    (folder / "vision.onnx").write_bytes(b"\0" * 64)  # a damaged cache is rebuilt, never loaded
+    pipe = edge_vila.load(w4_bundle, vision_int8="u8u8")
+    np.testing.assert_allclose(feats(pipe), got["u8u8"], rtol=0, atol=1e-6 * np.abs(got["u8"]).max())
+
+
+def test_which_cpus_get_the_u8u8_vision_form():
+    from edge_vila.backends.vision_cpu import x86_without_vnni
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        assert not x86_without_vnni("flags : fpu avx2")
+        return
+    assert x86_without_vnni("processor : 0\nflags : fpu sse4_2 avx avx2 fma\n")            # Zen 3, Haswell..Skylake
+    assert not x86_without_vnni("flags : fpu avx2 avx512f avx512bw avx512_vnni\n")         # Cascade Lake+, Zen 4
+    assert not x86_without_vnni("flags : fpu avx2 avx_vnni\n")                             # Alder Lake

@@ -155,7 +155,8 @@ def test_as_an_onnx_runtime_node(libs):
                                 block_size=bs, activation=activation)
         g = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", None])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "S", N])], inits)
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("edge_vila", 1)])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("edge_vila", 1)],
+                              ir_version=10)  # what every onnxruntime >= 1.20 reads
         so = ort.SessionOptions()
         so.register_custom_ops_library(str(libs["native"]))
         return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])

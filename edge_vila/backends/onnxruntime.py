@@ -23,6 +23,7 @@ from ..bundle import BundleConfig
 from ..errors import InputError
 from ..options import RuntimeOptions
 from . import BundleBackend
+from . import vision_cpu
 from .cpu_cache import KV_SCALES_FILE, FastGraphKey, fast_graph, has_kv_scales
 
 log = logging.getLogger(__name__)
@@ -74,10 +75,18 @@ class OrtBackend(BundleBackend):
             vso.intra_op_num_threads = so.intra_op_num_threads
             vso.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             # S8 Q/DQ is what TensorRT wants but runs slowly on ORT's CPU kernels; unless asked for the
-            # bundle graph as-is, let ORT rewrite it to U8 activations (its fast CPU path)
-            if not cpu_only or exact or variant == "bundle":
+            # bundle graph as-is, let ORT rewrite it to U8 activations (its fast CPU path), with uint8
+            # weights (U8U8) where its U8S8 int16 pair sums saturate (vision_cpu.py)
+            vision_path = root / "vision.onnx"
+            self.vision_int8 = None
+            if cfg.manifest.quant.get("vision") == "int8":
+                form = "s8" if not cpu_only or variant == "bundle" else vision_cpu.resolve(o.vision_int8, exact)
+                if form == "u8u8":
+                    vision_path = vision_cpu.u8u8_graph(cfg)
+                self.vision_int8 = form
+            if self.vision_int8 in (None, "s8"):
                 vso.add_session_config_entry("session.qdqisint8allowed", "1")
-            self.vision = ort.InferenceSession(str(root / "vision.onnx"), vso, providers=provs)
+            self.vision = ort.InferenceSession(str(vision_path), vso, providers=provs)
             if "projector.onnx" in cfg.manifest.files:  # dynamic_s2: the projector runs after the host merge
                 self.projector = ort.InferenceSession(str(root / "projector.onnx"), vso, providers=provs)
         self._load_embeddings(root)
