@@ -5,7 +5,8 @@ llama.cpp on a Q4 GGUF of the same model (--gguf).
     python benchmarks/decode_speed.py --hf HF_LLM_DIR --bundle BUNDLE [--genai DIR] [--gguf FILE]
         [--contexts 64 512 1024] [--runs 5] [--compare-kv] [--compare-attention] [--compare-matmul]
 
-Reports tokens/s (median of --runs; edge-vila's runs interleaved across contexts and variants)
+Reports tokens/s (median of --runs, and every run's figure for the spread; edge-vila's runs
+interleaved across contexts and variants, each peer's runs back to back)
 for a decode of --new tokens after a prompt padded to
 each context length, the ratios, and writes JSON + a PNG next to --out. Not a test: timing
 depends on the machine; the machine is recorded in the JSON.
@@ -29,6 +30,12 @@ from pathlib import Path
 import numpy as np
 
 PAIRED: dict | None = None  # system -> context -> [(tok/s, GB/s)], with --paired-bandwidth
+RAW: dict = {}  # system -> context -> every timed run's tok/s (the spread beside each median)
+
+
+def _median(system: str, ctx: int, rates: list[float]) -> float:
+    RAW.setdefault(system, {})[str(ctx)] = [round(r, 2) for r in rates]
+    return statistics.median(rates)
 
 
 def _bandwidth() -> float | None:
@@ -84,7 +91,7 @@ def bench_edge(bundle: Path, contexts: list[int], new: int, runs: int,
                 if r:
                     rates[name][ctx].append(new / (time.perf_counter() - t0))
                     _record(name, ctx, rates[name][ctx][-1], gbps)
-    return {n: {c: statistics.median(v) for c, v in per.items()} for n, per in rates.items()}, chose
+    return {n: {c: _median(n, c, v) for c, v in per.items()} for n, per in rates.items()}, chose
 
 
 def bench_hf(hf: Path, ctx: int, new: int, runs: int) -> float:
@@ -104,7 +111,7 @@ def bench_hf(hf: Path, ctx: int, new: int, runs: int) -> float:
                 out = model(nxt, past_key_values=past, use_cache=True)
                 past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
             rates.append(new / (time.perf_counter() - t0))
-    return statistics.median(rates[1:])
+    return _median("transformers_fp32_eager", ctx, rates[1:])
 
 
 def bench_genai(folder: Path, hf: Path, ctx: int, new: int, runs: int) -> float:
@@ -128,7 +135,7 @@ def bench_genai(folder: Path, hf: Path, ctx: int, new: int, runs: int) -> float:
             gen.generate_next_token()
         rates.append(new / (time.perf_counter() - t0))
         _record("onnxruntime_genai_int4", ctx, rates[-1], gbps)  # gbps is None for the warm-up run
-    return statistics.median(rates[1:])
+    return _median("onnxruntime_genai_int4", ctx, rates[1:])
 
 
 def bench_llamacpp(gguf: Path, hf: Path, ctx: int, new: int, runs: int) -> float:
@@ -150,7 +157,7 @@ def bench_llamacpp(gguf: Path, hf: Path, ctx: int, new: int, runs: int) -> float
             tok = llm.sample(temp=0.0)
         rates.append(new / (time.perf_counter() - t0))
         _record("llama_cpp_q4", ctx, rates[-1], gbps)  # gbps is None for the warm-up run
-    return statistics.median(rates[1:])
+    return _median("llama_cpp_q4", ctx, rates[1:])
 
 
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8",
@@ -257,6 +264,10 @@ def main() -> None:
     if a.compare_kv:
         res["edge_vila_fp32_kv_long_vs_short"] = r[hi]["edge_vila_ort_fp32_kv"] / r[lo]["edge_vila_ort_fp32_kv"]
         print(f"  with the FP32 KV cache: {res['edge_vila_fp32_kv_long_vs_short']:.2f}")
+    res["runs_tok_s"] = RAW
+    print("spread (min-max tok/s over the timed runs):")
+    for system, per in RAW.items():
+        print(f"  {system:28s} " + "  ".join(f"{c}: {min(v):.1f}-{max(v):.1f}" for c, v in per.items()))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2))
     _plot(res, a.out.with_suffix(".png"))

@@ -22,7 +22,7 @@ PYVER=3.11   # bookworm's python3
 # of 1.24 and later die with SIGSEGV at import under Debian 12's qemu-user 7.2 (-cpu max,
 # cortex-a76 and neoverse-n1 alike; 1.21-1.23 import and run) - an emulator limit as far as this
 # machine can tell, not checked on aarch64 hardware
-REQS="numpy>=1.24 pillow>=10 tokenizers>=0.20 safetensors>=0.4 tqdm>=4.60 pyyaml>=6 onnxruntime==1.23.2 onnx>=1.17 pytest"
+REQS="numpy>=1.24 pillow>=10 tokenizers>=0.20 safetensors>=0.4 tqdm>=4.60 pyyaml>=6 onnxruntime==1.23.2 onnx>=1.17 pytest pytest-timeout"
 SITE=$CACHE/site-$(echo "$REQS" | sha256sum | cut -c1-12)
 QEMU_CPU=${QEMU_CPU:-max}   # emulates the Armv8.x extensions, dot product included
 

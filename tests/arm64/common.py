@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 
-PROMPTS = ["What shape is in the image?", "What color is the shape?"]
+PROMPTS = ["What shape is in the image?", "What color is the shape?", "Describe the image.",
+           "Where is the shape in the image?", "Is there a circle in the image? Answer in a sentence."]
 # exact: the bundle graph through ORT's own kernels; ours: the fast graph with our INT4 linear and
 # attention ops over the INT8 KV cache (NEON dot product on aarch64, AVX-512/AVX2 on x86)
 MODES = {"exact": {"exact": True}, "ours": {"matmul": "edge", "attention": "edge"}}
-NEW_TOKENS = 8
+NEW_TOKENS = 16
 
 
 def image() -> np.ndarray:
