@@ -122,6 +122,79 @@ static void quantize_block_avx512(const Job *j, const float *x, int64_t k0, int6
 }
 #endif
 
+#if defined(INT4_AVX2) || defined(INT4_NEON)
+/* quantize_block on 8-lane vectors (GCC vector extensions: AVX2 or NEON) for the AVX2 and NEON
+ * kernels; the scalar loop cost 8% of a 0.52B decode step on AVX-512 before exp512 replaced it */
+typedef float qf8 __attribute__((vector_size(32)));
+typedef int32_t qi8 __attribute__((vector_size(32)));
+static inline qf8 qsplat(float v) { return (qf8){v, v, v, v, v, v, v, v}; }
+static inline qf8 qpick(qi8 m, qf8 a, qf8 b) { return (qf8)(((qi8)a & m) | ((qi8)b & ~m)); }
+
+/* e^x on 8 lanes for x in [-87, 88]: exp512's 2^floor * degree-5 fit */
+static inline qf8 exp8(qf8 x) {
+  x = qpick(x < qsplat(-87.f), qsplat(-87.f), x);
+  x = qpick(x > qsplat(88.f), qsplat(88.f), x);
+  const qf8 t = x * qsplat(1.44269504f);
+  qf8 fl = __builtin_convertvector(__builtin_convertvector(t, qi8), qf8);
+  fl = qpick(fl > t, fl - qsplat(1.f), fl);
+  const qf8 f = t - fl;
+  qf8 p = qsplat(0.0018762329f);
+  p = p * f + qsplat(0.0089925844f);
+  p = p * f + qsplat(0.0558236055f);
+  p = p * f + qsplat(0.2401545346f);
+  p = p * f + qsplat(0.6931529641f);
+  p = p * f + qsplat(0.9999999404f);
+  return p * (qf8)((__builtin_convertvector(fl, qi8) + 127) << 23);
+}
+
+static void quantize_block_vec8(const Job *j, const float *x, int64_t k0, int64_t k1, int8_t *q, float *scale,
+                                int32_t *total) {
+  float a[1024];
+  const int64_t n = k1 - k0, n8 = n / 8 * 8;
+  qf8 vmax = qsplat(0.f);
+  for (int64_t k = 0; k < n8; k += 8) {
+    qf8 v;
+    memcpy(&v, x + k0 + k, sizeof v);
+    if (j->activation) { /* SwiGLU: silu(gate) * up */
+      qf8 up;
+      memcpy(&up, x + j->K + k0 + k, sizeof up);
+      v = v / (qsplat(1.f) + exp8(-v)) * up;
+    }
+    memcpy(a + k, &v, sizeof v);
+    const qf8 av = (qf8)((qi8)v & 0x7FFFFFFF);
+    vmax = qpick(av > vmax, av, vmax);
+  }
+  float amax = 0.f;
+  for (int i = 0; i < 8; i++) amax = fmaxf(amax, vmax[i]);
+  for (int64_t k = n8; k < n; k++) {
+    const float g = x[k0 + k];
+    a[k] = j->activation ? g / (1.f + expf(-g)) * x[j->K + k0 + k] : g;
+    amax = fmaxf(amax, fabsf(a[k]));
+  }
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  qi8 vsum = {0};
+  for (int64_t k = 0; k < n8; k += 8) {
+    qf8 v;
+    memcpy(&v, a + k, sizeof v);
+    v = (v * qsplat(inv) + qsplat(12582912.f)) - qsplat(12582912.f); /* nearest-even, as nearbyintf */
+    v = qpick(v > qsplat(127.f), qsplat(127.f), v);
+    v = qpick(v < qsplat(-127.f), qsplat(-127.f), v);
+    const qi8 r = __builtin_convertvector(v, qi8);
+    vsum += r;
+    for (int i = 0; i < 8; i++) q[k + i] = (int8_t)r[i];
+  }
+  int32_t sum = 0;
+  for (int i = 0; i < 8; i++) sum += vsum[i];
+  for (int64_t k = n8; k < n; k++) {
+    const int32_t v = (int32_t)nearbyintf(a[k] * inv);
+    q[k] = (int8_t)(v > 127 ? 127 : (v < -127 ? -127 : v));
+    sum += q[k];
+  }
+  *scale = amax / 127.f;
+  *total = sum;
+}
+#endif
+
 typedef struct {
   const float *x, *skip, *w;
   float *sum, *out;
@@ -171,6 +244,11 @@ static void quantize_rows(void *arg, int64_t begin, int64_t end) {
 #ifdef INT4_AVX512
       if (j->kernel == EV_AVX512)
         quantize_block_avx512(j, x, k0, k1, q + k0, scale, total);
+      else
+#endif
+#if defined(INT4_AVX2) || defined(INT4_NEON)
+      if (j->kernel == EV_AVX2 || j->kernel == EV_NEON)
+        quantize_block_vec8(j, x, k0, k1, q + k0, scale, total);
       else
 #endif
         quantize_block_portable(j, x, k0, k1, q + k0, scale, total);
