@@ -31,6 +31,57 @@ import numpy as np
 
 PAIRED: dict | None = None  # system -> context -> [(tok/s, GB/s)], with --paired-bandwidth
 RAW: dict = {}  # system -> context -> every timed run's tok/s (the spread beside each median)
+PIPES: dict = {}  # edge-vila variant -> its loaded pipeline (perplexity reuses them)
+
+
+def heldout_ids(tok_encode, n: int) -> list[int]:
+    """n tokens of text no model here was tuned on (edge_vila.synthetic's held-out paragraphs)."""
+    from edge_vila.synthetic.textdata import heldout_text
+
+    ids: list[int] = []
+    for para in heldout_text(200):
+        ids += tok_encode(" " + para)
+        if len(ids) >= n:
+            return ids[:n]
+    return ids
+
+
+def _nll(logits: np.ndarray, target: int) -> float:
+    z = logits.astype(np.float64)
+    m = z.max()
+    return float(m + np.log(np.exp(z - m).sum()) - z[target])
+
+
+def ppl_edge(pipe, ids: list[int]) -> float:
+    """Teacher-forced, one token at a time through the decode path that is timed."""
+    be = pipe.backend
+    be.reset()
+    nll = 0.0
+    for i in range(len(ids) - 1):
+        logits = be.forward(be.embed(np.asarray(ids[i:i + 1])), i)
+        nll += _nll(np.asarray(logits).reshape(-1), ids[i + 1])
+    return float(np.exp(nll / (len(ids) - 1)))
+
+
+def ppl_llamacpp(gguf: Path, ids: list[int]) -> float:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=len(ids) + 16, n_threads=os.cpu_count(), n_batch=512, logits_all=True,
+                verbose=False)
+    llm.reset()
+    llm.eval(ids)
+    scores = np.asarray(llm.scores[:len(ids)])
+    return float(np.exp(np.mean([_nll(scores[i], ids[i + 1]) for i in range(len(ids) - 1)])))
+
+
+def ppl_hf(hf: Path, ids: list[int]) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids])).logits[0].numpy()
+    return float(np.exp(np.mean([_nll(logits[i], ids[i + 1]) for i in range(len(ids) - 1)])))
 
 
 def _median(system: str, ctx: int, rates: list[float]) -> float:
@@ -67,8 +118,11 @@ def bench_edge(bundle: Path, contexts: list[int], new: int, runs: int,
     context ratios and variant ratios are what the figures compare."""
     import edge_vila
 
-    pipes = {name: edge_vila.load(bundle, max_context=max(max(contexts) + new + 8, 128), **opts)
+    pipes = {name: edge_vila.load(opts.get("bundle", bundle), max_context=max(max(contexts) + new + 8, 128),
+                                  **{k: v for k, v in opts.items() if k != "bundle"})
              for name, opts in variants.items()}
+    global PIPES
+    PIPES = pipes
     chose = {name: {"kv_cache": getattr(p.backend, "kv_cache", "fp32"),
                     "attention": getattr(p.backend, "attention", None),
                     "matmul": getattr(p.backend, "matmul", None)} for name, p in pipes.items()}
@@ -209,6 +263,11 @@ def main() -> None:
     ap.add_argument("--paired-bandwidth", action="store_true",
                     help="measure the copy bandwidth before every timed run (for roofline.py)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (no ratio vs it)")
+    ap.add_argument("--extra-bundle", action="append", default=[], metavar="NAME=PATH",
+                    help="another edge-vila bundle of the same model in the same run (e.g. symmetric g32, the "
+                         "format of llama.cpp's Q4_0)")
+    ap.add_argument("--ppl-tokens", type=int, default=512,
+                    help="held-out tokens each system's perplexity is measured on (0: none)")
     ap.add_argument("--kernel", default=None, help="force our ops' kernel: portable, avx2, avx512 or neon")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/decode_speed.json"))
     a = ap.parse_args()
@@ -227,12 +286,17 @@ def main() -> None:
         variants["edge_vila_ort_fp32_kv"] = {"kv_cache": "fp32"}
     if a.compare_matmul:
         variants["edge_vila_ort_nbits"] = {"matmul": "nbits"}
+    labels = {"edge_vila_ort_gqa": "edge-vila GroupQueryAttention", "edge_vila_ort_fp32_kv": "edge-vila fp32 KV",
+              "edge_vila_ort_nbits": "edge-vila MatMulNBits"}
+    for spec in a.extra_bundle:
+        name, _, path = spec.partition("=")
+        variants[f"edge_vila_ort_{name}"] = {"bundle": Path(path)}
+        labels[f"edge_vila_ort_{name}"] = f"edge-vila {name}"
+    res["bundles"] = {"edge_vila_ort": str(a.bundle), **{n: str(o["bundle"]) for n, o in variants.items() if "bundle" in o}}
     edge, chose = bench_edge(a.bundle, a.contexts, a.new, a.runs, variants)
     res["edge_vila_kv_cache"] = chose["edge_vila_ort"]["kv_cache"]
     res["edge_vila_attention"] = chose["edge_vila_ort"]["attention"]
     res["edge_vila_matmul"] = chose["edge_vila_ort"]["matmul"]
-    labels = {"edge_vila_ort_gqa": "edge-vila GroupQueryAttention", "edge_vila_ort_fp32_kv": "edge-vila fp32 KV",
-              "edge_vila_ort_nbits": "edge-vila MatMulNBits"}
     for ctx in a.contexts:
         row = {name: edge[name][ctx] for name in variants}
         extra = "".join(f" | {labels[n]} {row[n]:7.1f} tok/s" for n in variants if n in labels)
@@ -264,6 +328,18 @@ def main() -> None:
     if a.compare_kv:
         res["edge_vila_fp32_kv_long_vs_short"] = r[hi]["edge_vila_ort_fp32_kv"] / r[lo]["edge_vila_ort_fp32_kv"]
         print(f"  with the FP32 KV cache: {res['edge_vila_fp32_kv_long_vs_short']:.2f}")
+    if a.ppl_tokens:  # speed at equal quality: each system's perplexity on the same held-out tokens
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(a.hf))
+        ids = heldout_ids(lambda t: tok.encode(t, add_special_tokens=False), a.ppl_tokens)
+        ppl = {name: ppl_edge(pipe, ids) for name, pipe in PIPES.items()}
+        if a.gguf:
+            ppl["llama_cpp_q4"] = ppl_llamacpp(a.gguf, ids)
+        if not a.no_hf:
+            ppl["transformers_fp32_eager"] = ppl_hf(a.hf, ids)
+        res["perplexity"] = {"tokens": len(ids), **{k: round(v, 3) for k, v in ppl.items()}}
+        print(f"perplexity on {len(ids)} held-out tokens: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
     res["runs_tok_s"] = RAW
     print("spread (min-max tok/s over the timed runs):")
     for system, per in RAW.items():
