@@ -368,7 +368,7 @@ def test_a_load_follows_the_recorded_choice(w4_bundle, tmp_path, monkeypatch):
     lib = native_ops.build_library()
     shape = op_choice.shape_of(load_bundle_config(w4_bundle), 0)
     for matmul, attention in (("nbits", "gqa"), ("edge", "edge"), ("nbits", "edge")):
-        rec = {"library_sha256": native_ops.sha256_file(lib),
+        rec = {"library_sha256": native_ops.sha256_file(lib), "method": op_choice.METHOD,
                "choices": {shape.key(): OpChoice(matmul, attention, {}, "portable").__dict__}}
         lib.with_name(lib.name + ".choice.json").write_text(json.dumps(rec))
         be = edge_vila.load(w4_bundle).backend

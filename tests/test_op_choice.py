@@ -4,6 +4,7 @@ library build is not, and a load follows the record."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -27,7 +28,7 @@ def test_measured_once_recorded_and_reused(lib, monkeypatch):
     assert first.matmul in ("edge", "nbits") and first.attention in ("edge", "gqa")
     assert first.kernel in native_ops.kernels(lib)
     us = first.us
-    assert all(us[k] > 0 for k in ("edge_linear", "nbits", "edge_attention_pool", "gqa"))
+    assert all(us[k] > 0 for k in ("edge_mlp", "nbits_mlp", "edge_attention_pool", "gqa"))
     best = min((v, k) for k, v in us.items() if k.startswith("layer_"))[1]
     assert best == f"layer_{first.matmul}_{first.attention}"  # the pair with the shortest layer
     rec = json.loads(lib.with_name(lib.name + ".choice.json").read_text())
@@ -53,3 +54,8 @@ def test_record_of_another_build_or_unreadable_is_measured_again(lib, monkeypatc
     path.write_text("{not json")
     assert op_choice.choose(lib, SMALL) == fake and len(calls) == 2
     assert "unreadable" in caplog.text
+    rec = json.loads(path.read_text())
+    path.write_text(json.dumps({**rec, "method": op_choice.METHOD - 1}))  # an older timing method's record
+    with caplog.at_level(logging.INFO):
+        assert op_choice.choose(lib, SMALL) == fake and len(calls) == 3
+    assert "older timing method" in caplog.text

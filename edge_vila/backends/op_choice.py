@@ -8,11 +8,13 @@ The timing runs once per op library (which is built per CPU and compiler), model
 thread count - a second or two at a 3B model's shapes, at the first load or at
 `edge-vila build --target ort-cpu` - and is recorded beside the library
 (`<library>.choice.json`, with the library's sha256: a record for another build is never
-used). Decode is what the choice is for: one token through the gate/up linear, and attention
-over 1024 cached positions of the INT8 cache. Each op runs as a chain of nodes with weights
-(caches) of their own, as many as the model's layers would stream (up to `MAX_NODES`), so the
-weights come from where decode finds them: one node's 9 MB sat in this machine's 300 MB L3 and
-timed MatMulNBits at 28 GB/s, twice what a 3B model's decode can stream from DRAM.
+used). Decode is what the choice is for: one token through Llama MLP blocks as the fast graph
+writes them with each op (ours folds the RMSNorm and SwiGLU into the linears: 2 nodes against
+ORT's 7), and attention over 1024 cached positions of the INT8 cache. Each runs as a chain of
+blocks with weights (caches) of their own, as many as the model's layers would stream (up to
+`MAX_NODES`), so the weights come from where decode finds them: one node's 9 MB sat in this
+machine's 300 MB L3 and timed MatMulNBits at 28 GB/s, twice what a 3B model's decode can stream
+from DRAM. Each op is timed in a fresh process, the best of three rounds (see OPS).
 """
 from __future__ import annotations
 
@@ -30,6 +32,14 @@ from ..fsutil import atomic_write_json, sha256_file
 log = logging.getLogger(__name__)
 ATTENTION_POSITIONS = 1024  # cached positions the attention timing runs at (capped by the context)
 MAX_NODES = 32
+ROUNDS = 3
+# each op is timed in a process of its own: in one process, once an ORT session had run
+# MatMulNBits, our linear ran 1.5-1.9x slower for the rest of the process (freeing the session did
+# not help; this CPU has AMX, which ORT's int8 kernels may use) - so whichever op ran second lost
+OPS = {"edge_mlp": ("linear", True, None), "nbits_mlp": ("linear", False, None),
+       "edge_attention_pool": ("attention", True, True), "gqa_one_thread": ("attention", False, True),
+       "edge_attention_one_thread": ("attention", True, False), "gqa": ("attention", False, False)}
+METHOD = 4  # the timing method's version: a record made by another is measured again
 
 
 @dataclass(frozen=True)
@@ -46,14 +56,14 @@ class Shape:
     num_layers: int = 1
 
     def linear_share(self) -> float:
-        """A layer's INT4 weights over its gate/up linear's (what one timed linear stands for)."""
+        """A layer's INT4 weights over its MLP's (what one timed MLP block stands for)."""
         H, I = self.hidden, self.intermediate
         per_layer = H * (self.num_heads + 2 * self.kv_heads) * self.head_dim + self.num_heads * self.head_dim * H + 3 * H * I
-        return per_layer / (2 * H * I)
+        return per_layer / (3 * H * I)
 
     def linear_nodes(self) -> int:
         """As many gate/up-sized linears as hold the model's INT4 weights (capped)."""
-        return int(min(MAX_NODES, max(1, round(self.num_layers * self.linear_share()))))
+        return int(min(MAX_NODES, max(1, round(self.num_layers * self.linear_share() * 1.5))))
 
     def key(self) -> str:
         return "-".join(f"{k}{v}" for k, v in asdict(self).items())
@@ -63,7 +73,7 @@ class Shape:
 class OpChoice:
     matmul: str      # edge | nbits
     attention: str   # edge | gqa
-    us: dict         # median microseconds per call: {"edge_linear", "nbits", "edge_attention", "gqa"}
+    us: dict         # µs: per MLP block (edge_mlp, nbits_mlp), per attention (OPS' others), per layer (layer_*)
     kernel: str      # our ops' kernel when it was measured
 
 
@@ -84,7 +94,12 @@ def _median_us(fn, runs: int = 25, min_s: float = 0.3) -> float:
     return statistics.median(times) * 1e6
 
 
-def _linear_us(lib: Path, s: Shape, ours: bool) -> float:
+def _linear_timer(lib: Path, s: Shape, ours: bool):
+    """One token through a chain of Llama MLP blocks with weights of their own, each as the
+    fast graph writes it: ours is the gate/up linear reading RMSNorm(x + residual) and the down
+    linear reading SwiGLU(gate | up) (two nodes); ORT's is SkipSimplifiedLayerNormalization,
+    MatMulNBits, Split, Sigmoid, Mul, Mul, MatMulNBits (seven) - timing a lone linear left out
+    what the folding saves, which at SmolLM2's size is a seventh of a decode step. µs per MLP."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -92,39 +107,58 @@ def _linear_us(lib: Path, s: Shape, ours: bool) -> float:
     from .ort_fast import Int4Linear, pack_int4_tiles, pack_matmulnbits
 
     rng = np.random.default_rng(0)
-    K, N, bs = s.hidden, 2 * s.intermediate, s.block
-    nb = -(-K // bs)
-    lin = Int4Linear(rng.integers(0, 16, (K, N), dtype=np.uint8), rng.uniform(1e-3, 2e-2, (nb, N)).astype(np.float32),
-                     rng.integers(0, 16, (nb, N), dtype=np.uint8), bs)
-    so = ort.SessionOptions()
-    W, sc, zp = pack_int4_tiles(lin) if ours else pack_matmulnbits(lin)
-    n = s.linear_nodes()
-    inits, nodes = [numpy_helper.from_array(sc, "s"), numpy_helper.from_array(zp, "z")], []
-    for i in range(n):  # weights of its own per node (xor: other random nibbles, no second rng pass)
-        inits.append(numpy_helper.from_array(W ^ np.uint8(i * 37 % 256), f"W{i}"))
+    H, I, bs = s.hidden, s.intermediate, s.block
+
+    def lin(K, N):
+        nb = -(-K // bs)
+        return Int4Linear(rng.integers(0, 16, (K, N), dtype=np.uint8),
+                          rng.uniform(1e-3, 2e-2, (nb, N)).astype(np.float32), rng.integers(0, 16, (nb, N), dtype=np.uint8),
+                          bs)
+
+    pack = pack_int4_tiles if ours else pack_matmulnbits
+    (Wg, sg, zg), (Wd, sd, zd) = pack(lin(H, 2 * I)), pack(lin(I, H))
+    inits = [numpy_helper.from_array(a, n) for a, n in ((sg, "sg"), (zg, "zg"), (sd, "sd"), (zd, "zd"),
+                                                        (np.ones(H, np.float32), "nw"),
+                                                        (np.array([I, I], np.int64), "split"))]
+    nodes, x, res = [], "x", "res"
+    n = max(1, int(round(s.linear_nodes() / 1.5)))  # MLP blocks holding about the model's weights
+    for i in range(n):  # weights of their own per block (xor: other random nibbles, no second rng pass)
+        inits += [numpy_helper.from_array(Wg ^ np.uint8(i * 37 % 256), f"Wg{i}"),
+                  numpy_helper.from_array(Wd ^ np.uint8(i * 37 % 256), f"Wd{i}")]
         if ours:
-            nodes.append(helper.make_node("Int4Linear", ["x", f"W{i}", "s", "z"], [f"y{i}"], domain="edge_vila", K=K,
-                                          N=N, block_size=bs))
+            nodes += [helper.make_node("Int4Linear", [x, f"Wg{i}", "sg", "zg", "", res, "nw"], [f"gu{i}", f"r{i}"],
+                                       domain="edge_vila", K=H, N=2 * I, block_size=bs, epsilon=1e-5),
+                      helper.make_node("Int4Linear", [f"gu{i}", f"Wd{i}", "sd", "zd"], [f"d{i}"], domain="edge_vila",
+                                       K=I, N=H, block_size=bs, activation=1)]
         else:
-            nodes.append(helper.make_node("MatMulNBits", ["x", f"W{i}", "s", "z"], [f"y{i}"], domain="com.microsoft",
-                                          K=K, N=N, bits=4, block_size=bs, accuracy_level=4))
+            nbits = dict(domain="com.microsoft", bits=4, block_size=bs, accuracy_level=4)
+            nodes += [helper.make_node("SkipSimplifiedLayerNormalization", [x, res, "nw"], [f"n{i}", "", "", f"r{i}"],
+                                       domain="com.microsoft", epsilon=1e-5),
+                      helper.make_node("MatMulNBits", [f"n{i}", f"Wg{i}", "sg", "zg"], [f"gu{i}"], K=H, N=2 * I, **nbits),
+                      helper.make_node("Split", [f"gu{i}", "split"], [f"g{i}", f"u{i}"], axis=-1),
+                      helper.make_node("Sigmoid", [f"g{i}"], [f"sg{i}"]),
+                      helper.make_node("Mul", [f"g{i}", f"sg{i}"], [f"si{i}"]),
+                      helper.make_node("Mul", [f"si{i}", f"u{i}"], [f"a{i}"]),
+                      helper.make_node("MatMulNBits", [f"a{i}", f"Wd{i}", "sd", "zd"], [f"d{i}"], K=I, N=H, **nbits)]
+        x, res = f"d{i}", f"r{i}"
+    so = ort.SessionOptions()
     if ours:
         so.register_custom_ops_library(str(lib))
         native_ops.set_threads(lib, s.threads)
         so.intra_op_num_threads = 1  # as in the fast graph: our pool does the parallel work
     else:
         so.intra_op_num_threads = s.threads
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    g = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, K])],
-                          [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, 1, N]) for i in range(n)], inits)
+    vi = helper.make_tensor_value_info
+    g = helper.make_graph(nodes, "mlp", [vi("x", TensorProto.FLOAT, [1, 1, H]), vi("res", TensorProto.FLOAT, [1, 1, H])],
+                          [vi(x, TensorProto.FLOAT, [1, 1, H]), vi(res, TensorProto.FLOAT, [1, 1, H])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1),
                                             helper.make_opsetid("edge_vila", 1)], ir_version=10)
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    x = {"x": rng.standard_normal((1, 1, K)).astype(np.float32)}
-    return _median_us(lambda: sess.run(None, x), runs=9, min_s=0.5) / n
+    feeds = {k: (0.1 * rng.standard_normal((1, 1, H))).astype(np.float32) for k in ("x", "res")}
+    return lambda: _median_us(lambda: sess.run(None, feeds), runs=9, min_s=0.2) / n
 
 
-def _attention_us(lib: Path, s: Shape, ours: bool, our_linear: bool) -> float:
+def _attention_timer(lib: Path, s: Shape, ours: bool, our_linear: bool):
     """One decode step over `positions` cached positions in each of up to MAX_NODES layers'
     caches, bound in place as the backend binds them; threads as the fast graph would run them
     beside the chosen linear."""
@@ -184,27 +218,51 @@ def _attention_us(lib: Path, s: Shape, ours: bool, our_linear: bool) -> float:
             io.bind_ortvalue_input(f"past_{kind}{i}", buf)
             io.bind_ortvalue_output(f"present_{kind}{i}", buf)
         io.bind_output(f"attn{i}")
-    return _median_us(lambda: sess.run_with_iobinding(io), runs=9, min_s=0.5) / n
+    return lambda: (bufs, _median_us(lambda: sess.run_with_iobinding(io), runs=9, min_s=0.2) / n)[1]
+
+
+def _time_op(lib: Path, shape: Shape, op: str) -> float:
+    """µs per call of `op` (OPS), the best of ROUNDS timing rounds, in this process."""
+    kind, ours, our_linear = OPS[op]
+    timer = _linear_timer(lib, shape, ours) if kind == "linear" else _attention_timer(lib, shape, ours, our_linear)
+    return min(timer() for _ in range(ROUNDS))
+
+
+def _time_in_child(lib: Path, shape: Shape, op: str) -> float:
+    """`_time_op` in a fresh interpreter; in this one where none can be started (e.g. under
+    qemu-user without binfmt_misc, which cannot exec the emulated interpreter)."""
+    import subprocess
+    import sys
+
+    from . import native_ops
+
+    cmd = [sys.executable, "-m", "edge_vila.backends.op_choice", str(lib), json.dumps(asdict(shape)), op,
+           native_ops.kernel_in_force(lib)]  # a kernel forced here is forced there too
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except OSError as e:
+        log.info("timing %s in this process (cannot start a child: %s)", op, e)
+        return _time_op(lib, shape, op)
+    if res.returncode != 0:
+        raise RuntimeError(f"timing {op} failed: {res.stderr.strip()[-1000:]}")
+    return float(res.stdout.strip().splitlines()[-1])
 
 
 def measure(lib: Path, shape: Shape) -> OpChoice:
-    """Times the four ops and picks the pair with the shortest decode layer (a layer's linears
-    as `linear_share()` gate/up linears, plus its attention). The pairs differ in threading:
-    beside our linear ORT runs one thread and our attention splits over our pool; beside
-    MatMulNBits ORT's pool runs and our attention runs on the calling thread. Our linear also
-    folds the RMSNorms and SwiGLU into itself, which this timing does not credit it for."""
+    """Times the ops and picks the pair with the shortest decode layer (a layer's linears as
+    `linear_share()` MLP blocks, plus its attention). The pairs differ in threading: beside our
+    linear ORT runs one thread and our attention splits over our pool; beside MatMulNBits ORT's
+    pool runs and our attention runs on the calling thread."""
     from . import native_ops
 
-    us = {"edge_linear": _linear_us(lib, shape, True), "nbits": _linear_us(lib, shape, False),
-          "edge_attention_pool": _attention_us(lib, shape, True, True),
-          "gqa_one_thread": _attention_us(lib, shape, False, True),
-          "edge_attention_one_thread": _attention_us(lib, shape, True, False),
-          "gqa": _attention_us(lib, shape, False, False)}
+    us = {}
+    for op in OPS:
+        us[op] = _time_in_child(lib, shape, op)
     r = shape.linear_share()
-    layer = {("edge", "edge"): us["edge_linear"] * r + us["edge_attention_pool"],
-             ("edge", "gqa"): us["edge_linear"] * r + us["gqa_one_thread"],
-             ("nbits", "edge"): us["nbits"] * r + us["edge_attention_one_thread"],
-             ("nbits", "gqa"): us["nbits"] * r + us["gqa"]}
+    layer = {("edge", "edge"): us["edge_mlp"] * r + us["edge_attention_pool"],
+             ("edge", "gqa"): us["edge_mlp"] * r + us["gqa_one_thread"],
+             ("nbits", "edge"): us["nbits_mlp"] * r + us["edge_attention_one_thread"],
+             ("nbits", "gqa"): us["nbits_mlp"] * r + us["gqa"]}
     matmul, attention = min(layer, key=layer.get)
     us.update({f"layer_{m}_{a}": v for (m, a), v in layer.items()})
     return OpChoice(matmul, attention, {k: round(v, 1) for k, v in us.items()}, native_ops.kernel_in_force(lib))
@@ -221,6 +279,9 @@ def choose(lib: Path, shape: Shape) -> OpChoice:
         if rec.get("library_sha256") != digest:
             log.warning("%s: recorded for another build of the library: measuring again", path)
             rec = {}
+        elif rec.get("method") != METHOD:
+            log.info("%s: recorded by an older timing method: measuring again", path)
+            rec = {}
         got = rec.get("choices", {}).get(shape.key())
         if got:
             return OpChoice(**got)
@@ -233,7 +294,7 @@ def choose(lib: Path, shape: Shape) -> OpChoice:
     choice = measure(lib, shape)
     log.info("fast CPU graph defaults here: matmul=%s attention=%s (us per call: %s)", choice.matmul,
              choice.attention, choice.us)
-    rec = {"library_sha256": digest, "choices": {**rec.get("choices", {}), shape.key(): asdict(choice)}}
+    rec = {"library_sha256": digest, "method": METHOD, "choices": {**rec.get("choices", {}), shape.key(): asdict(choice)}}
     atomic_write_json(path, rec)
     return choice
 
@@ -248,5 +309,13 @@ def shape_of(cfg, threads: int) -> Shape:
     return Shape(m.hidden_size, m.intermediate_size or 4 * m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim,
                  block, min(ATTENTION_POSITIONS, cfg.max_context - 1), threads, m.num_layers)
 
+
+if __name__ == "__main__":  # the child of _time_in_child: LIB SHAPE_JSON OP KERNEL -> µs on stdout
+    import sys
+
+    from edge_vila.backends import native_ops as _ops
+
+    _ops.use_kernel(Path(sys.argv[1]), sys.argv[4])
+    print(_time_op(Path(sys.argv[1]), Shape(**json.loads(sys.argv[2])), sys.argv[3]))
 
 __all__ = ["OpChoice", "Shape", "choose", "measure", "shape_of", "ATTENTION_POSITIONS"]
