@@ -113,9 +113,6 @@ static void attend_portable(const float *qs, int G, int hd, const int8_t *Kt, co
  * of NEON q registers on aarch64 - one source for both ISAs, held against the same reference),
  * register-blocked like the AVX-512 path below but for 16 registers: 32 positions x 2 heads of
  * scores, 32 channels x 2 heads of values. Needs head_dim % 32 == 0. */
-typedef float vf8 __attribute__((vector_size(32)));
-typedef int32_t vi8 __attribute__((vector_size(32)));
-typedef int8_t vb8 __attribute__((vector_size(8)));
 
 /* 8 int8 -> 8 floats with the ISA's widening instructions (GCC scalarizes a generic
  * __builtin_convertvector from int8 to float: 8 extracts and 8 scalar converts, 5x slower) */
@@ -134,27 +131,6 @@ static inline vf8 widen8(const int8_t *p) {
   return v;
 #endif
 }
-static inline vf8 splat(float x) { return (vf8){x, x, x, x, x, x, x, x}; }
-/* lanes of a where m (a comparison's all-ones lanes), else b: C has no vector ?: */
-static inline vf8 pick(vi8 m, vf8 a, vf8 b) { return (vf8)(((vi8)a & m) | ((vi8)b & ~m)); }
-
-/* exp for x <= 0 on 8 lanes, exp_neg's polynomial */
-static inline vf8 exp_neg8(vf8 x) {
-  x = pick(x < splat(-87.f), splat(-87.f), x);
-  const vf8 t = x * splat(1.44269504f);
-  vf8 fl = __builtin_convertvector(__builtin_convertvector(t, vi8), vf8); /* toward zero */
-  fl = pick(fl > t, fl - splat(1.f), fl); /* floor */
-  const vf8 f = t - fl;
-  vf8 p = splat(0.0018762329f);
-  p = p * f + splat(0.0089925844f);
-  p = p * f + splat(0.0558236055f);
-  p = p * f + splat(0.2401545346f);
-  p = p * f + splat(0.6931529641f);
-  p = p * f + splat(0.9999999404f);
-  const vi8 bits = (__builtin_convertvector(fl, vi8) + 127) << 23;
-  return p * (vf8)bits;
-}
-
 static inline float hmax8(vf8 v) {
   float m = v[0];
   for (int i = 1; i < 8; i++) m = v[i] > m ? v[i] : m;
@@ -223,7 +199,7 @@ static float softmax_vec(float *s, int64_t T, float *mx_out, float *sum_out) {
   for (j = 0; j + 8 <= T; j += 8) {
     vf8 v;
     memcpy(&v, s + j, sizeof v);
-    v = exp_neg8(v - splat(m));
+    v = exp8(v - splat(m));
     memcpy(s + j, &v, sizeof v);
     sv += v;
   }

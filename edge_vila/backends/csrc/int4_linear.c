@@ -125,44 +125,22 @@ static void quantize_block_avx512(const Job *j, const float *x, int64_t k0, int6
 #if defined(INT4_AVX2) || defined(INT4_NEON)
 /* quantize_block on 8-lane vectors (GCC vector extensions: AVX2 or NEON) for the AVX2 and NEON
  * kernels; the scalar loop cost 8% of a 0.52B decode step on AVX-512 before exp512 replaced it */
-typedef float qf8 __attribute__((vector_size(32)));
-typedef int32_t qi8 __attribute__((vector_size(32)));
-static inline qf8 qsplat(float v) { return (qf8){v, v, v, v, v, v, v, v}; }
-static inline qf8 qpick(qi8 m, qf8 a, qf8 b) { return (qf8)(((qi8)a & m) | ((qi8)b & ~m)); }
-
-/* e^x on 8 lanes for x in [-87, 88]: exp512's 2^floor * degree-5 fit */
-static inline qf8 exp8(qf8 x) {
-  x = qpick(x < qsplat(-87.f), qsplat(-87.f), x);
-  x = qpick(x > qsplat(88.f), qsplat(88.f), x);
-  const qf8 t = x * qsplat(1.44269504f);
-  qf8 fl = __builtin_convertvector(__builtin_convertvector(t, qi8), qf8);
-  fl = qpick(fl > t, fl - qsplat(1.f), fl);
-  const qf8 f = t - fl;
-  qf8 p = qsplat(0.0018762329f);
-  p = p * f + qsplat(0.0089925844f);
-  p = p * f + qsplat(0.0558236055f);
-  p = p * f + qsplat(0.2401545346f);
-  p = p * f + qsplat(0.6931529641f);
-  p = p * f + qsplat(0.9999999404f);
-  return p * (qf8)((__builtin_convertvector(fl, qi8) + 127) << 23);
-}
-
 static void quantize_block_vec8(const Job *j, const float *x, int64_t k0, int64_t k1, int8_t *q, float *scale,
                                 int32_t *total) {
   float a[1024];
   const int64_t n = k1 - k0, n8 = n / 8 * 8;
-  qf8 vmax = qsplat(0.f);
+  vf8 vmax = splat(0.f);
   for (int64_t k = 0; k < n8; k += 8) {
-    qf8 v;
+    vf8 v;
     memcpy(&v, x + k0 + k, sizeof v);
     if (j->activation) { /* SwiGLU: silu(gate) * up */
-      qf8 up;
+      vf8 up;
       memcpy(&up, x + j->K + k0 + k, sizeof up);
-      v = v / (qsplat(1.f) + exp8(-v)) * up;
+      v = v / (splat(1.f) + exp8(-v)) * up;
     }
     memcpy(a + k, &v, sizeof v);
-    const qf8 av = (qf8)((qi8)v & 0x7FFFFFFF);
-    vmax = qpick(av > vmax, av, vmax);
+    const vf8 av = (vf8)((vi8)v & 0x7FFFFFFF);
+    vmax = pick(av > vmax, av, vmax);
   }
   float amax = 0.f;
   for (int i = 0; i < 8; i++) amax = fmaxf(amax, vmax[i]);
@@ -172,14 +150,14 @@ static void quantize_block_vec8(const Job *j, const float *x, int64_t k0, int64_
     amax = fmaxf(amax, fabsf(a[k]));
   }
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
-  qi8 vsum = {0};
+  vi8 vsum = {0};
   for (int64_t k = 0; k < n8; k += 8) {
-    qf8 v;
+    vf8 v;
     memcpy(&v, a + k, sizeof v);
-    v = (v * qsplat(inv) + qsplat(12582912.f)) - qsplat(12582912.f); /* nearest-even, as nearbyintf */
-    v = qpick(v > qsplat(127.f), qsplat(127.f), v);
-    v = qpick(v < qsplat(-127.f), qsplat(-127.f), v);
-    const qi8 r = __builtin_convertvector(v, qi8);
+    v = (v * splat(inv) + splat(12582912.f)) - splat(12582912.f); /* nearest-even, as nearbyintf */
+    v = pick(v > splat(127.f), splat(127.f), v);
+    v = pick(v < splat(-127.f), splat(-127.f), v);
+    const vi8 r = __builtin_convertvector(v, vi8);
     vsum += r;
     for (int i = 0; i < 8; i++) q[k + i] = (int8_t)r[i];
   }

@@ -114,6 +114,33 @@ int edge_vila_kernels(void); /* the EV_* bits compiled in and supported by this 
 #define EV_HWCAP_ASIMDDP (1UL << 20) /* <asm/hwcap.h>'s HWCAP_ASIMDDP: the dot-product instructions */
 #endif
 
+#if (defined(__AVX2__) && defined(__FMA__)) || (defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD))
+/* 8-float vectors (GCC's vector extensions: AVX2 ymm registers on x86, pairs of NEON q registers
+ * on aarch64) for the AVX2 and NEON paths of both ops */
+typedef float vf8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+static inline vf8 splat(float x) { return (vf8){x, x, x, x, x, x, x, x}; }
+/* lanes of a where m (a comparison's all-ones lanes), else b: C has no vector ?: */
+static inline vf8 pick(vi8 m, vf8 a, vf8 b) { return (vf8)(((vi8)a & m) | ((vi8)b & ~m)); }
+
+/* e^x on 8 lanes for x in [-87, 88]: 2^floor * a degree-5 fit of 2^frac (exp512's) */
+static inline vf8 exp8(vf8 x) {
+  x = pick(x < splat(-87.f), splat(-87.f), x);
+  x = pick(x > splat(88.f), splat(88.f), x);
+  const vf8 t = x * splat(1.44269504f);
+  vf8 fl = __builtin_convertvector(__builtin_convertvector(t, vi8), vf8); /* toward zero */
+  fl = pick(fl > t, fl - splat(1.f), fl);                                  /* floor */
+  const vf8 f = t - fl;
+  vf8 p = splat(0.0018762329f);
+  p = p * f + splat(0.0089925844f);
+  p = p * f + splat(0.0558236055f);
+  p = p * f + splat(0.2401545346f);
+  p = p * f + splat(0.6931529641f);
+  p = p * f + splat(0.9999999404f);
+  return p * (vf8)((__builtin_convertvector(fl, vi8) + 127) << 23);
+}
+#endif
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 /* e^x on 16 lanes for x in [-87, 88]: 2^floor * a degree-5 fit of 2^frac (relative error < 1e-7) */
