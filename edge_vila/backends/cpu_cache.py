@@ -79,12 +79,59 @@ def _sources(cfg: BundleConfig, key: FastGraphKey) -> dict[str, str]:
     return {n: files[n] for n in names}
 
 
-def _folders(cfg: BundleConfig, key: FastGraphKey) -> list[Path]:
-    src = _sources(cfg, key)
-    digest = hashlib.sha256("".join(src.values()).encode()).hexdigest()[:16]
-    name = key.folder_name(digest)
+def cache_folders(cfg: BundleConfig, name: str) -> list[Path]:
+    """Where a derived artifact `name` may live: in the bundle, else the user's cache dir."""
     user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-vila" / "ort-cpu" / name
     return [cfg.root / "engines" / "ort-cpu" / name, user]
+
+
+def _folders(cfg: BundleConfig, key: FastGraphKey) -> list[Path]:
+    src = _sources(cfg, key)
+    return cache_folders(cfg, key.folder_name(hashlib.sha256("".join(src.values()).encode()).hexdigest()[:16]))
+
+
+def find_verified(folders: list[Path], sources: dict[str, str], key, what: str) -> Path | None:
+    """The first of `folders` that passes `verify`; each one that fails is logged, not used."""
+    for folder in folders:
+        if folder.is_dir():
+            why = verify(folder, sources, key)
+            if why is None:
+                return folder
+            log.warning("%s: not using this cached %s: %s", folder, what, why)
+    return None
+
+
+def build_where_writable(folders: list[Path], what: str, build_fn) -> Path:
+    """`build_fn(folder)` into the first of `folders` that can be written (a read-only bundle
+    or a full disk there: the user's cache dir next); a failed build leaves no folder behind."""
+    for folder in folders:
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(folder.parent, os.W_OK):
+                raise PermissionError(folder.parent)
+            return build_fn(folder)
+        except OSError as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            if folder == folders[-1]:
+                raise
+            log.info("cannot write the %s into %s (%s): using the user's cache dir", what, folder.parent,
+                     e.strerror or e)
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+    raise AssertionError("no folders")
+
+
+def write_record(folder: Path, kind: str, key, sources: dict[str, str], t0: float, **extra) -> None:
+    """The folder's record.json, written last (a record means a finished build): what it was
+    built from and the sha256 of every file in it."""
+    from .. import __version__
+
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != RECORD}
+    atomic_write_json(folder / RECORD, {"kind": kind, "key": asdict(key), "sources": sources, "files": files,
+                                        "edge_vila": __version__, **extra,
+                                        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                        "built_unix": time.time(), "seconds": round(time.perf_counter() - t0, 1)})
 
 
 def verify(folder: Path, sources: dict[str, str], key: FastGraphKey) -> str | None:
@@ -126,14 +173,7 @@ def build(cfg: BundleConfig, key: FastGraphKey, folder: Path) -> Path:
     t0 = time.perf_counter()
     out = build_fast_llm(cfg.root / "llm.onnx", cfg.manifest, folder / "llm_fast.onnx", key.accuracy_level,
                          kv_scales=scales, attention=key.attention, matmul=key.matmul)
-    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != RECORD}
-    from .. import __version__
-
-    atomic_write_json(folder / RECORD, {"kind": "ort-cpu fast graph", "key": asdict(key),
-                                        "sources": _sources(cfg, key), "files": files, "edge_vila": __version__,
-                                        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                        "built_unix": time.time(),
-                                        "seconds": round(time.perf_counter() - t0, 1)})
+    write_record(folder, "ort-cpu fast graph", key, _sources(cfg, key), t0)
     return out
 
 
@@ -142,13 +182,9 @@ def fast_graph(cfg: BundleConfig, key: FastGraphKey, required: bool) -> Path | N
     record; None when it cannot be had and is not required."""
     sources = _sources(cfg, key)
     folders = _folders(cfg, key)
-    for folder in folders:
-        if not folder.is_dir():
-            continue
-        why = verify(folder, sources, key)
-        if why is None:
-            return folder / "llm_fast.onnx"
-        log.warning("%s: not using this cached fast graph: %s", folder, why)
+    found = find_verified(folders, sources, key, "fast graph")
+    if found:
+        return found / "llm_fast.onnx"
     try:
         import onnx  # noqa: F401 - the builder's; a verified cache needs only onnxruntime
     except ImportError as e:
@@ -156,28 +192,19 @@ def fast_graph(cfg: BundleConfig, key: FastGraphKey, required: bool) -> Path | N
             raise InputError(f"building the fast CPU graph needs the onnx package ({e})") from None
         log.warning("%s: running the bundle graph (building the fast CPU graph needs onnx: %s)", cfg.root, e)
         return None
-    for folder in folders:
-        try:
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            if not os.access(folder.parent, os.W_OK):
-                raise PermissionError(folder.parent)
-            log.info("building the fast CPU graph in %s (once per bundle; `edge-vila build --target ort-cpu` "
-                     "does it ahead of time)", folder)
-            return build(cfg, key, folder)
-        except OSError as e:  # a read-only bundle (or full disk there): the user's cache dir next
-            if folder == folders[-1]:
-                raise
-            log.info("cannot write the fast CPU graph into %s (%s): using the user's cache dir", folder.parent,
-                     e.strerror or e)
-            shutil.rmtree(folder, ignore_errors=True)
-            continue
-        except (ValueError, KeyError) as e:  # a graph this builder does not know: run the bundle's own
-            shutil.rmtree(folder, ignore_errors=True)
-            if required:
-                raise InputError(f"{cfg.root}: cannot build the fast CPU graph ({e})") from None
-            log.warning("%s: running the bundle graph (fast CPU graph unavailable: %s)", cfg.root, e)
-            return None
-    return None
+
+    def build_in(folder: Path) -> Path:
+        log.info("building the fast CPU graph in %s (once per bundle; `edge-vila build --target ort-cpu` "
+                 "does it ahead of time)", folder)
+        return build(cfg, key, folder)
+
+    try:
+        return build_where_writable(folders, "fast CPU graph", build_in)
+    except (ValueError, KeyError) as e:  # a graph this builder does not know: run the bundle's own
+        if required:
+            raise InputError(f"{cfg.root}: cannot build the fast CPU graph ({e})") from None
+        log.warning("%s: running the bundle graph (fast CPU graph unavailable: %s)", cfg.root, e)
+        return None
 
 
 def build_cpu(path: str | Path, options, rebuild: bool = False) -> dict:

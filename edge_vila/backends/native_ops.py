@@ -59,12 +59,18 @@ def _march() -> list[str]:
     return [f"-march={os.environ.get('EDGE_VILA_MARCH') or 'native'}"]
 
 
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The x86 CPU's feature flags from /proc/cpuinfo (or the text given); empty elsewhere."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    return set(next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "").partition(":")[2].split())
+
+
 def _cpu_key() -> str:
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return platform.machine() + flags
+    return platform.machine() + " ".join(sorted(cpu_flags()))
 
 
 def _compiler() -> str | None:
@@ -96,6 +102,12 @@ def _verified(lib: Path) -> bool:
         return True
     log.warning("%s: changed since it was built (sha256 mismatch): rebuilding", lib)
     return False
+
+
+def library_sha256(lib: Path) -> str:
+    """The sha256 recorded when `lib` was built (build_library checked the file against it)."""
+    rec = lib.with_name(lib.name + ".sha256")
+    return rec.read_text().strip() if rec.is_file() else sha256_file(lib)
 
 
 def _sources() -> list[Path]:
@@ -216,5 +228,5 @@ def int4_linear(lib: Path, x, packed: tuple, K: int, N: int, block: int, bias=No
     return y if norm_weight is None else (y, total)
 
 
-__all__ = ["build_library", "try_build_library", "cache_dir", "CSRC", "set_threads", "kernels", "use_kernel",
+__all__ = ["cpu_flags", "library_sha256", "build_library", "try_build_library", "cache_dir", "CSRC", "set_threads", "kernels", "use_kernel",
            "kernel_in_force", "int4_linear", "KERNELS"]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fsutil import atomic_write_json, sha256_file
+from ..fsutil import atomic_write_json
 
 log = logging.getLogger(__name__)
 ATTENTION_POSITIONS = 1024  # cached positions the attention timing runs at (capped by the context)
@@ -272,7 +272,9 @@ def choose(lib: Path, shape: Shape) -> OpChoice:
     """The recorded choice for `lib` and `shape`, measured and recorded when there is none (or
     the record is for another build of the library)."""
     path = _record_path(lib)
-    digest = sha256_file(lib)
+    from . import native_ops
+
+    digest = native_ops.library_sha256(lib)  # verified by build_library: not hashed again
     rec: dict = {}
     try:
         rec = json.loads(path.read_text())

@@ -21,13 +21,12 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..bundle import BundleConfig
-from ..fsutil import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
@@ -41,15 +40,11 @@ class VisionKey:
 def x86_without_vnni(cpuinfo: str | None = None) -> bool:
     """Whether ORT's U8S8 GEMM here is the saturating pre-VNNI one (x86 without AVX-512 VNNI
     or AVX-VNNI). aarch64's kernels widen before they add: never."""
+    from .native_ops import cpu_flags
+
     if platform.machine() not in ("x86_64", "AMD64", "i686"):
         return False
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = set(next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "").split())
-    return not any(f in flags for f in VNNI_FLAGS)
+    return not any(f in cpu_flags(cpuinfo) for f in VNNI_FLAGS)
 
 
 def resolve(option: str, exact: bool) -> str:
@@ -103,55 +98,36 @@ def to_u8u8(model) -> int:
     return done
 
 
-def _folders(cfg: BundleConfig, key: VisionKey) -> list[Path]:
-    src = cfg.manifest.files["vision.onnx"]
-    name = f"vision-{hashlib.sha256(src.encode()).hexdigest()[:16]}-{key.form}"
-    user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-vila" / "ort-cpu" / name
-    return [cfg.root / "engines" / "ort-cpu" / name, user]
-
-
 def u8u8_graph(cfg: BundleConfig) -> Path:
     """The bundle's vision.onnx with uint8 weights (zero point 128), from the CPU cache (built on
     first use)."""
-    from .cpu_cache import RECORD, verify
+    from .cpu_cache import build_where_writable, cache_folders, find_verified, write_record
 
     key = VisionKey()
-    sources = {"vision.onnx": cfg.manifest.files["vision.onnx"]}
-    folders = _folders(cfg, key)
-    for folder in folders:
-        if folder.is_dir():
-            why = verify(folder, sources, key)
-            if why is None:
-                return folder / "vision.onnx"
-            log.warning("%s: not using this cached vision graph: %s", folder, why)
-    import onnx
+    src = cfg.manifest.files["vision.onnx"]
+    sources = {"vision.onnx": src}
+    folders = cache_folders(cfg, f"vision-{hashlib.sha256(src.encode()).hexdigest()[:16]}-{key.form}")
+    found = find_verified(folders, sources, key, "vision graph")
+    if found:
+        return found / "vision.onnx"
 
-    for folder in folders:
-        try:
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            if not os.access(folder.parent, os.W_OK):
-                raise PermissionError(folder.parent)
-            if folder.exists():
-                shutil.rmtree(folder)
-            folder.mkdir()
-            t0 = time.perf_counter()
-            model = onnx.load(str(cfg.root / "vision.onnx"))
-            n = to_u8u8(model)
-            tmp = folder / f"vision.onnx.{os.getpid()}.tmp"
-            onnx.save(model, str(tmp))
-            tmp.replace(folder / "vision.onnx")
-            atomic_write_json(folder / RECORD, {"kind": "ort-cpu vision graph, uint8 weights", "key": asdict(key),
-                                                "sources": sources, "weights_rewritten": n,
-                                                "files": {"vision.onnx": sha256_file(folder / "vision.onnx")},
-                                                "seconds": round(time.perf_counter() - t0, 1)})
-            log.info("derived the U8U8 INT8 ViT for this CPU (no VNNI) in %s", folder)
-            return folder / "vision.onnx"
-        except OSError as e:
-            shutil.rmtree(folder, ignore_errors=True)
-            if folder == folders[-1]:
-                raise
-            log.info("cannot write into %s (%s): using the user's cache dir", folder.parent, e.strerror or e)
-    raise AssertionError("unreachable")
+    def build_in(folder: Path) -> Path:
+        import onnx
+
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir()
+        t0 = time.perf_counter()
+        model = onnx.load(str(cfg.root / "vision.onnx"))
+        n = to_u8u8(model)
+        tmp = folder / f"vision.onnx.{os.getpid()}.tmp"
+        onnx.save(model, str(tmp))
+        tmp.replace(folder / "vision.onnx")
+        write_record(folder, "ort-cpu vision graph, uint8 weights", key, sources, t0, weights_rewritten=n)
+        log.info("derived the U8U8 INT8 ViT for this CPU (no VNNI) in %s", folder)
+        return folder / "vision.onnx"
+
+    return build_where_writable(folders, "vision graph", build_in)
 
 
 __all__ = ["x86_without_vnni", "resolve", "to_u8u8", "u8u8_graph", "VisionKey"]
