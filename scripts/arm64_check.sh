@@ -2,7 +2,7 @@
 # The runtime on aarch64 (the Jetson Orin's CPU), emulated: an arm64 Debian userland run by
 # qemu-user, aarch64 wheels of the runtime's dependencies, our ONNX Runtime ops built by the
 # aarch64 cross compiler (NEON + dot product, as an Orin's Cortex-A78AE has), then
-# tests/arm64/check_runtime.py under qemu: the package imports without torch, the ops match the
+# tests/emulated/check_arm64.py under qemu: the package imports without torch, the ops match the
 # numpy references, and a bundle exported here on x86 gives the same greedy tokens as on x86.
 #
 # Emulation proves correctness, not speed: no figure from this run says how fast an Orin is.
@@ -73,7 +73,7 @@ fi
 WORK=$(mktemp -d /tmp/edge-vila-arm64.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 echo "== x86 side: a tiny INT4 bundle and its greedy tokens ($WORK)"
-$PY tests/arm64/make_reference.py "$WORK"
+$PY tests/emulated/make_reference.py "$WORK"
 
 echo "== aarch64 side, under qemu-aarch64 -cpu $QEMU_CPU"
 # the ops are compiled on first use by the program's $CC: here the cross compiler, run natively
@@ -81,5 +81,5 @@ echo "== aarch64 side, under qemu-aarch64 -cpu $QEMU_CPU"
 export CC=aarch64-linux-gnu-gcc EDGE_VILA_MARCH=armv8.2-a+dotprod
 export XDG_CACHE_HOME=$WORK/xdg PYTHONPATH="$PWD:$SITE" PYTHONNOUSERSITE=1 EDGE_VILA_THREADS=2
 export QEMU_LD_PREFIX=$ROOT QEMU_CPU
-qemu-aarch64-static -L "$ROOT" "$APY" tests/arm64/check_runtime.py "$WORK"
+qemu-aarch64-static -L "$ROOT" "$APY" tests/emulated/check_arm64.py "$WORK"
 echo "arm64_check OK in $(( $(date +%s) - START )) s (emulated: correctness only, not speed)"
