@@ -11,6 +11,7 @@ import pytest
 
 import edge_vila
 from edge_vila.bundle import BundleError
+from edge_vila.errors import InputError
 from edge_vila.export.bundle import ExportOptions, export_bundle
 from edge_vila.export.report import PROMPTS, logit_agreement
 from edge_vila.export.trt_check import check_bundle
@@ -364,16 +365,35 @@ def test_a_load_follows_the_recorded_choice(w4_bundle, tmp_path, monkeypatch):
     from edge_vila.backends.op_choice import OpChoice
     from edge_vila.bundle import load_bundle_config
 
+    ort = pytest.importorskip("onnxruntime")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a library (and record) of its own
     lib = native_ops.build_library()
     shape = op_choice.shape_of(load_bundle_config(w4_bundle), 0)
     for matmul, attention in (("nbits", "gqa"), ("edge", "edge"), ("nbits", "edge")):
-        rec = {"library_sha256": native_ops.sha256_file(lib), "method": op_choice.METHOD,
+        rec = {"library_sha256": native_ops.sha256_file(lib), "method": op_choice.METHOD, "onnxruntime": ort.__version__,
                "choices": {shape.key(): OpChoice(matmul, attention, {}, "portable").__dict__}}
         lib.with_name(lib.name + ".choice.json").write_text(json.dumps(rec))
         be = edge_vila.load(w4_bundle).backend
         assert (be.matmul, be.attention, be.kv_cache) == (matmul, attention, "int8")
         assert edge_vila.load(w4_bundle, matmul="edge", attention="edge").backend.matmul == "edge"  # asked: kept
+
+
+def test_where_gqa_cannot_read_the_int8_cache(w4_bundle, tmp_path, monkeypatch, caplog):
+    """On an onnxruntime whose GroupQueryAttention takes no INT8 cache (1.23, as the aarch64 check
+    runs; a Jetson's may be older): GQA over it asked for is refused in one line, and without our
+    ops (no compiler) the default load keeps an FP32 cache and says why."""
+    from edge_vila.backends import native_ops, op_choice
+
+    monkeypatch.setattr(op_choice, "gqa_int8_unsupported", lambda: "onnxruntime 1.23.2: input size 14 not in range")
+    with pytest.raises(InputError, match="attention='gqa' over the INT8 KV cache: onnxruntime 1.23.2"):
+        edge_vila.load(w4_bundle, attention="gqa")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native_ops, "_compiler", lambda: None)
+    be = edge_vila.load(w4_bundle).backend
+    assert (be.kv_cache, be.attention) == ("fp32", "gqa")
+    assert "FP32 KV cache (GroupQueryAttention cannot read the INT8 one here" in caplog.text
+    with pytest.raises(InputError, match="kv_cache='int8': onnxruntime 1.23.2.*cannot be built here"):
+        edge_vila.load(w4_bundle, kv_cache="int8")
 
 
 def test_int8_vision_forms_hold_cosine_on_every_cpu_path(w4_bundle, fp_bundle, monkeypatch):

@@ -59,3 +59,38 @@ def test_record_of_another_build_or_unreadable_is_measured_again(lib, monkeypatc
     with caplog.at_level(logging.INFO):
         assert op_choice.choose(lib, SMALL) == fake and len(calls) == 3
     assert "older timing method" in caplog.text
+
+
+def test_an_onnxruntime_whose_gqa_cannot_read_the_int8_cache():
+    """The probe on the installed onnxruntime: GroupQueryAttention took k_scale / v_scale over an
+    INT8 cache from 1.24 on (1.23.2 refuses them: the aarch64 check runs it)."""
+    import onnxruntime as ort
+
+    major, minor = (int(p) for p in ort.__version__.split(".")[:2])
+    why = op_choice.gqa_int8_unsupported()
+    if (major, minor) >= (1, 24):
+        assert why is None
+    else:
+        assert why and ort.__version__ in why
+
+
+def test_where_gqa_cannot_read_the_int8_cache_only_our_attention_is_timed(lib, monkeypatch, caplog):
+    """As on onnxruntime 1.23 (a Jetson's may be older): measure() times no GQA and picks our
+    attention; the choice is recorded with the onnxruntime version, and a record made with
+    another version is measured again."""
+    monkeypatch.setattr(op_choice, "gqa_int8_unsupported", lambda: "onnxruntime 1.23.2: input size 14 not in range")
+    timed = []
+    monkeypatch.setattr(op_choice, "_time_in_child", lambda l, s, op: timed.append(op) or 10.0)
+    with caplog.at_level(logging.INFO):
+        got = op_choice.choose(lib, SMALL)
+    assert got.attention == "edge" and not [op for op in timed if op.startswith("gqa")]
+    assert "timing our attention only" in caplog.text
+    path = lib.with_name(lib.name + ".choice.json")
+    rec = json.loads(path.read_text())
+    import onnxruntime as ort
+    assert rec["onnxruntime"] == ort.__version__
+    path.write_text(json.dumps({**rec, "onnxruntime": "1.0.0"}))
+    n = len(timed)
+    with caplog.at_level(logging.INFO):
+        op_choice.choose(lib, SMALL)
+    assert len(timed) > n and "recorded with onnxruntime 1.0.0" in caplog.text

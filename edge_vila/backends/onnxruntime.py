@@ -106,7 +106,7 @@ class OrtBackend(BundleBackend):
             kv8 = False
         if "edge" in (attention, matmul) and not kv8:
             raise InputError(f"{root}: the edge ops need the INT8 KV cache of the fast CPU graph")
-        lib, mm, attn = None, False, "gqa"
+        lib, mm, attn, choice = None, False, "gqa", None
         if kv8 and (attention != "gqa" or (matmul != "nbits" and not exact)):  # our ops (native_ops.py)
             from . import native_ops
             explicit = "edge" in (attention, matmul)
@@ -114,13 +114,14 @@ class OrtBackend(BundleBackend):
                 lib = native_ops.build_library() if explicit else native_ops.try_build_library()
             except (RuntimeError, OSError) as e:  # asked for explicitly: say why it cannot be had
                 raise InputError(f"{'attention' if attention == 'edge' else 'matmul'}='edge': {e}") from None
-            choice = None
             if lib and "auto" in (matmul, attention):  # ours by default only where it measured faster here
                 from .op_choice import choose, shape_of
                 choice = choose(lib, shape_of(cfg, so.intra_op_num_threads))
             mm = bool(lib) and not exact and (matmul == "edge" or (matmul == "auto" and choice.matmul == "edge"))
             attn = "edge" if lib and (attention == "edge" or (attention == "auto" and choice.attention == "edge")) \
                 else "gqa"
+        if kv8 and attn == "gqa" and not (choice and choice.attention == "gqa"):  # a measured gqa ran here
+            lib, attn, kv8 = self._without_int8_gqa(root, lib, attention, kv_cache, attn, kv8)
         if want_fast:
             self.fast_key = FastGraphKey(level, kv8, attn, "edge" if mm else "nbits")
             fast = fast_graph(cfg, self.fast_key, required=variant == "fast" or kv_cache == "int8")
@@ -146,6 +147,31 @@ class OrtBackend(BundleBackend):
         past_type = next(i.type for i in self.llm.get_inputs() if i.name in self._past_names)
         self._kv_np = np.float16 if past_type == "tensor(float16)" else np.float32
         self.reset()
+
+    @staticmethod
+    def _without_int8_gqa(root: Path, lib, attention: str, kv_cache: str, attn: str, kv8: bool):
+        """(lib, attention, INT8 cache?) where GroupQueryAttention was to attend over the INT8
+        cache: kept where this onnxruntime can, else our attention op, else the FP32 cache;
+        asked-for settings that cannot be had are refused in one line."""
+        from .op_choice import gqa_int8_unsupported
+
+        why = gqa_int8_unsupported()
+        if not why:
+            return lib, attn, kv8
+        if attention == "gqa":
+            raise InputError(f"attention='gqa' over the INT8 KV cache: {why}; use attention='edge' or "
+                             "kv_cache='fp32' (or onnxruntime 1.24+)")
+        if lib is None:
+            from . import native_ops
+            lib = native_ops.try_build_library()
+        if lib is not None:
+            log.info("%s: GroupQueryAttention cannot read the INT8 KV cache here (%s): our attention op", root, why)
+            return lib, "edge", kv8
+        if kv_cache == "int8":
+            raise InputError(f"kv_cache='int8': {why}, and our attention op cannot be built here")
+        log.warning("%s: FP32 KV cache (GroupQueryAttention cannot read the INT8 one here: %s; our attention op "
+                    "cannot be built)", root, why)
+        return lib, "gqa", False
 
     def reset(self) -> None:
         if self.variant == "fast":

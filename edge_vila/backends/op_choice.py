@@ -18,6 +18,7 @@ from DRAM. Each op is timed in a fresh process, the best of three rounds (see OP
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import statistics
@@ -221,6 +222,21 @@ def _attention_timer(lib: Path, s: Shape, ours: bool, our_linear: bool):
     return lambda: (bufs, _median_us(lambda: sess.run_with_iobinding(io), runs=9, min_s=0.2) / n)[1]
 
 
+@functools.lru_cache(maxsize=None)
+def gqa_int8_unsupported() -> str | None:
+    """None where this ONNX Runtime's GroupQueryAttention runs over an INT8 cache (its k_scale /
+    v_scale inputs with kv_cache_bit_width=8), else why not. onnxruntime 1.23 refuses those
+    inputs (the node's schema stops at 12), and a Jetson's onnxruntime may be older than that:
+    there the INT8 cache is ours to attend over. Probed once per process with a one-node graph."""
+    import onnxruntime as ort
+
+    try:
+        _attention_timer(Path(), Shape(64, 128, 2, 1, 16, 32, 3, 1), ours=False, our_linear=False)
+    except Exception as e:  # ORT's errors (InvalidGraph, Fail, ...) share no narrower base
+        return f"onnxruntime {ort.__version__}: {str(e).splitlines()[0][:300]}"
+    return None
+
+
 def _time_op(lib: Path, shape: Shape, op: str) -> float:
     """µs per call of `op` (OPS), the best of ROUNDS timing rounds, in this process."""
     kind, ours, our_linear = OPS[op]
@@ -255,14 +271,19 @@ def measure(lib: Path, shape: Shape) -> OpChoice:
     pool runs and our attention runs on the calling thread."""
     from . import native_ops
 
+    no_gqa = gqa_int8_unsupported()
+    if no_gqa:
+        log.info("GroupQueryAttention cannot attend over the INT8 cache here (%s): timing our attention only", no_gqa)
     us = {}
     for op in OPS:
-        us[op] = _time_in_child(lib, shape, op)
+        if not (no_gqa and op.startswith("gqa")):
+            us[op] = _time_in_child(lib, shape, op)
     r = shape.linear_share()
     layer = {("edge", "edge"): us["edge_mlp"] * r + us["edge_attention_pool"],
-             ("edge", "gqa"): us["edge_mlp"] * r + us["gqa_one_thread"],
-             ("nbits", "edge"): us["nbits_mlp"] * r + us["edge_attention_one_thread"],
-             ("nbits", "gqa"): us["nbits_mlp"] * r + us["gqa"]}
+             ("nbits", "edge"): us["nbits_mlp"] * r + us["edge_attention_one_thread"]}
+    if not no_gqa:
+        layer.update({("edge", "gqa"): us["edge_mlp"] * r + us["gqa_one_thread"],
+                      ("nbits", "gqa"): us["nbits_mlp"] * r + us["gqa"]})
     matmul, attention = min(layer, key=layer.get)
     us.update({f"layer_{m}_{a}": v for (m, a), v in layer.items()})
     return OpChoice(matmul, attention, {k: round(v, 1) for k, v in us.items()}, native_ops.kernel_in_force(lib))
@@ -274,12 +295,19 @@ def choose(lib: Path, shape: Shape) -> OpChoice:
     path = _record_path(lib)
     from . import native_ops
 
+    import onnxruntime
+
     digest = native_ops.library_sha256(lib)  # verified by build_library: not hashed again
+    ort_version = onnxruntime.__version__
     rec: dict = {}
     try:
         rec = json.loads(path.read_text())
         if rec.get("library_sha256") != digest:
             log.warning("%s: recorded for another build of the library: measuring again", path)
+            rec = {}
+        elif rec.get("onnxruntime") != ort_version:  # ORT's kernels (and what its GQA accepts) change with it
+            log.info("%s: recorded with onnxruntime %s, this is %s: measuring again", path, rec.get("onnxruntime"),
+                     ort_version)
             rec = {}
         elif rec.get("method") != METHOD:
             log.info("%s: recorded by an older timing method: measuring again", path)
@@ -296,7 +324,7 @@ def choose(lib: Path, shape: Shape) -> OpChoice:
     choice = measure(lib, shape)
     log.info("fast CPU graph defaults here: matmul=%s attention=%s (us per call: %s)", choice.matmul,
              choice.attention, choice.us)
-    rec = {"library_sha256": digest, "method": METHOD, "choices": {**rec.get("choices", {}), shape.key(): asdict(choice)}}
+    rec = {"library_sha256": digest, "onnxruntime": ort_version, "method": METHOD, "choices": {**rec.get("choices", {}), shape.key(): asdict(choice)}}
     atomic_write_json(path, rec)
     return choice
 
