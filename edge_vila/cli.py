@@ -264,7 +264,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
                            n_text=a.calib_blocks, n_mm=a.calib_images, seq_len=a.calib_seq_len, n_grid=a.n_grid,
                            awq_result=a.awq_result, eval=not a.no_eval, vqa_n=a.vqa_n, vision_int8=a.vision_int8,
                            int8_images=a.int8_images, int8_image_dir=a.int8_image_dir, lm_head=a.quantize_lm_head,
-                           device=a.device, max_drop=a.max_drop, eval_tokens=a.eval_tokens)
+                           device=a.device, max_drop=a.max_drop, eval_tokens=a.eval_tokens,
+                           **({} if a.awq_score_blocks is None else {"score_blocks": a.awq_score_blocks}))
     rep = quantize_checkpoint(a.path, a.out, opts)
     ppl = rep.get("perplexity")
     if ppl:
@@ -461,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-images", type=int, default=32, help="calibration image+text blocks (VLMs)")
     s.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration block")
     s.add_argument("--n-grid", type=int, default=20, help="AWQ scale-search grid points per layer group")
+    s.add_argument("--awq-score-blocks", type=int, default=None,
+                   help="calibration blocks AWQ's scale grid is scored on, evenly spaced (0: all; default: the "
+                        "library's, docs/quantization.md); the activation statistics use every block")
     s.add_argument("--awq-result", default=None, help="re-apply a saved AWQ search (awq_result.safetensors)")
     s.add_argument("--vqa-n", type=int, default=200,
                    help="shapes-VQA questions of the quality check (checkpoints of the synthetic world)")

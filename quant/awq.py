@@ -4,7 +4,10 @@ Per decoder layer, on calibration activations:
 1. scale search: for each scaling group (prev op -> linears), try s = mean|x|^a for
    a in [0, 1) on an n_grid, normalised by sqrt(max*min); score the inspected block's
    output MSE with the linears fake-quantized as Q(W*s)/s; fold the best s into the
-   previous op (RMSNorm weight or Linear rows) and the linears' columns;
+   previous op (RMSNorm weight or Linear rows) and the linears' columns. mean|x| is taken
+   over every calibration token; the grid is scored on `score_blocks` evenly spaced
+   calibration sequences (whole sequences: attention needs them), which is where the search
+   spends its time - a grid point is one forward of the inspected block over what it scores;
 2. clip search: per output-channel group, shrink the weight range (skip q/k, whose
    errors are amplified by the softmax) to minimise the linear's output error.
 The result (scales + clip maxima) is saved as safetensors and can be re-applied to the
@@ -55,6 +58,14 @@ class AwqSettings:
     n_grid: int = 20
     max_shrink: float = 0.5
     clip_tokens: int = 512  # tokens sampled for the clip search
+    score_blocks: int = 16  # calibration sequences the scale grid is scored on (0: all)
+
+
+def score_subset(x: torch.Tensor, n: int) -> torch.Tensor:
+    """`n` evenly spaced sequences of x [N, T, D] (all of them when n is 0 or >= N)."""
+    if n <= 0 or len(x) <= n:
+        return x
+    return x[torch.linspace(0, len(x) - 1, n).round().long().to(x.device)]
 
 
 class LayerRunner:
@@ -105,7 +116,8 @@ def search_scale(layer: DecoderLayer, runner: LayerRunner, g: ScaleGroup, x: tor
                  st: AwqSettings) -> torch.Tensor:
     """Best per-input-channel scale for one group, by the inspected block's output MSE."""
     fcs = [layer.get_submodule(n) for n in g.linears]
-    x_mean = x.abs().reshape(-1, x.shape[-1]).float().mean(0)
+    x_mean = x.abs().reshape(-1, x.shape[-1]).float().mean(0)  # every token's statistics
+    x = score_subset(x, st.score_blocks)
     fn = (lambda t: runner.inspect(layer, g.inspect, t))
     ref = _batched(fn, x)
     originals = [fc.weight.data.clone() for fc in fcs]
@@ -244,6 +256,6 @@ def load_awq_result(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-__all__ = ["AwqSettings", "ScaleGroup", "SCALE_GROUPS", "run_awq", "apply_awq", "apply_awq_layer", "search_layer",
+__all__ = ["AwqSettings", "score_subset", "ScaleGroup", "SCALE_GROUPS", "run_awq", "apply_awq", "apply_awq_layer", "search_layer",
            "search_scale", "fold_scale",
            "search_clip", "save_awq_result", "load_awq_result"]

@@ -42,6 +42,7 @@ class QuantizeOptions:
     n_mm: int = 32  # calibration image+text blocks (VLM checkpoints)
     seq_len: int = 256
     n_grid: int = 20
+    score_blocks: int = 16  # calibration sequences AWQ's scale grid is scored on (0: all; awq.py)
     awq_result: str | None = None  # re-apply a saved search instead of searching
     eval: bool = True
     eval_tokens: int = 30_000
@@ -92,7 +93,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, opts: QuantizeOptions,
     log.info("quantize: heavy work on %s", describe(device))
     w = CheckpointWeights(cfg.llm_dir)
     q, spec = opts.quant, cfg.llm
-    st = AwqSettings(quant=q, n_grid=opts.n_grid)
+    st = AwqSettings(quant=q, n_grid=opts.n_grid, score_blocks=opts.score_blocks)
     parts = None
     if cfg.is_multimodal and ((opts.method == "awq" and not opts.awq_result and opts.n_mm)
                               or opts.vision_int8 != "none"):

@@ -10,7 +10,8 @@ import torch
 import edge_vila
 from edge_vila.config import LLMSpec
 from edge_vila.modeling.llm import DecoderLM
-from edge_vila.quant.awq import SCALE_GROUPS, AwqSettings, LayerRunner, apply_awq, fold_scale, run_awq, search_scale
+from edge_vila.quant.awq import (SCALE_GROUPS, AwqSettings, LayerRunner, apply_awq, fold_scale, run_awq, score_subset,
+                                  search_scale)
 from edge_vila.quant.rtn import QuantConfig, dequantize, fake_quant, quantize
 from edge_vila.quantfmt import dequantize_linear, pack_cols, pack_linear, unpack_cols, unpack_linear
 
@@ -85,6 +86,32 @@ def test_awq_error_not_worse_than_rtn_with_planted_outliers():
     awq_err = float((layer.mlp(h2) - ref).pow(2).mean())
     assert awq_err <= rtn_err
     assert awq_err < 0.8 * rtn_err  # and clearly better when outliers exist
+
+
+@torch.no_grad()
+def test_scale_grid_scored_on_some_sequences_statistics_from_all():
+    """score_blocks: the grid is scored on evenly spaced calibration sequences, mean|x| comes from
+    every one; scoring all of them is the full search exactly."""
+    x = torch.arange(10)[:, None, None].expand(10, 2, 3)
+    assert score_subset(x, 4)[:, 0, 0].tolist() == [0, 3, 6, 9]
+    assert score_subset(x, 0) is x and score_subset(x, 10) is x
+    torch.manual_seed(0)
+    lm = DecoderLM(_spec()).eval()
+    layer, runner = lm.model.layers[0], LayerRunner(lm, 32)
+    q, g = QuantConfig(4, 128, True), SCALE_GROUPS["llama"][2]
+    h = layer.post_attention_layernorm(_outlier_inputs(n=8))
+    full = search_scale(layer, runner, g, h, AwqSettings(quant=q, score_blocks=0))
+    assert torch.equal(full, search_scale(layer, runner, g, h, AwqSettings(quant=q, score_blocks=8)))
+    h[1, :, 10] *= 200  # a salient channel only in sequence 1, which 2 of 8 (0 and 7) do not score
+    s = search_scale(layer, runner, g, h, AwqSettings(quant=q, score_blocks=2))
+    xm = h.abs().reshape(-1, h.shape[-1]).mean(0)  # every sequence's statistics
+
+    def cand(r):
+        c = xm.pow(r / 20).clamp(min=1e-4)
+        return c / (c.max() * c.min()).sqrt()
+
+    assert not torch.allclose(s, torch.ones_like(s))  # a real scale, not the identity
+    assert any(torch.allclose(s, cand(r)) for r in range(20))
 
 
 @pytest.mark.parametrize("family,kv", [("llama", 4), ("qwen2", 2)])
