@@ -359,11 +359,11 @@ def report(res: dict, rates: dict[str, dict[int, list[float]]], labels: dict[str
 
     ppl = res.get("perplexity", {})
     print(f"\nmedian of {res['runs']} alternating rounds, {res['new_tokens']} new tokens; tok/s (min-max)")
-    print(f"{'system':34s}" + "".join(f"{'ctx ' + c:>22s}" for c in r) + f"{'at ' + hi + '/' + lo:>10s}  perplexity")
+    print(f"{'system':34s}" + "".join(f"{'ctx ' + c:>22s}" for c in r) + f"{'at ' + hi + '/' + lo:>13s}  perplexity")
     for n in rates:
         cells = "".join(f"{r[c][n]:9.1f} ({min(rates[n][int(c)]):5.1f}-{max(rates[n][int(c)]):5.1f})" for c in r)
         p = ppl.get(n)
-        print(f"{labels.get(n, n):34s}{cells}{res['long_vs_short'][n]:10.2f}  {p if p is not None else '-'}")
+        print(f"{labels.get(n, n):34s}{cells}{res['long_vs_short'][n]:13.2f}  {p if p is not None else '-'}")
     for e in edges:
         for p in peers:
             print(f"{labels[e]} / {p}: " + " / ".join(f"x{r[c][e] / r[c][p]:.2f}" for c in r))
