@@ -14,12 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
-from common import check_vision, run_modes  # noqa: E402
-
-
-def step(msg: str) -> float:
-    print(f"-- {msg}", flush=True)
-    return time.time()
+from common import check_op_tests, check_tokens, check_vision, done, step  # noqa: E402
 
 
 def main() -> int:
@@ -41,29 +36,16 @@ def main() -> int:
     assert "neon" in have, f"no NEON dot-product kernel in the aarch64 build (have {have})"
 
     t = step("the ops against their numpy references (the x86 tests, every aarch64 kernel)")
-    tests = ["tests/test_int4_linear.py", "tests/test_decode_attention.py::test_matches_reference_over_prefill_decode_and_rewind",
-             "tests/test_decode_attention.py::test_long_context_decode_split_over_positions"]
-    import os
-
-    import pytest
-    os.chdir(ROOT)  # in this process: without binfmt_misc an aarch64 child could not be exec'd
-    rc = pytest.main(["-q", "-p", "no:cacheprovider", "--noconftest", "-x", *tests, "-k", "not avx"])
-    assert rc == 0, f"op tests failed on aarch64 (pytest rc {rc})"
-    print(f"   ok ({time.time() - t:.0f} s)")
+    check_op_tests(ROOT, "aarch64", "not avx")
+    done(t)
 
     t = step("the x86-exported bundle: greedy tokens against the x86 run")
-    ref = json.loads((work / "reference.json").read_text())
-    got = run_modes(work / "bundle")
-    for mode, want in ref["modes"].items():
-        assert got[mode]["tokens"] == want["tokens"], (
-            f"mode {mode}: aarch64 tokens {got[mode]['tokens']} != x86 {want['tokens']} "
-            f"(texts {got[mode]['texts']} vs {want['texts']})")
-        print(f"   {mode}: {got[mode]['variant']} graph, KV {got[mode]['kv_cache']}, matmul {got[mode]['matmul']}, "
-              f"attention {got[mode]['attention']}: {sum(map(len, want['tokens']))} tokens equal to x86's")
-    print(f"   ok ({time.time() - t:.0f} s)")
+    got = check_tokens(work, "aarch64")
+    done(t)
+
     t = step("the INT8 ViT forms against the host's float ViT features (ORT's aarch64 kernels)")
     vision = check_vision(work)
-    print(f"   ok ({time.time() - t:.0f} s)")
+    done(t)
     (work / "arm64_result.json").write_text(json.dumps({"kernels": have, "modes": got, "vision": vision}, indent=1))
     return 0
 

@@ -11,19 +11,13 @@ count here are the ones the emulated CPUID reports (our kernels' and ORT's dispa
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
-from common import check_vision, run_modes  # noqa: E402
-
-
-def step(msg: str) -> float:
-    print(f"-- {msg}", flush=True)
-    return time.time()
+from common import check_op_tests, check_tokens, check_vision, done, step  # noqa: E402
 
 
 def main() -> int:
@@ -42,29 +36,16 @@ def main() -> int:
     assert have == ["portable", "avx2"] and in_force == "avx2", (have, in_force)
 
     t = step("the ops against their numpy references (AVX2 and portable kernels, this CPU's builds)")
-    import pytest
-    os.chdir(ROOT)  # in this process: a child python would run natively, outside the emulator
-    tests = ["tests/test_int4_linear.py", "tests/test_decode_attention.py::test_matches_reference_over_prefill_decode_and_rewind",
-             "tests/test_decode_attention.py::test_long_context_decode_split_over_positions"]
-    rc = pytest.main(["-q", "-p", "no:cacheprovider", "--noconftest", "-x", *tests,
-                      "-k", "not kernels_follow_the_cpu"])  # that one reads the host's /proc/cpuinfo
-    assert rc == 0, f"op tests failed on the emulated AVX2 CPU (pytest rc {rc})"
-    print(f"   ok ({time.time() - t:.0f} s)")
+    check_op_tests(ROOT, "the emulated AVX2 CPU", "not kernels_follow_the_cpu")  # that one reads the host's cpuinfo
+    done(t)
 
     t = step("the host-exported bundle: greedy tokens against the host run")
-    ref = json.loads((work / "reference.json").read_text())
-    got = run_modes(work / "bundle")
-    for mode, want in ref["modes"].items():
-        assert got[mode]["tokens"] == want["tokens"], (
-            f"mode {mode}: emulated AVX2 tokens {got[mode]['tokens']} != host {want['tokens']} "
-            f"(texts {got[mode]['texts']} vs {want['texts']})")
-        print(f"   {mode}: {got[mode]['variant']} graph, KV {got[mode]['kv_cache']}, matmul {got[mode]['matmul']}, "
-              f"attention {got[mode]['attention']}: {sum(map(len, want['tokens']))} tokens equal to the host's")
-    print(f"   ok ({time.time() - t:.0f} s)")
+    got = check_tokens(work, "emulated AVX2")
+    done(t)
 
     t = step("the INT8 ViT forms on ORT's pre-VNNI kernels against the host's float ViT features")
     vision = check_vision(work, must_hold=("u8u8", "s8"))
-    print(f"   ok ({time.time() - t:.0f} s)")
+    done(t)
     (work / "avx2_result.json").write_text(json.dumps({"kernels": have, "modes": got, "vision": vision}, indent=1))
     return 0
 

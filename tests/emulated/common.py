@@ -2,6 +2,9 @@
 the same prompts, images and load modes, and the INT8 ViT forms held against the float ViT."""
 from __future__ import annotations
 
+import json
+import time
+
 import numpy as np
 
 PROMPTS = ["What shape is in the image?", "What color is the shape?", "Describe the image.",
@@ -88,3 +91,42 @@ def check_vision(work, must_hold=FORMS) -> dict:
         if held:
             assert min(cos) >= MIN_COSINE, f"INT8 ViT form {form}: cosine to fp32 {cos} < {MIN_COSINE}"
     return out
+
+
+OP_TESTS = ["tests/test_int4_linear.py",
+            "tests/test_decode_attention.py::test_matches_reference_over_prefill_decode_and_rewind",
+            "tests/test_decode_attention.py::test_long_context_decode_split_over_positions"]
+
+
+def step(msg: str) -> float:
+    print(f"-- {msg}", flush=True)
+    return time.time()
+
+
+def done(t: float) -> None:
+    print(f"   ok ({time.time() - t:.0f} s)", flush=True)
+
+
+def check_op_tests(root, cpu: str, deselect: str) -> None:
+    """The ops' numpy-reference tests, in this process: under qemu-user without binfmt_misc a
+    child python would not run as the emulated CPU (aarch64: not at all)."""
+    import os
+
+    import pytest
+
+    os.chdir(root)
+    rc = pytest.main(["-q", "-p", "no:cacheprovider", "--noconftest", "-x", *OP_TESTS, "-k", deselect])
+    assert rc == 0, f"op tests failed on {cpu} (pytest rc {rc})"
+
+
+def check_tokens(work, cpu: str) -> dict:
+    """The host-exported bundle's greedy tokens here, in every mode, against the host run's."""
+    ref = json.loads((work / "reference.json").read_text())
+    got = run_modes(work / "bundle")
+    for mode, want in ref["modes"].items():
+        assert got[mode]["tokens"] == want["tokens"], (
+            f"mode {mode}: {cpu} tokens {got[mode]['tokens']} != host {want['tokens']} "
+            f"(texts {got[mode]['texts']} vs {want['texts']})")
+        print(f"   {mode}: {got[mode]['variant']} graph, KV {got[mode]['kv_cache']}, matmul {got[mode]['matmul']}, "
+              f"attention {got[mode]['attention']}: {sum(map(len, want['tokens']))} tokens equal to the host's")
+    return got
