@@ -80,7 +80,7 @@ class EdgeSystem:
         self.info = {"kv_cache": getattr(be, "kv_cache", "fp32"), "attention": getattr(be, "attention", None),
                      "matmul": getattr(be, "matmul", None), "kernel": native_ops.kernel_in_force(lib)}
 
-    def prefill(self, ids: list[int]) -> None:
+    def prefill(self, ids: list[int], new: int) -> None:
         be = self.pipe.backend
         be.reset()
         self.logits, self.pos = be.forward(be.embed(np.asarray(ids)), 0), len(ids)
@@ -109,7 +109,7 @@ class HfSystem:
                                                           attn_implementation="eager").eval()
         self.info = {"torch_threads": torch.get_num_threads()}
 
-    def prefill(self, ids: list[int]) -> None:
+    def prefill(self, ids: list[int], new: int) -> None:
         with self.torch.inference_mode():
             out = self.model(self.torch.tensor([ids]), use_cache=True)
         self.past, self.nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
@@ -141,8 +141,8 @@ class GenaiSystem:
         params.set_search_options(max_length=max_length, do_sample=False)
         return self.og.Generator(self.model, params)
 
-    def prefill(self, ids: list[int]) -> None:
-        self.gen = self._generator(len(ids) + 256)
+    def prefill(self, ids: list[int], new: int) -> None:
+        self.gen = self._generator(len(ids) + new + 2)
         self.gen.append_tokens(ids)
         self.gen.generate_next_token()  # the first token ends the prefill
 
@@ -171,7 +171,7 @@ class LlamaCppSystem:
                          verbose=False)
         self.info = {"n_threads": os.cpu_count()}
 
-    def prefill(self, ids: list[int]) -> None:
+    def prefill(self, ids: list[int], new: int) -> None:
         self.llm.reset()
         self.llm.eval(ids)
         self.tok = self.llm.sample(temp=0.0)
@@ -211,7 +211,7 @@ def worker(spec: dict) -> None:
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "prefill":
-            system.prefill(cmd["ids"])
+            system.prefill(cmd["ids"], cmd["new"])
             reply(ok=True)
         elif cmd["op"] == "decode":
             time.sleep(PAUSE_S)
@@ -328,7 +328,7 @@ def alternate(workers: dict[str, Worker], prompts: dict[int, list[int]], new: in
         order = names[r % len(names):] + names[:r % len(names)]
         for ctx, ids in prompts.items():
             for n in order:
-                workers[n].ask({"op": "prefill", "ids": ids})
+                workers[n].ask({"op": "prefill", "ids": ids, "new": new})
                 gbps = stream_copy_gbps(passes=5) if (paired is not None and r) else None
                 tok_s = workers[n].ask({"op": "decode", "new": new})["tok_s"]
                 if r:
