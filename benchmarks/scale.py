@@ -2,7 +2,7 @@
 replica of a released checkpoint (released config, bf16 shards, random weights).
 
     python benchmarks/scale.py [--model VILA1.5-3b] [--work runs/scale] [--keep] [--llm-layers N]
-        [--max-context 2048] [--decode [--decode-args ...]] [--ttft] [--quantize-args ...]
+        [--max-context 2048] [--decode [--decode-args ...]] [--ttft] [--awq] [--quantize-args ...]
 
 Steps, each its own process (its peak RSS is the kernel's figure for that process, from
 wait4): make the replica -> `edge-vila quantize --method rtn` -> `edge-vila export` (whose
@@ -12,7 +12,9 @@ exact mode). With --decode, then: hf_to_gguf.py writes a Q4_0 GGUF of the replic
 decode_speed.py times the bundle, llama.cpp and genai side by side (median of 5). With
 --ttft, a second bundle with the float32 ViT (`--vision-quant fp32`, no report) and
 `edge-vila bench` on both: time to first token for one image + 32 text tokens and the
-vision encode alone, INT8 vs fp32 ViT, median of 3, in the same run. Writes
+vision encode alone, INT8 vs fp32 ViT, median of 3, in the same run. With --awq, then
+`edge-vila quantize --method awq` of the replica with every default (its own step: wall time,
+peak RSS, and the report's search time and perplexities; not exported). Writes
 <work>/scale.json and prints a table. Not a test: timings depend on the machine, which is
 recorded.
 """
@@ -48,6 +50,21 @@ def run_step(name: str, cmd: list[str], log_dir: Path) -> dict:
         tail = (log_dir / f"{name}.log").read_text()[-3000:]
         print(tail, file=sys.stderr)
     return res
+
+
+def _awq_step(py: str, work: Path, replica: Path, args: list[str], steps: list) -> dict:
+    """AWQ of the replica as a user runs it; the step's time and memory, the report's figures."""
+    out = work / "quantized-awq"
+    step = run_step("quantize_awq", [py, "-m", "edge_vila", "quantize", replica, "--out", out, "--method", "awq",
+                                     *args], work / "logs")
+    steps.append(step)
+    rep = out / "quant_report.json"
+    if not rep.is_file():  # the quality gate writes the report beside the folder it refused
+        rep = out.with_name(out.name + ".rejected.json")
+    r = json.loads(rep.read_text()) if rep.is_file() else {}
+    return {"seconds": step["seconds"], "peak_rss_gb": step["peak_rss_gb"], "search_seconds": r.get("search_seconds"),
+            "calibration": r.get("calibration"), "perplexity": r.get("perplexity"),
+            "written": (out / "quant_report.json").is_file()}
 
 
 def _decode_steps(py: str, work: Path, replica: Path, bundle: Path, args: list[str], steps: list) -> dict | None:
@@ -101,6 +118,9 @@ def main() -> int:
                          "onnxruntime-genai's int4 build of it, via decode_speed.py (needs llama-cpp-python and "
                          "onnxruntime-genai)")
     ap.add_argument("--decode-args", nargs="*", default=["--contexts", "64", "512", "1024", "--runs", "5"])
+    ap.add_argument("--awq", action="store_true",
+                    help="then `quantize --method awq` of the replica with the default calibration (hours on a "
+                         "CPU at 3B: about 1.5 h on 2 cores)")
     ap.add_argument("--ttft", action="store_true",
                     help="then TTFT (1 image + 32 text tokens) with the INT8 ViT vs a float32-ViT export, via "
                          "edge-vila bench")
@@ -154,6 +174,8 @@ def main() -> int:
         out["decode"] = decode
     if ttft is not None:
         out["ttft"] = ttft
+    if a.awq:
+        out["awq"] = _awq_step(py, work, replica, a.quantize_args, steps)
     (work / "scale.json").write_text(json.dumps(out, indent=2))
     print(f"\n{a.model}: quantize(rtn)+export {out['quantize_plus_export']['seconds']} s, "
           f"peak RSS {out['quantize_plus_export']['peak_rss_gb']} GB; bundle {out.get('bundle_gb')} GB")
@@ -162,6 +184,10 @@ def main() -> int:
     for ctx, row in ((decode or {}).get("results") or {}).items():
         print(f"  decode at {ctx:>5}: edge-vila {row['edge_vila_ort']:.1f} tok/s, x{row.get('ratio_vs_llama_cpp', 0):.2f} "
               f"llama.cpp Q4_0, x{row.get('ratio_vs_genai', 0):.2f} onnxruntime-genai int4")
+    if out.get("awq"):
+        w = out["awq"]
+        print(f"  quantize(awq): {w['seconds']} s (search {w['search_seconds']} s), peak RSS {w['peak_rss_gb']} GB, "
+              f"perplexity {(w['perplexity'] or {}).get('awq')}{'' if w['written'] else ' (not written)'}")
     for name in ("vision_int8", "vision_fp32"):
         row = (ttft or {}).get(name)
         if row:
