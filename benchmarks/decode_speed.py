@@ -72,11 +72,11 @@ class EdgeSystem:
         import edge_vila
         from edge_vila.backends import native_ops
 
+        lib = native_ops.build_library()
         if spec.get("kernel"):  # our ops' kernel, process-wide (e.g. the AVX2 path on an AVX-512 machine)
-            native_ops.use_kernel(native_ops.build_library(), spec["kernel"])
+            native_ops.use_kernel(lib, spec["kernel"])
         self.pipe = edge_vila.load(spec["bundle"], max_context=spec["max_context"], **spec.get("opts", {}))
         be = self.pipe.backend
-        lib = native_ops.build_library()
         self.info = {"kv_cache": getattr(be, "kv_cache", "fp32"), "attention": getattr(be, "attention", None),
                      "matmul": getattr(be, "matmul", None), "kernel": native_ops.kernel_in_force(lib)}
 

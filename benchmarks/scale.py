@@ -58,9 +58,11 @@ def _awq_step(py: str, work: Path, replica: Path, args: list[str], steps: list) 
     step = run_step("quantize_awq", [py, "-m", "edge_vila", "quantize", replica, "--out", out, "--method", "awq",
                                      *args], work / "logs")
     steps.append(step)
+    from edge_vila.quant.gate import rejected_path
+
     rep = out / "quant_report.json"
     if not rep.is_file():  # the quality gate writes the report beside the folder it refused
-        rep = out.with_name(out.name + ".rejected.json")
+        rep = rejected_path(out)
     r = json.loads(rep.read_text()) if rep.is_file() else {}
     return {"seconds": step["seconds"], "peak_rss_gb": step["peak_rss_gb"], "search_seconds": r.get("search_seconds"),
             "calibration": r.get("calibration"), "perplexity": r.get("perplexity"),

@@ -57,6 +57,11 @@ def worst_layers(report: dict, k: int = 3) -> list[tuple[int, float]]:
     return sorted(enumerate(errs), key=lambda e: -e[1])[:k]
 
 
+def rejected_path(where: Path) -> Path:
+    """Where the gate writes the report of an output it refused to write at `where`."""
+    return where.with_name(where.name + ".rejected.json")
+
+
 def check(drops: dict[str, dict], max_drop: float | None, report: dict, where: Path) -> dict:
     """The gate's record for the report; raises QualityGateError (after writing the report to
     `<where>.rejected.json`) when a drop exceeds max_drop. No measure: passes, and says so."""
@@ -76,7 +81,7 @@ def check(drops: dict[str, dict], max_drop: float | None, report: dict, where: P
     rec["passed"] = False
     worst = worst_layers(report)
     rec["worst_layers"] = [{"layer": i, "relative_error": e} for i, e in worst]
-    rejected = where.with_name(where.name + ".rejected.json")
+    rejected = rejected_path(where)
     atomic_write_json(rejected, {**report, "quality_gate": rec})
     k, d = next(iter(over.items()))
     layers = ", ".join(f"{i} ({e:.3f})" for i, e in worst) or "not recorded"
@@ -85,4 +90,4 @@ def check(drops: dict[str, dict], max_drop: float | None, report: dict, where: P
         f"more than --max-drop {max_drop:g}; layers that lost most: {layers}; report: {rejected}")
 
 
-__all__ = ["DEFAULT_MAX_DROP", "QualityGateError", "quality_drops", "bundle_drops", "worst_layers", "check"]
+__all__ = ["DEFAULT_MAX_DROP", "QualityGateError", "quality_drops", "bundle_drops", "worst_layers", "rejected_path", "check"]

@@ -42,7 +42,7 @@ class QuantizeOptions:
     n_mm: int = 32  # calibration image+text blocks (VLM checkpoints)
     seq_len: int = 256
     n_grid: int = 20
-    score_blocks: int = 16  # calibration sequences AWQ's scale grid is scored on (0: all; awq.py)
+    score_blocks: int = AwqSettings.score_blocks  # sequences AWQ's scale grid is scored on (0: all)
     awq_result: str | None = None  # re-apply a saved search instead of searching
     eval: bool = True
     eval_tokens: int = 30_000

@@ -161,10 +161,7 @@ class OrtBackend(BundleBackend):
         if attention == "gqa":
             raise InputError(f"attention='gqa' over the INT8 KV cache: {why}; use attention='edge' or "
                              "kv_cache='fp32' (or onnxruntime 1.24+)")
-        if lib is None:
-            from . import native_ops
-            lib = native_ops.try_build_library()
-        if lib is not None:
+        if lib is not None:  # any attention but an explicit gqa has tried to build our ops already
             log.info("%s: GroupQueryAttention cannot read the INT8 KV cache here (%s): our attention op", root, why)
             return lib, "edge", kv8
         if kv_cache == "int8":
