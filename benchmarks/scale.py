@@ -2,7 +2,7 @@
 replica of a released checkpoint (released config, bf16 shards, random weights).
 
     python benchmarks/scale.py [--model VILA1.5-3b] [--work runs/scale] [--keep] [--llm-layers N]
-        [--max-context 2048] [--decode [--decode-args ...]] [--ttft] [--awq] [--quantize-args ...]
+        [--max-context 2048] [--decode [--decode-args ...]] [--ttft] [--awq | --awq-only] [--quantize-args ...]
 
 Steps, each its own process (its peak RSS is the kernel's figure for that process, from
 wait4): make the replica -> `edge-vila quantize --method rtn` -> `edge-vila export` (whose
@@ -14,7 +14,8 @@ decode_speed.py times the bundle, llama.cpp and genai side by side (median of 5)
 `edge-vila bench` on both: time to first token for one image + 32 text tokens and the
 vision encode alone, INT8 vs fp32 ViT, median of 3, in the same run. With --awq, then
 `edge-vila quantize --method awq` of the replica with every default (its own step: wall time,
-peak RSS, and the report's search time and perplexities; not exported). Writes
+peak RSS, and the report's search time and perplexities; not exported); --awq-only makes the
+replica (or, with --keep, reuses it) and runs that step alone, for the hours-long CPU figure. Writes
 <work>/scale.json and prints a table. Not a test: timings depend on the machine, which is
 recorded.
 """
@@ -106,6 +107,42 @@ def _ttft_steps(py: str, work: Path, quant: Path, bundle: Path, max_context: int
     return out
 
 
+def _machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:  # the model name says far more than "x86_64"
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                   if ln.startswith(("model name", "Model")))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(),
+            "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3, 1)}
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=HERE).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def _awq_only(a, py: str, work: Path, replica: Path, steps: list) -> int:
+    """The replica and its AWQ, nothing else; its own JSON so a full run's scale.json stays."""
+    out = {"model": a.model, "date": time.strftime("%Y-%m-%d"), "machine": _machine(), "commit": _commit(),
+           "steps": steps}
+    if all(s["returncode"] == 0 for s in steps):
+        out["awq"] = _awq_step(py, work, replica, a.quantize_args, steps)
+    (work / "scale-awq.json").write_text(json.dumps(out, indent=2))
+    for s in steps:
+        print(f"  {s['step']:<16} {s['seconds']:>8.1f} s  {s['peak_rss_gb']:>6.2f} GB  exit {s['returncode']}")
+    w = out.get("awq")
+    if w:
+        print(f"  quantize(awq): {w['seconds']} s (search {w['search_seconds']} s), peak RSS {w['peak_rss_gb']} GB, "
+              f"perplexity {(w['perplexity'] or {}).get('awq')}{'' if w['written'] else ' (not written)'}")
+    print(f"wrote {work / 'scale-awq.json'}")
+    return 0 if all(s["returncode"] == 0 for s in steps) else 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="VILA1.5-3b", help="a released layout edge_vila.released knows")
@@ -123,6 +160,8 @@ def main() -> int:
     ap.add_argument("--awq", action="store_true",
                     help="then `quantize --method awq` of the replica with the default calibration (hours on a "
                          "CPU at 3B: about 1.5 h on 2 cores)")
+    ap.add_argument("--awq-only", action="store_true",
+                    help="the replica and the AWQ step only (no RTN, export, decode or TTFT steps)")
     ap.add_argument("--ttft", action="store_true",
                     help="then TTFT (1 image + 32 text tokens) with the INT8 ViT vs a float32-ViT export, via "
                          "edge-vila bench")
@@ -136,6 +175,8 @@ def main() -> int:
         layers = f", llm_layers={a.llm_layers}" if a.llm_layers else ", llm_layers=None, vision_layers=None"
         steps.append(run_step("replica", [py, "-c", "from edge_vila.replicas import make_replica; "
                                           f"make_replica({str(replica)!r}, {a.model!r}{layers})"], work / "logs"))
+    if a.awq_only:
+        return _awq_only(a, py, work, replica, steps)
     prev = json.loads((work / "scale.json").read_text()) if (work / "scale.json").is_file() else {}
     prev_q = [s for s in prev.get("steps", []) if s["step"] == "quantize_rtn" and s["returncode"] == 0]
     if a.keep and (quant / "quant_report.json").is_file() and prev_q:
@@ -151,15 +192,8 @@ def main() -> int:
         decode = _decode_steps(py, work, replica, bundle, a.decode_args, steps)
     if a.ttft and (bundle / "manifest.json").is_file():
         ttft = _ttft_steps(py, work, quant, bundle, a.max_context, steps)
-    out = {"model": a.model, "date": time.strftime("%Y-%m-%d"), "machine": {
-        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-        "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3, 1)},
-        "steps": steps}
-    try:
-        out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       cwd=HERE).stdout.strip()
-    except OSError:
-        pass
+    out = {"model": a.model, "date": time.strftime("%Y-%m-%d"), "machine": _machine(), "commit": _commit(),
+           "steps": steps}
     if (bundle / "manifest.json").is_file():
         out["bundle_gb"] = round(sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file()) / 1024 ** 3, 2)
         rep = bundle / "report.json"
