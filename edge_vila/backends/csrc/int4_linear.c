@@ -201,6 +201,25 @@ static void norm_rows(void *arg, int64_t begin, int64_t end) {
     ss = _mm512_reduce_add_ps(acc);
     }
 #endif
+#if defined(INT4_AVX2) || defined(INT4_NEON)
+    /* the same on 8 lanes: a scalar sum of squares cannot be vectorized by the compiler (float
+     * addition is not associative), and it ran once per linear that carries a norm */
+    if (n->kernel == EV_AVX2 || n->kernel == EV_NEON) {
+      vf8 acc = splat(0.f);
+      for (; k + 8 <= n->K; k += 8) {
+        vf8 v;
+        memcpy(&v, x + k, sizeof v);
+        if (skip) {
+          vf8 w;
+          memcpy(&w, skip + k, sizeof w);
+          v += w;
+        }
+        memcpy(s + k, &v, sizeof v);
+        acc += v * v;
+      }
+      for (int i = 0; i < 8; i++) ss += acc[i];
+    }
+#endif
     for (; k < n->K; k++) {
       s[k] = x[k] + (skip ? skip[k] : 0.f);
       ss += s[k] * s[k];
