@@ -41,7 +41,7 @@ class QuantizeOptions:
     n_text: int = 64  # calibration text blocks
     n_mm: int = 32  # calibration image+text blocks (VLM checkpoints)
     seq_len: int = 256
-    n_grid: int = 20
+    n_grid: int = AwqSettings.n_grid  # AWQ scale-search grid points
     score_blocks: int = AwqSettings.score_blocks  # sequences AWQ's scale grid is scored on (0: all)
     awq_result: str | None = None  # re-apply a saved search instead of searching
     eval: bool = True
