@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .config import ImageTokens, PreprocessSpec
 from .errors import CheckpointError
-from .fsutil import sha256_file
+from .fsutil import checked_sha256
 
 FORMAT = "edge-vila-bundle"
 FORMAT_VERSION = 1
@@ -182,7 +182,7 @@ def read_manifest(root: str | Path, verify: bool = True) -> Manifest:
         f = root / name
         if not f.is_file():
             raise BundleError(f"{f}: missing (listed in manifest.json)")
-        if verify and sha256_file(f) != digest:
+        if verify and checked_sha256(f) != digest:
             raise BundleError(f"{f}: sha256 mismatch (file changed or corrupted since export)")
     return man
 

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -145,6 +146,59 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-vila"
+
+
+_RACY_NS = 2_000_000_000
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    # ctime cannot be set from user space and moves with every write, rename-over or chmod, so a
+    # file whose content changed by any ordinary means no longer matches its entry
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def checked_sha256(path: Path) -> str:
+    """sha256 of `path`, hashed once per version of the file: the digest is remembered in the
+    user's cache (`digests/`) with the file's device, inode, size, mtime and ctime, and reused
+    while all five are unchanged. A 3B bundle plus its CPU fast graph is ~4 GB to hash, seconds
+    at every start of a robot's program on an Orin; this keeps the check without the cost.
+    `EDGE_VILA_VERIFY=full` hashes every time (what it catches beyond this: changes below the
+    filesystem, e.g. a failing disk)."""
+    path = Path(path)
+    st = path.stat()
+    if os.environ.get("EDGE_VILA_VERIFY", "") == "full":
+        return sha256_file(path)
+    name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".json"
+    memo = cache_home() / "digests" / name
+    key = _stat_key(st)
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        rec = json.loads(memo.read_text())
+        if rec["stat"] == key and isinstance(rec["sha256"], str):
+            return rec["sha256"]
+    digest = sha256_file(path)
+    # remembered only when the file did not change while it was read, and its last change is
+    # older than the filesystem's timestamp granularity can hide: a write in the same clock
+    # tick as that change would leave all five numbers as they are ("racy git")
+    if _stat_key(path.stat()) == key and time.time_ns() - st.st_ctime_ns > _RACY_NS:
+        with contextlib.suppress(OSError):  # a read-only home only costs the next load a rehash
+            atomic_write_json(memo, {"path": str(path.resolve()), "stat": key, "sha256": digest})
+            _prune(memo.parent)
+    return digest
+
+
+def _prune(folder: Path, keep: int = 1024) -> None:
+    """Past `keep` entries, drop those whose file is gone (deleted bundles, test folders)."""
+    entries = list(folder.glob("*.json"))
+    if len(entries) <= keep:
+        return
+    for e in entries:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            if not Path(json.loads(e.read_text())["path"]).exists():
+                e.unlink()
 
 
 def read_json(path: Path, what: str = "file") -> dict:

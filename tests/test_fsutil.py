@@ -45,3 +45,54 @@ def test_artifacts_get_the_umask_modes_not_the_temp_files(tmp_path, mask):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o666 & ~mask
     assert stat.S_IMODE((tmp_path / "bundle").stat().st_mode) == 0o777 & ~mask
+
+
+def test_a_files_digest_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    """checked_sha256 hashes a file once per version: its cached digest is what a later check
+    returns while the file's device, inode, size, mtime and ctime stay; any write moves ctime,
+    even one that puts size and mtime back; EDGE_VILA_VERIFY=full always hashes."""
+    import json
+    import os
+    import time
+
+    from edge_vila.fsutil import cache_home, checked_sha256, sha256_file
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    f = tmp_path / "llm.onnx.data"
+    f.write_bytes(os.urandom(4096))
+    real = sha256_file(f)
+    assert checked_sha256(f) == real
+    assert not list((cache_home() / "digests").glob("*.json"))  # changed just now: not remembered yet
+    time.sleep(2.1)
+    assert checked_sha256(f) == real
+    (memo,) = (cache_home() / "digests").glob("*.json")
+    rec = json.loads(memo.read_text())
+    rec["sha256"] = "f" * 64  # what the next check returns proves it did not hash again
+    memo.write_text(json.dumps(rec))
+    assert checked_sha256(f) == "f" * 64
+    monkeypatch.setenv("EDGE_VILA_VERIFY", "full")
+    assert checked_sha256(f) == real
+    monkeypatch.delenv("EDGE_VILA_VERIFY")
+    st = f.stat()
+    with open(f, "r+b") as fh:  # same size, and the mtime put back afterwards
+        fh.seek(100)
+        fh.write(b"\x00" * 8)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert checked_sha256(f) == sha256_file(f) != real
+
+
+def test_remembered_digests_of_deleted_files_are_pruned(tmp_path, monkeypatch):
+    import json
+
+    from edge_vila.fsutil import _prune
+
+    d = tmp_path / "digests"
+    d.mkdir()
+    live = tmp_path / "live.bin"
+    live.write_bytes(b"x")
+    for i in range(6):
+        (d / f"{i}.json").write_text(json.dumps({"path": str(live if i < 2 else tmp_path / f"gone{i}")}))
+    _prune(d, keep=10)
+    assert len(list(d.glob("*.json"))) == 6
+    _prune(d, keep=3)
+    assert sorted(p.name for p in d.glob("*.json")) == ["0.json", "1.json"]

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..bundle import BundleConfig, BundleError
 from ..errors import InputError
-from ..fsutil import atomic_write_json, sha256_file
+from ..fsutil import atomic_write_json, checked_sha256, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def verify(folder: Path, sources: dict[str, str], key: FastGraphKey) -> str | No
         f = folder / name
         if not f.is_file():
             return f"{name} missing"
-        if sha256_file(f) != digest:
+        if checked_sha256(f) != digest:
             return f"{name} changed since it was built (sha256 mismatch)"
     return None
 
