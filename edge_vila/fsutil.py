@@ -1,4 +1,4 @@
-"""Atomic file and folder writes.
+"""Atomic file and folder writes, and the sha256 checks of what they wrote.
 
 An interrupted export, quantization or training run must leave the previous good
 artifact intact: everything is written to a temporary sibling and renamed into place
@@ -149,6 +149,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def cache_home() -> Path:
+    """The user's edge-vila cache: compiled ops, fast graphs of read-only bundles, digests."""
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-vila"
 
 

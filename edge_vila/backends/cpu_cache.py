@@ -25,7 +25,7 @@ import numpy as np
 
 from ..bundle import BundleConfig, BundleError
 from ..errors import InputError
-from ..fsutil import atomic_write_json, checked_sha256, sha256_file
+from ..fsutil import atomic_write_json, cache_home, checked_sha256, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _sources(cfg: BundleConfig, key: FastGraphKey) -> dict[str, str]:
 
 def cache_folders(cfg: BundleConfig, name: str) -> list[Path]:
     """Where a derived artifact `name` may live: in the bundle, else the user's cache dir."""
-    user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-vila" / "ort-cpu" / name
+    user = cache_home() / "ort-cpu" / name
     return [cfg.root / "engines" / "ort-cpu" / name, user]
 
 

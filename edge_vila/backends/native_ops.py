@@ -36,7 +36,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from ..fsutil import atomic_write_text, sha256_file
+from ..fsutil import atomic_write_text, cache_home, sha256_file
 
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
@@ -115,7 +115,7 @@ def _sources() -> list[Path]:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-vila" / "ops"
+    return cache_home() / "ops"
 
 
 def build_library(folder: Path | None = None, isa: str = "native") -> Path:
