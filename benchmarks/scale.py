@@ -159,7 +159,7 @@ def main() -> int:
     ap.add_argument("--decode-args", nargs="*", default=["--contexts", "64", "512", "1024", "--runs", "5"])
     ap.add_argument("--awq", action="store_true",
                     help="then `quantize --method awq` of the replica with the default calibration (hours on a "
-                         "CPU at 3B: about 1.5 h on 2 cores)")
+                         "CPU at 3B: about 2 h on 2 cores)")
     ap.add_argument("--awq-only", action="store_true",
                     help="the replica and the AWQ step only (no RTN, export, decode or TTFT steps)")
     ap.add_argument("--ttft", action="store_true",
