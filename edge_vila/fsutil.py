@@ -169,12 +169,11 @@ def checked_sha256(path: Path) -> str:
     at every start of a robot's program on an Orin; this keeps the check without the cost.
     `EDGE_VILA_VERIFY=full` hashes every time (what it catches beyond this: changes below the
     filesystem, e.g. a failing disk)."""
-    path = Path(path)
-    st = path.stat()
     if os.environ.get("EDGE_VILA_VERIFY", "") == "full":
         return sha256_file(path)
-    name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".json"
-    memo = cache_home() / "digests" / name
+    path = Path(path).resolve()
+    st = path.stat()
+    memo = cache_home() / "digests" / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
     key = _stat_key(st)
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
         rec = json.loads(memo.read_text())
@@ -186,7 +185,7 @@ def checked_sha256(path: Path) -> str:
     # tick as that change would leave all five numbers as they are ("racy git")
     if _stat_key(path.stat()) == key and time.time_ns() - st.st_ctime_ns > _RACY_NS:
         with contextlib.suppress(OSError):  # a read-only home only costs the next load a rehash
-            atomic_write_json(memo, {"path": str(path.resolve()), "stat": key, "sha256": digest})
+            atomic_write_json(memo, {"path": str(path), "stat": key, "sha256": digest})
             _prune(memo.parent)
     return digest
 

@@ -91,14 +91,14 @@ def quantize_checkpoint(src: str | Path, out: str | Path, opts: QuantizeOptions,
     torch.manual_seed(0)
     device = resolve_device(opts.device)
     log.info("quantize: heavy work on %s", describe(device))
-    if opts.method == "awq" and not opts.awq_result and device.type == "cpu" and cfg.llm.num_params > 1e9:
+    q, spec = opts.quant, cfg.llm
+    if opts.method == "awq" and not opts.awq_result and device.type == "cpu" and spec.num_params > 1e9:
         # a CPU searches a 3B's decoder layer in about 3 minutes on 2 cores (docs/quantization.md):
         # say so before the hour, not after it
         log.warning("quantize: AWQ's search of a %.1fB-parameter LLM on the CPU takes minutes per decoder layer "
                     "(%d layers; ETA on the progress bar); --method rtn takes minutes, a GPU (--device cuda) "
-                    "runs the same search", cfg.llm.num_params / 1e9, cfg.llm.num_layers)
+                    "runs the same search", spec.num_params / 1e9, spec.num_layers)
     w = CheckpointWeights(cfg.llm_dir)
-    q, spec = opts.quant, cfg.llm
     st = AwqSettings(quant=q, n_grid=opts.n_grid, score_blocks=opts.score_blocks)
     parts = None
     if cfg.is_multimodal and ((opts.method == "awq" and not opts.awq_result and opts.n_mm)
