@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -101,6 +102,24 @@ def _sibling(final: Path, suffix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=suffix, dir=final.parent))
 
 
+def _umask_modes(folder: Path) -> None:
+    """Give `folder` and everything in it the modes plain open()/mkdir() would: mkdtemp makes the
+    folder 0700, and safetensors' save_file (transformers' save_pretrained too) writes 0600. Every
+    checkpoint, bundle and training state is written inside an atomic_dir, so this one pass covers
+    all their writers."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):  # never the target of a link out of the folder
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):  # an executable keeps its x bits (the umask still applies)
+                os.chmod(path, (0o777 if st.st_mode & 0o111 else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp folder; on success it replaces `final` in one rename.
@@ -114,7 +133,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp = _sibling(final, ".tmp")
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700, as for the files above
+        _umask_modes(tmp)
         old = None
         if final.exists():
             old = final.parent / f".{final.name}.old-{os.getpid()}"

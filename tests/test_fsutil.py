@@ -41,10 +41,36 @@ def test_artifacts_get_the_umask_modes_not_the_temp_files(tmp_path, mask):
         atomic_write_json(tmp_path / "m.json", {"a": 1})
         with atomic_dir(tmp_path / "bundle") as d:
             (d / "f").write_text("x")
+            (d / "sub").mkdir(mode=0o700)
+            os.close(os.open(d / "sub" / "w.safetensors", os.O_CREAT | os.O_WRONLY, 0o600))  # as save_file makes it
+            os.close(os.open(d / "run.sh", os.O_CREAT | os.O_WRONLY, 0o700))
     finally:
         os.umask(old)
-    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o666 & ~mask
-    assert stat.S_IMODE((tmp_path / "bundle").stat().st_mode) == 0o777 & ~mask
+    mode = lambda *p: stat.S_IMODE(tmp_path.joinpath(*p).stat().st_mode)
+    assert mode("m.json") == mode("bundle", "f") == mode("bundle", "sub", "w.safetensors") == 0o666 & ~mask
+    assert mode("bundle") == mode("bundle", "sub") == mode("bundle", "run.sh") == 0o777 & ~mask
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_saved_safetensors_get_the_umask_mode(tmp_path, mask):
+    """safetensors' save_file creates its file 0600 whatever the umask; written inside an
+    atomic_dir (every checkpoint, replica, INT8-calibration and training-state writer is) it
+    ends with open()'s mode."""
+    import os
+    import stat
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    old = os.umask(mask)
+    try:
+        with atomic_dir(tmp_path / "ckpt") as d:
+            save_file({"w": torch.ones(2, 3)}, str(d / "w.safetensors"), metadata={"format": "pt"})
+    finally:
+        os.umask(old)
+    path = tmp_path / "ckpt" / "w.safetensors"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+    assert torch.equal(load_file(str(path))["w"], torch.ones(2, 3))
 
 
 def test_a_files_digest_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
