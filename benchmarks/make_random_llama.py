@@ -30,6 +30,9 @@ def main() -> None:
     ap.add_argument("--size", choices=list(SIZES), default="250m")
     ap.add_argument("--tokenizer", type=Path, default=Path("/tmp/smol"), help="HF folder with tokenizer.json")
     a = ap.parse_args()
+    if not (a.tokenizer / "tokenizer.json").is_file():  # a folder without one is of no use to any benchmark
+        raise SystemExit(f"make_random_llama: {a.tokenizer / 'tokenizer.json'} not found; pass --tokenizer with "
+                         "SmolLM2's HF folder (edge-vila convert-gguf DIR writes one)")
     cfg = LlamaConfig(vocab_size=49152, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **SIZES[a.size])
     torch.manual_seed(0)
