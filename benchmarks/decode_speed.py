@@ -4,7 +4,7 @@ llama.cpp on a Q4 GGUF of the same model (--gguf).
 
     python benchmarks/decode_speed.py --hf HF_LLM_DIR --bundle BUNDLE [--extra-bundle NAME=B2]
         [--genai DIR] [--gguf FILE] [--contexts 64 512 1024] [--runs 5] [--new 64]
-        [--compare-kv] [--compare-attention] [--compare-matmul] [--kernel avx2] [--paired-bandwidth]
+        [--compare-kv] [--compare-attention] [--compare-matmul] [--compare-head] [--kernel avx2] [--paired-bandwidth]
 
 Every system runs in a worker process of its own (this script with --worker), loaded once and
 kept; the parent sends each the same prompt token ids and asks for one timed decode at a time.
@@ -78,7 +78,8 @@ class EdgeSystem:
         self.pipe = edge_vila.load(spec["bundle"], max_context=spec["max_context"], **spec.get("opts", {}))
         be = self.pipe.backend
         self.info = {"kv_cache": getattr(be, "kv_cache", "fp32"), "attention": getattr(be, "attention", None),
-                     "matmul": getattr(be, "matmul", None), "kernel": native_ops.kernel_in_force(lib)}
+                     "matmul": getattr(be, "matmul", None), "lm_head": getattr(be, "lm_head", None),
+                     "kernel": native_ops.kernel_in_force(lib)}
 
     def prefill(self, ids: list[int], new: int) -> None:
         be = self.pipe.backend
@@ -298,7 +299,8 @@ def system_specs(a) -> tuple[dict[str, dict], dict[str, str]]:
     labels = {"edge_vila_ort": f"edge-vila {a.bundle.name}"}
     for flag, name, opts, label in ((a.compare_attention, "gqa", {"attention": "gqa"}, "GroupQueryAttention"),
                                     (a.compare_kv, "fp32_kv", {"kv_cache": "fp32"}, "fp32 KV"),
-                                    (a.compare_matmul, "nbits", {"matmul": "nbits"}, "MatMulNBits")):
+                                    (a.compare_matmul, "nbits", {"matmul": "nbits"}, "MatMulNBits"),
+                                    (a.compare_head, "float_head", {"lm_head": "float"}, "float head")):
         if flag:
             specs[f"edge_vila_ort_{name}"] = {**edge, "opts": opts}
             labels[f"edge_vila_ort_{name}"] = f"edge-vila {label}"
@@ -386,6 +388,8 @@ def main() -> None:
                     help="also run edge-vila with ORT's GroupQueryAttention instead of our attention op")
     ap.add_argument("--compare-matmul", action="store_true",
                     help="also run edge-vila with ORT's MatMulNBits instead of our INT4 linear op")
+    ap.add_argument("--compare-head", action="store_true",
+                    help="also run edge-vila with the bundle's float output head (the CPU graph's default: 8-bit)")
     ap.add_argument("--paired-bandwidth", action="store_true",
                     help="measure the copy bandwidth before every timed run (for roofline.py)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (no ratio vs it)")

@@ -57,7 +57,7 @@ def load(path: str | Path, options: RuntimeOptions | None = None, *, template: s
     if opts.backend not in ("auto", "torch"):
         raise InputError(f"{path}: a checkpoint runs on the torch backend; export a bundle for {opts.backend}")
     if opts.wants_bundle_features:
-        raise InputError(f"{path}: the INT8 KV cache and our ops are a bundle feature (ONNX Runtime CPU); "
+        raise InputError(f"{path}: the INT8 KV cache, our ops and the INT8 head are a bundle feature (ONNX Runtime CPU); "
                          "export a bundle")
     ctx = opts.max_context or min(cfg.llm.max_position_embeddings, DEFAULT_CONTEXT)
     from .backends.torch import TorchBackend

@@ -38,7 +38,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="random seed")
 
 
-def _params(a: argparse.Namespace):
+def sampling_params(a: argparse.Namespace):
     from .generate import SamplingParams
 
     return SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
@@ -54,14 +54,21 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(a: argparse.Namespace) -> int:
-    from .export.bundle import ExportOptions, export_bundle
+def export_options(a: argparse.Namespace):
+    """The ExportOptions of parsed `export` arguments (a test holds the flags' defaults to the dataclass's)."""
+    from .export.bundle import ExportOptions
 
-    opts = ExportOptions(llm_quant=a.llm_quant, vision_quant=a.vision_quant, max_context=a.max_context,
+    return ExportOptions(llm_quant=a.llm_quant, vision_quant=a.vision_quant, max_context=a.max_context,
                          group_size=a.group_size, check_trt=a.trt, report=not a.no_report, report_n=a.report_n,
                          template=a.template, quant_method=a.quant_method, kv_dtype=a.kv_dtype,
                          embed_dtype=a.embed_dtype, head_dtype=a.head_dtype, device=a.device,
                          max_drop=a.max_drop)
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export.bundle import export_bundle
+
+    opts = export_options(a)
     out = export_bundle(a.path, a.out, opts)
     chk = json.loads((Path(out) / "trt_check.json").read_text()) if (Path(out) / "trt_check.json").exists() else None
     if chk:
@@ -110,7 +117,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
     pipe = load(a.path, RuntimeOptions.from_args(a), template=a.template, system=a.system)
     chat = pipe.chat()
-    params = _params(a)
+    params = sampling_params(a)
     images = list(a.image)
     if a.video:  # a clip: the model's num_video_frames (or --frames) frames, each one image
         from .clip import clip_frames
@@ -257,15 +264,22 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_quantize(a: argparse.Namespace) -> int:
-    from .quant.quantize import QuantizeOptions, quantize_checkpoint
+def quantize_options(a: argparse.Namespace):
+    """The QuantizeOptions of parsed `quantize` arguments (a test holds the flags' defaults to the dataclass's)."""
+    from .quant.quantize import QuantizeOptions
 
-    opts = QuantizeOptions(method=a.method, w_bit=a.w_bit, group_size=a.group_size, zero_point=not a.symmetric,
+    return QuantizeOptions(method=a.method, w_bit=a.w_bit, group_size=a.group_size, zero_point=not a.symmetric,
                            n_text=a.calib_blocks, n_mm=a.calib_images, seq_len=a.calib_seq_len, n_grid=a.n_grid,
                            awq_result=a.awq_result, eval=not a.no_eval, vqa_n=a.vqa_n, vision_int8=a.vision_int8,
                            int8_images=a.int8_images, int8_image_dir=a.int8_image_dir, lm_head=a.quantize_lm_head,
                            device=a.device, max_drop=a.max_drop, eval_tokens=a.eval_tokens,
                            **({} if a.awq_score_blocks is None else {"score_blocks": a.awq_score_blocks}))
+
+
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from .quant.quantize import quantize_checkpoint
+
+    opts = quantize_options(a)
     rep = quantize_checkpoint(a.path, a.out, opts)
     ppl = rep.get("perplexity")
     if ppl:

@@ -20,6 +20,7 @@ CHOICES = {
     "kv_cache": ("auto", "int8", "fp32"),
     "attention": ("auto", "edge", "gqa"),
     "matmul": ("auto", "edge", "nbits"),
+    "lm_head": ("auto", "int8", "float"),
     "vision_int8": ("auto", "u8", "u8u8", "s8"),
 }
 
@@ -42,6 +43,9 @@ class RuntimeOptions:
       matmul: the INT4 linears, our op (edge) or ORT's MatMulNBits (nbits); never ours with
       exact. auto (both): whichever pair measured faster on this machine at this model's
       decode shapes (timed once, recorded: backends/op_choice.py), where a C compiler builds ours.
+    lm_head: a bundle's float output head in the fast graph: int8 (8-bit weights per block of
+      32, MatMulNBits: a quarter of fp32's bytes per token) or float; auto: int8 unless exact.
+      A head the bundle already has in INT4 (`quantize --quantize-lm-head`) stays INT4.
     vision_int8: how ORT on the CPU runs the INT8 ViT: u8 (U8 activations x S8 weights, its
       fast path), u8u8 (uint8 weights with zero point 128, derived once and cached: x86 CPUs
       without VNNI sum u8 x s8 pairs into saturating int16), s8 (the bundle's S8 form as is:
@@ -58,6 +62,7 @@ class RuntimeOptions:
     kv_cache: str = "auto"
     attention: str = "auto"
     matmul: str = "auto"
+    lm_head: str = "auto"
     vision_int8: str = "auto"
     max_tiles: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -75,6 +80,8 @@ class RuntimeOptions:
             raise InputError(f"exact must be true or false, got {self.exact!r}")
         if self.matmul == "edge" and self.exact:
             raise InputError("matmul='edge' quantizes activations to int8 per block; exact=True keeps MatMulNBits")
+        if self.lm_head == "int8" and self.exact:
+            raise InputError("lm_head='int8' rounds the output head's weights; exact=True keeps it float")
 
     def replace(self, **changes) -> "RuntimeOptions":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -85,8 +92,8 @@ class RuntimeOptions:
 
     @property
     def wants_bundle_features(self) -> bool:
-        """Asks for what only an ORT bundle on the CPU has (the INT8 KV cache, our ops)."""
-        return self.kv_cache == "int8" or "edge" in (self.attention, self.matmul)
+        """Asks for what only an ORT bundle on the CPU has (the INT8 KV cache, our ops, the INT8 head)."""
+        return self.kv_cache == "int8" or "edge" in (self.attention, self.matmul) or self.lm_head == "int8"
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "RuntimeOptions":
@@ -119,6 +126,9 @@ def add_runtime_args(s: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
     g.add_argument("--matmul", default=None, choices=CHOICES["matmul"],
                    help="INT4 linears: our op (edge) or ORT's MatMulNBits (nbits); auto: the pair of attention "
                         "and matmul that measured faster on this machine (timed once)")
+    g.add_argument("--lm-head", default=None, choices=CHOICES["lm_head"],
+                   help="a float output head in the CPU fast graph: int8 weights (a quarter of the bytes per "
+                        "token) or float (auto: int8 unless --exact)")
     g.add_argument("--vision-int8", default=None, choices=CHOICES["vision_int8"],
                    help="INT8 ViT on the CPU: u8, u8u8 (uint8 weights: no int16 saturation on x86 without VNNI), "
                         "s8 (accurate, slow); auto: u8u8 on x86 where VNNI is missing")

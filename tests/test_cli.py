@@ -39,3 +39,19 @@ def test_bad_inputs_print_one_line_and_exit_2(tiny_ckpt, tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         lines = [line for line in r.stderr.splitlines() if line.strip() and "Loading weights" not in line]
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+
+
+def test_cli_defaults_are_the_python_api_defaults():
+    """Each verb's flags restate its options dataclass's defaults (argparse shows them in --help); a
+    default changed on one side only would make `edge-vila quantize` and `quantize_checkpoint()`
+    quietly disagree."""
+    from edge_vila.cli import build_parser, export_options, quantize_options, sampling_params
+    from edge_vila.export.bundle import ExportOptions
+    from edge_vila.generate import SamplingParams
+    from edge_vila.quant.quantize import QuantizeOptions
+
+    p = build_parser()
+    assert quantize_options(p.parse_args(["quantize", "m", "--out", "o"])) == QuantizeOptions()
+    assert export_options(p.parse_args(["export", "m", "--out", "o"])) == ExportOptions()
+    for argv in (["chat", "m"], ["run", "m", "--prompt", "hi"]):
+        assert sampling_params(p.parse_args(argv)) == SamplingParams(), argv

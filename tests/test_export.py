@@ -166,6 +166,21 @@ def test_bundle_kv_io_is_float16_unless_asked(w4_bundle, qckpt):
     assert {str(v.dtype) for v in g32.graph.inputs if v.name.startswith("past_")} == {"FLOAT"}
 
 
+def test_checkpoint_and_bundle_files_are_readable_as_the_umask_allows(w4_bundle, qckpt):
+    """Nothing the toolchain writes is left at a temp file's 0600 (safetensors' save_file, mkstemp):
+    a bundle copied to a robot, or served by a container running as another user, must open."""
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    want = 0o444 & ~mask
+    files = [f for root in (qckpt[0], w4_bundle) for f in root.rglob("*") if f.is_file()]
+    assert any(f.name == "kv_scales.safetensors" for f in files) and any(f.suffix == ".safetensors" for f in files)
+    unreadable = [str(f) for f in files if stat.S_IMODE(f.stat().st_mode) & want != want]
+    assert not unreadable
+
+
 def test_int8_kv_cache_scales_and_agreement(w4_bundle):
     """The fast graph's INT8 KV cache: each channel's calibrated scale maps the largest value
     seen in calibration to 127/margin (pins the [kv_heads, head_dim] scale layout ORT reads),
@@ -181,6 +196,7 @@ def test_int8_kv_cache_scales_and_agreement(w4_bundle):
     assert (q8.backend.attention, q8.backend.matmul) == (choice.attention, choice.matmul)
     assert list((w4_bundle / "engines" / "ort-cpu").glob("*-kv8" + ("-edgeattn" if choice.attention == "edge" else "")
                                                           + ("-edgemm" if choice.matmul == "edge" else "")
+                                                          + ("-head8" if q8.backend.lm_head == "int8" else "")
                                                           + "/llm_fast.onnx"))
     assert edge_vila.load(w4_bundle, exact=True).backend.kv_cache == "fp32"
     be = q8.backend
@@ -222,6 +238,74 @@ def test_int8_kv_cache_scales_and_agreement(w4_bundle):
         edge_vila.load(w4_bundle, attention="flash")
     with pytest.raises(edge_vila.errors.InputError, match="INT8 KV cache"):
         edge_vila.load(w4_bundle, kv_cache="fp32", attention="edge")
+
+
+def test_fast_graph_rounds_a_float_head_to_int8(w4_bundle):
+    """The CPU graph's default head: a float head as 8-bit MatMulNBits weights (a quarter of
+    fp32's bytes read per token) decodes like the float head; exact keeps it float; asking
+    for int8 where no fast graph runs is an error, not a silent float head."""
+    from edge_vila.backends.ort_fast import int8_head_supported
+
+    if not int8_head_supported():
+        pytest.skip("this onnxruntime has no 8-bit MatMulNBits (1.22+): the head stays float")
+    assert json.loads((w4_bundle / "manifest.json").read_text())["io"]["llm"]["head_dtype"] != "int4"
+    fl = edge_vila.load(w4_bundle, lm_head="float")
+    q8 = edge_vila.load(w4_bundle)
+    assert (fl.backend.lm_head, q8.backend.lm_head) == ("float", "int8")
+    res = logit_agreement(fl, q8, PROMPTS * 4, _images(), steps=10)
+    assert res["greedy_agreement"] >= 0.97 and res["max_rel_logit_err"] <= 0.02, res
+    ops = {n.name: n for n in onnx.load(str(q8.backend.fast_graph), load_external_data=False).graph.node}
+    assert next(a.i for a in ops["lm_head"].attribute if a.name == "bits") == 8
+    assert edge_vila.load(w4_bundle, exact=True).backend.lm_head == "float"
+    with pytest.raises(InputError, match="lm_head='int8' rounds"):
+        edge_vila.load(w4_bundle, exact=True, lm_head="int8")
+    with pytest.raises(InputError, match="INT8 output head needs the fast CPU graph"):
+        edge_vila.load(w4_bundle, variant="bundle", lm_head="int8")
+
+
+def test_quantize_head_int8_is_what_matmulnbits_reads():
+    """quantize_head_int8's layout (codes + 128, one scale per 32 input channels, a ragged last
+    block zero-padded) is what ORT's 8-bit MatMulNBits computes with: its product equals the
+    numpy product of the dequantized weights, and row chunking changes nothing."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_vila.backends.ort_fast import HEAD_BLOCK, int8_head_supported, quantize_head_int8
+
+    def session(B, S, K, N):
+        node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=K, N=N, bits=8,
+                                block_size=HEAD_BLOCK, accuracy_level=0)
+        g = helper.make_graph([node], "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])],
+                              [numpy_helper.from_array(B, "B"), numpy_helper.from_array(S, "S")])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    try:  # the version rule int8_head_supported() reads, held to what this onnxruntime does
+        session(np.full((1, 1, HEAD_BLOCK), 129, np.uint8), np.ones(1, np.float32), HEAD_BLOCK, 1)
+        runs = True
+    except Exception:  # onnxruntime raises its own exception types
+        runs = False
+    assert int8_head_supported() == runs, ort.__version__
+    if not runs:
+        pytest.skip(f"onnxruntime {ort.__version__} has no 8-bit MatMulNBits")
+    rng = np.random.default_rng(3)
+    V, H = 300, 70  # 70 = two whole blocks + a ragged one
+    W = (rng.standard_normal((V, H)) * 0.05).astype(np.float16)
+    W[5] = 0  # an all-zero row: scale 0, no division by it
+    B, sc = quantize_head_int8(W)
+    B2, sc2 = quantize_head_int8(W, rows=7)
+    assert np.array_equal(B, B2) and np.array_equal(sc, sc2)
+    nb = -(-H // HEAD_BLOCK)
+    assert B.shape == (V, nb, HEAD_BLOCK) and sc.shape == (V * nb,)
+    deq = ((B.astype(np.float32) - 128) * sc.reshape(V, nb, 1)).reshape(V, -1)[:, :H]
+    step = np.repeat(sc.reshape(V, nb), HEAD_BLOCK, 1)[:, :H]
+    assert np.all(np.abs(deq - W.astype(np.float32)) <= step / 2 + 1e-7)
+    x = rng.standard_normal((1, H)).astype(np.float32)
+    y = session(B, sc, H, V).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ deq.T, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_bundles_fail_with_one_line(w4_bundle, tmp_path):

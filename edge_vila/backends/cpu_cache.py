@@ -38,15 +38,18 @@ SOURCES = ("llm.onnx", "llm.onnx.data", KV_SCALES_FILE)  # the bundle files a fa
 @dataclass(frozen=True)
 class FastGraphKey:
     """Which fast graph: MatMulNBits' accuracy level (0 exact, 4 int8 activations), an INT8
-    KV cache or not, and whose attention and INT4 linear ops run in it."""
+    KV cache or not, whose attention and INT4 linear ops run in it, and whether a float
+    output head is rounded to 8-bit weights."""
     accuracy_level: int = 4
     kv8: bool = False
     attention: str = "gqa"  # gqa | edge
     matmul: str = "nbits"   # nbits | edge
+    lm_head: str = "float"  # float | int8 (a head the bundle has in INT4 stays INT4 either way)
 
     def folder_name(self, digest: str) -> str:
         return (f"{digest}-acc{self.accuracy_level}" + ("-kv8" if self.kv8 else "")
-                + ("-edgeattn" if self.attention == "edge" else "") + ("-edgemm" if self.matmul == "edge" else ""))
+                + ("-edgeattn" if self.attention == "edge" else "") + ("-edgemm" if self.matmul == "edge" else "")
+                + ("-head8" if self.lm_head == "int8" else ""))
 
 
 def has_kv_scales(cfg: BundleConfig) -> bool:
@@ -172,7 +175,7 @@ def build(cfg: BundleConfig, key: FastGraphKey, folder: Path) -> Path:
     folder.mkdir(parents=True)
     t0 = time.perf_counter()
     out = build_fast_llm(cfg.root / "llm.onnx", cfg.manifest, folder / "llm_fast.onnx", key.accuracy_level,
-                         kv_scales=scales, attention=key.attention, matmul=key.matmul)
+                         kv_scales=scales, attention=key.attention, matmul=key.matmul, lm_head=key.lm_head)
     write_record(folder, "ort-cpu fast graph", key, _sources(cfg, key), t0)
     return out
 
@@ -224,5 +227,5 @@ def build_cpu(path: str | Path, options, rebuild: bool = False) -> dict:
     rec = json.loads((folder / RECORD).read_text())
     built = rec.get("built_unix", 0) >= t0
     return {"target": "ort-cpu", "folder": str(folder), "key": asdict(key), "kv_cache": be.kv_cache,
-            "attention": be.attention, "matmul": be.matmul, "built_now": built,
+            "attention": be.attention, "matmul": be.matmul, "lm_head": be.lm_head, "built_now": built,
             "files": {n: os.path.getsize(folder / n) for n in rec["files"]}}

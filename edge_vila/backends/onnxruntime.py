@@ -25,6 +25,7 @@ from ..options import RuntimeOptions
 from . import BundleBackend
 from . import vision_cpu
 from .cpu_cache import KV_SCALES_FILE, FastGraphKey, fast_graph, has_kv_scales
+from .ort_fast import int8_head_supported
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,9 @@ class OrtBackend(BundleBackend):
                                           cfg.manifest.quant.get("llm") == "awq-w4")
         if kv_cache == "int8" and not want_fast:
             raise InputError(f"{root}: an INT8 KV cache needs the fast CPU graph (INT4 bundle, CPU provider)")
-        self.kv_cache, self.attention, self.matmul = "fp32", None, None
+        if o.lm_head == "int8" and not want_fast:
+            raise InputError(f"{root}: an INT8 output head needs the fast CPU graph (INT4 bundle, CPU provider)")
+        self.kv_cache, self.attention, self.matmul, self.lm_head = "fp32", None, None, None
         kv8 = want_fast and (kv_cache == "int8" or (kv_cache == "auto" and not exact))
         if kv8 and not has_kv_scales(cfg):  # scales are computed at export; a load never calibrates
             if kv_cache == "int8":
@@ -122,12 +125,23 @@ class OrtBackend(BundleBackend):
                 else "gqa"
         if kv8 and attn == "gqa" and not (choice and choice.attention == "gqa"):  # a measured gqa ran here
             lib, attn, kv8 = self._without_int8_gqa(root, lib, attention, kv_cache, attn, kv8)
+        # a float head at a quarter of its bytes (decode reads it whole every token: Qwen2's
+        # 152k-row table is more than NVILA-Lite-2B's INT4 decoder); an INT4 head stays as it is
+        int4_head = cfg.manifest.io.get("llm", {}).get("head_dtype") == "int4"
+        head8 = want_fast and (o.lm_head == "int8" or (o.lm_head == "auto" and not exact)) and not int4_head
+        if head8 and not int8_head_supported():
+            if o.lm_head == "int8":
+                raise InputError(f"lm_head='int8' needs onnxruntime 1.22 or later (8-bit MatMulNBits); this is "
+                                 f"{ort.__version__}")
+            log.info("onnxruntime %s has no 8-bit MatMulNBits (1.22+): the output head stays float", ort.__version__)
+            head8 = False
         if want_fast:
-            self.fast_key = FastGraphKey(level, kv8, attn, "edge" if mm else "nbits")
+            self.fast_key = FastGraphKey(level, kv8, attn, "edge" if mm else "nbits", "int8" if head8 else "float")
             fast = fast_graph(cfg, self.fast_key, required=variant == "fast" or kv_cache == "int8")
         self.fast_graph = fast
         if fast:
             self.attention, self.matmul = "gqa", "nbits"
+            self.lm_head = "int4" if int4_head else self.fast_key.lm_head
             if kv8:
                 self.kv_cache = "int8"
                 if lib and (attn == "edge" or mm):

@@ -156,6 +156,40 @@ def pack_matmulnbits(lin: Int4Linear) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return B, scales, zp
 
 
+HEAD_BLOCK = 32  # input channels per scale of the 8-bit head (llama.cpp's Q8_0 block)
+
+
+def int8_head_supported() -> bool:
+    """Whether this onnxruntime's CPU MatMulNBits takes 8-bit weights: from 1.22 on (1.20 and 1.21
+    refuse anything but 4 bits when the session is made). Read from the version, not probed: a
+    probe graph needs onnx, which a load of a cached fast graph never imports; a test runs the op
+    on the installed version and holds it to this rule."""
+    import onnxruntime as ort
+
+    m = re.match(r"(\d+)\.(\d+)", ort.__version__)
+    return bool(m) and (int(m[1]), int(m[2])) >= (1, 22)
+
+
+def quantize_head_int8(weight: np.ndarray, rows: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """A float head [V, H] -> 8-bit MatMulNBits weights: B [V, n_blocks, 32] uint8 (code + 128)
+    and scales [V * n_blocks] float32, symmetric per block of 32 input channels (max |w| / 127),
+    H padded with zeros to whole blocks. `rows` at a time, so the widening to float32 never
+    holds the whole table (an 8B model's head is 525M weights)."""
+    V, H = weight.shape
+    nb = -(-H // HEAD_BLOCK)
+    B = np.empty((V, nb, HEAD_BLOCK), np.uint8)
+    scales = np.empty((V, nb), np.float32)
+    for r in range(0, V, rows):
+        chunk = np.zeros((min(rows, V - r), nb * HEAD_BLOCK), np.float32)
+        chunk[:, :H] = weight[r:r + rows]
+        chunk = chunk.reshape(-1, nb, HEAD_BLOCK)
+        s = np.abs(chunk).max(-1) / 127
+        q = np.rint(chunk / np.where(s == 0, 1, s)[..., None])
+        B[r:r + rows] = (np.clip(q, -127, 127) + 128).astype(np.uint8)
+        scales[r:r + rows] = s
+    return B, scales.reshape(-1)
+
+
 def pack_int4_tiles(lin: Int4Linear) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Our Int4Linear op's layout (csrc/int4_linear.c): tiles of 16 output rows; per tile and
     block, 64-byte groups holding 8 input channels of each row (row r's 4 bytes at r*4: channel
@@ -252,9 +286,10 @@ def _rms_eps(model, reader: TensorReader) -> float:
 
 
 def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int = 4,
-                   kv_scales: np.ndarray | None = None, attention: str = "gqa", matmul: str = "nbits") -> Path:
+                   kv_scales: np.ndarray | None = None, attention: str = "gqa", matmul: str = "nbits",
+                   lm_head: str = "float") -> Path:
     try:
-        return _build_fast_llm(bundle_llm, man, Path(out), accuracy_level, kv_scales, attention, matmul)
+        return _build_fast_llm(bundle_llm, man, Path(out), accuracy_level, kv_scales, attention, matmul, lm_head)
     except BaseException:  # no half-written temporaries left beside the cache
         for p in Path(out).parent.glob(f"{Path(out).name}*.{os.getpid()}.tmp"):
             p.unlink(missing_ok=True)
@@ -262,14 +297,15 @@ def build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int =
 
 
 def _build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int,
-                    kv_scales: np.ndarray | None, attention: str, matmul: str) -> Path:
+                    kv_scales: np.ndarray | None, attention: str, matmul: str, lm_head: str) -> Path:
     """Write the fast graph for `bundle_llm` (the bundle's llm.onnx) to `out` (atomically).
     `kv_scales` ([layers, 2 (key, value), kv_heads, head_dim], the bundle's kv_scales.safetensors)
     makes the KV cache INT8. `attention="edge"` (INT8 cache only) runs attention in our own
     custom op (`native_ops.py`) instead of GroupQueryAttention; its key cache is stored in
     blocks of 64 positions, [1, kv_heads, key_blocks = ceil(max_seq / 64), head_dim, 64].
     `matmul="edge"` runs the INT4 linears in our Int4Linear op (weights in `pack_int4_tiles`'s
-    layout, int8 activations per block) instead of MatMulNBits."""
+    layout, int8 activations per block) instead of MatMulNBits. `lm_head="int8"` rounds a float
+    output head to 8-bit weights (`quantize_head_int8`); an INT4 head stays INT4."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -292,6 +328,8 @@ def _build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int,
         raise ValueError(f"attention {attention!r}: expected 'gqa', or 'edge' with an INT8 cache (kv_scales)")
     if matmul not in ("nbits", "edge"):
         raise ValueError(f"matmul {matmul!r}: expected 'nbits' or 'edge'")
+    if lm_head not in ("float", "int8"):
+        raise ValueError(f"lm_head {lm_head!r}: expected 'float' or 'int8'")
     eps = _rms_eps(model, reader)
     nodes, weights = [], []
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -425,9 +463,16 @@ def _build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int,
         head = linear("final_h3", lins["lm_head"], "lm_head")
         nodes.append(helper.make_node("Squeeze", [head, "ax1"], ["logits"]))
     else:
-        wt = reader.array("lm.lm_head.weight")  # [V, H]; float16 in a bundle of a bf16 model: one widening copy
-        nodes.append(helper.make_node("MatMul", ["final_h", w("lm_head.wT", np.ascontiguousarray(wt.T, np.float32))],
-                                      ["logits"]))
+        wt = reader.array("lm.lm_head.weight")  # [V, H]; float16 in a bundle of a bf16 model
+        if lm_head == "int8":
+            B, sc = quantize_head_int8(wt)
+            # no zero points: 8-bit MatMulNBits' default is 128, the offset quantize_head_int8 adds
+            nodes.append(helper.make_node("MatMulNBits", ["final_h", w("lm_head.B8", B), w("lm_head.scales8", sc)],
+                                          ["logits"], domain=MS, K=H, N=V, bits=8, block_size=HEAD_BLOCK,
+                                          accuracy_level=accuracy_level, name="lm_head"))
+        else:  # one widening copy
+            nodes.append(helper.make_node("MatMul", ["final_h", w("lm_head.wT", np.ascontiguousarray(wt.T, np.float32))],
+                                          ["logits"]))
     graph = helper.make_graph(nodes, "edge_vila_fast_llm", ins, outs, weights)
     fast = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)]
                              + ([helper.make_opsetid(EDGE_DOMAIN, 1)] if "edge" in (attention, matmul) else []),
@@ -441,4 +486,5 @@ def _build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int,
     return out
 
 
-__all__ = ["build_fast_llm", "read_int4_linears", "pack_matmulnbits", "Int4Linear"]
+__all__ = ["build_fast_llm", "read_int4_linears", "pack_matmulnbits", "quantize_head_int8", "int8_head_supported",
+           "Int4Linear"]
