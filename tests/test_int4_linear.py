@@ -37,10 +37,12 @@ def _lib(libs, build, kernel):
     return libs[build]
 
 
-def _linear(rng, K, N, bs):
+def _linear(rng, K, N, bs, symmetric=False):
+    """Scales float16 holds exactly (the packed form the op reads is then the reference's own)."""
     nb = -(-K // bs)
-    return Int4Linear(rng.integers(0, 16, (K, N), dtype=np.uint8), rng.uniform(1e-3, 2e-2, (nb, N)).astype(np.float32),
-                      rng.integers(0, 16, (nb, N), dtype=np.uint8), bs)
+    zeros = np.full((nb, N), 8, np.uint8) if symmetric else rng.integers(0, 16, (nb, N), dtype=np.uint8)
+    return Int4Linear(rng.integers(0, 16, (K, N), dtype=np.uint8),
+                      rng.uniform(1e-3, 2e-2, (nb, N)).astype(np.float16).astype(np.float32), zeros, bs)
 
 
 def _reference(lin: Int4Linear, x: np.ndarray, swiglu: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -68,19 +70,40 @@ def _reference(lin: Int4Linear, x: np.ndarray, swiglu: bool = False) -> tuple[np
 @pytest.mark.parametrize("K,N,bs,M", [(576, 1000, 128, 1), (576, 37, 128, 13), (256, 64, 32, 5), (100, 20, 32, 3),
                                       (1280, 48, 64, 1)])
 @pytest.mark.parametrize("build,kernel", CASES)
-def test_matches_reference(libs, build, kernel, K, N, bs, M):
+@pytest.mark.parametrize("form", ["f16", "f32", "f16-symmetric"])
+def test_matches_reference(libs, build, kernel, K, N, bs, M, form):
     """Odd K (a short last block) and N (a partial last tile), one row (decode's kernel) and
-    13 rows (prefill's 8 + 4 + 1 row groups), with a bias."""
+    13 rows (prefill's 8 + 4 + 1 row groups), with a bias; scales in float16 or float32, zero
+    points stored or (symmetric) implied."""
     lib = _lib(libs, build, kernel)
     rng = np.random.default_rng(K + N + M)
-    lin = _linear(rng, K, N, bs)
+    lin = _linear(rng, K, N, bs, symmetric=form == "f16-symmetric")
     x = rng.standard_normal((M, K)).astype(np.float32)
     bias = rng.standard_normal(N).astype(np.float32)
-    y = int4_linear(lib, x, pack_int4_tiles(lin), K, N, bs, bias, kernel=kernel)
+    packed = pack_int4_tiles(lin, half_scales=form != "f32")
+    assert packed[1].dtype == (np.float32 if form == "f32" else np.float16)
+    assert (packed[2] is None) == (form == "f16-symmetric")
+    y = int4_linear(lib, x, packed, K, N, bs, bias, kernel=kernel)
     same, plain = _reference(lin, x)
     assert y.shape == (M, N)
     assert np.abs(y - bias - same).max() <= 1e-5 * np.abs(same).max()
     assert np.abs(y - bias - plain).max() <= 0.02 * np.abs(plain).max()  # int8 activations: ~0.5% here
+
+
+def test_half_scales_only_where_float16_holds_them():
+    """A scale float16 rounds by more than its precision (past its range, or a subnormal) keeps
+    the whole linear's scales float32: the packed form never changes the weights."""
+    rng = np.random.default_rng(5)
+    for bad in (7e4, 1e-6):
+        lin = _linear(rng, 64, 16, 32)
+        lin.scale[1, 3] = bad
+        W, sc, _ = pack_int4_tiles(lin)
+        assert sc.dtype == np.float32 and sc[3 // 16, 1, 3] == np.float32(bad)
+    raw = _linear(rng, 64, 16, 32)
+    raw.scale[:] = rng.uniform(1e-3, 2e-2, raw.scale.shape).astype(np.float32)  # not float16 values: rounded
+    _, sc, _ = pack_int4_tiles(raw)
+    assert sc.dtype == np.float16
+    assert np.abs(sc[0].astype(np.float32) - raw.scale).max() <= 2e-2 * 2.0 ** -11
 
 
 def test_swiglu_input_and_leading_dims(libs):
@@ -148,10 +171,16 @@ def test_as_an_onnx_runtime_node(libs):
     K, N, bs = 160, 50, 32
     lin = _linear(rng, K, N, bs)
     W, sc, zp = pack_int4_tiles(lin)
-    inits = [numpy_helper.from_array(W, "W"), numpy_helper.from_array(sc, "scales"), numpy_helper.from_array(zp, "zeros")]
+    assert sc.dtype == np.float16
+    sym = _linear(rng, K, N, bs, symmetric=True)
+    Ws, scs, zps = pack_int4_tiles(sym, half_scales=False)
+    assert zps is None and scs.dtype == np.float32
+    inits = [numpy_helper.from_array(W, "W"), numpy_helper.from_array(sc, "scales"), numpy_helper.from_array(zp, "zeros"),
+             numpy_helper.from_array(Ws, "Ws"), numpy_helper.from_array(scs, "scs"),
+             numpy_helper.from_array(np.ones(sc.shape, np.int32), "bad_scales")]
 
-    def session(K_attr, activation=0):
-        node = helper.make_node("Int4Linear", ["x", "W", "scales", "zeros"], ["y"], domain="edge_vila", K=K_attr, N=N,
+    def session(K_attr, activation=0, weights=("W", "scales", "zeros")):
+        node = helper.make_node("Int4Linear", ["x", *weights], ["y"], domain="edge_vila", K=K_attr, N=N,
                                 block_size=bs, activation=activation)
         g = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", None])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "S", N])], inits)
@@ -165,6 +194,11 @@ def test_as_an_onnx_runtime_node(libs):
     (y,) = session(K).run(None, {"x": x})
     same, _ = _reference(lin, x)
     assert np.abs(y.reshape(-1, N) - same).max() <= 1e-5 * np.abs(same).max()
+    (y,) = session(K, weights=("Ws", "scs", "")).run(None, {"x": x})  # float32 scales, zeros implied (8)
+    same, _ = _reference(sym, x)
+    assert np.abs(y.reshape(-1, N) - same).max() <= 1e-5 * np.abs(same).max()
+    with pytest.raises(Exception, match="Int4Linear: input scales must be float or float16"):
+        session(K, weights=("W", "bad_scales", "zeros")).run(None, {"x": x})
     with pytest.raises(Exception, match="Int4Linear: shapes do not fit K=160 N=50 block_size=32 activation=1"):
         session(K, activation=1).run(None, {"x": x})  # SwiGLU wants gate | up: 2K channels
     with pytest.raises(Exception, match="Int4Linear: K and N must be positive"):

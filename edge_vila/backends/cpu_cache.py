@@ -45,6 +45,9 @@ class FastGraphKey:
     attention: str = "gqa"  # gqa | edge
     matmul: str = "nbits"   # nbits | edge
     lm_head: str = "float"  # float | int8 (a head the bundle has in INT4 stays INT4 either way)
+    # our Int4Linear's weight layout: 2 has float16 scales and no zeros when symmetric (1 had
+    # float32 and zeros always); a graph of another layout is built again
+    int4_layout: int = 2
 
     def folder_name(self, digest: str) -> str:
         return (f"{digest}-acc{self.accuracy_level}" + ("-kv8" if self.kv8 else "")

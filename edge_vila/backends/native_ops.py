@@ -165,7 +165,7 @@ def _cdll(lib: Path) -> ctypes.CDLL:
     f = dll.edge_vila_int4_linear
     f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     return dll
 
 
@@ -200,7 +200,7 @@ def use_kernel(lib: Path, name: str | None) -> str:
 def int4_linear(lib: Path, x, packed: tuple, K: int, N: int, block: int, bias=None, swiglu: bool = False,
                 skip=None, norm_weight=None, epsilon: float = 1e-5, kernel: str | None = None):
     """y = x W^T through the op's kernel without ONNX Runtime (tests, benchmarks). `packed` is
-    `ort_fast.pack_int4_tiles`'s (W, scales, zeros); `swiglu`: x is [..., 2K] = gate | up and the
+    `ort_fast.pack_int4_tiles`'s (W, scales float32 or float16, zeros or None: all 8); `swiglu`: x is [..., 2K] = gate | up and the
     linear reads silu(gate) * up; `norm_weight`: it reads RMSNorm(x + skip) * norm_weight, and
     (y, x + skip) is returned. `kernel`: one of `kernels(lib)` (None: the one in force)."""
     import numpy as np
@@ -209,7 +209,9 @@ def int4_linear(lib: Path, x, packed: tuple, K: int, N: int, block: int, bias=No
         return None if a is None else np.ascontiguousarray(a, np.float32)
 
     x, b, skip, norm_weight = arr(x), arr(bias), arr(skip), arr(norm_weight)
-    w, sc, zp = (np.ascontiguousarray(a) for a in packed)
+    w, sc, zp = (None if a is None else np.ascontiguousarray(a) for a in packed)
+    if sc.dtype not in (np.float32, np.float16):
+        raise ValueError(f"int4_linear: scales are {sc.dtype}, expected float32 or float16")
     if x.shape[-1] != K * (2 if swiglu else 1):
         raise ValueError(f"int4_linear: x has {x.shape[-1]} channels, expected {K * (2 if swiglu else 1)}")
     if skip is not None and (skip.shape != x.shape or norm_weight is None):
@@ -220,7 +222,7 @@ def int4_linear(lib: Path, x, packed: tuple, K: int, N: int, block: int, bias=No
     ptr = lambda a: None if a is None else a.ctypes.data
     rc = _cdll(lib).edge_vila_int4_linear(ptr(x), M, K, N, block, ptr(w), ptr(sc), ptr(zp), ptr(b), ptr(y), int(swiglu),
                                           ptr(skip), ptr(norm_weight), float(epsilon), ptr(total),
-                                          KERNELS.get(kernel, -1) if kernel else 0)
+                                          KERNELS.get(kernel, -1) if kernel else 0, int(sc.dtype == np.float16))
     if rc:
         raise ValueError({-1: f"int4_linear: bad arguments (K={K}, N={N}, block={block})",
                           -3: f"int4_linear: kernel {kernel!r} not available here (have {kernels(lib)})"}

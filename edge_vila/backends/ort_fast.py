@@ -190,11 +190,16 @@ def quantize_head_int8(weight: np.ndarray, rows: int = 8192) -> tuple[np.ndarray
     return B, scales.reshape(-1)
 
 
-def pack_int4_tiles(lin: Int4Linear) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pack_int4_tiles(lin: Int4Linear, half_scales: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Our Int4Linear op's layout (csrc/int4_linear.c): tiles of 16 output rows; per tile and
     block, 64-byte groups holding 8 input channels of each row (row r's 4 bytes at r*4: channel
     c in the low nibble, c+4 in the high one). -> W [tiles, n_blocks, block*8] uint8,
-    scales [tiles, n_blocks, 16] float32 (0 past N), zeros [tiles, n_blocks, 16] uint8."""
+    scales [tiles, n_blocks, 16] (0 past N), zeros [tiles, n_blocks, 16] uint8 or None.
+
+    Decode is bound by the bytes it reads, so the scales are float16 where every one survives
+    the rounding to within float16's precision (`half_scales`; else, or for a scale outside its
+    range, float32), and a symmetric linear (every zero point 8) has no zeros: at block 32 that
+    is 4.5 bits per weight, Q4_0's, instead of 5.25."""
     K, N = lin.kn
     bs = lin.block
     if bs % 8:
@@ -207,10 +212,21 @@ def pack_int4_tiles(lin: Int4Linear) -> tuple[np.ndarray, np.ndarray, np.ndarray
     W = (q[..., 0] | (q[..., 1] << 4)).reshape(tiles, nb, bs * 8)
     scale = np.zeros((nb, tiles * 16), np.float32)
     scale[:, :N] = lin.scale
+    if half_scales and half_exact_enough(scale):
+        scale = scale.astype(np.float16)
     zero = np.full((nb, tiles * 16), 8, np.uint8)
     zero[:, :N] = lin.zero
     tile = lambda a: np.ascontiguousarray(a.reshape(nb, tiles, 16).transpose(1, 0, 2))
-    return np.ascontiguousarray(W), tile(scale), tile(zero)
+    return np.ascontiguousarray(W), tile(scale), None if (zero == 8).all() else tile(zero)
+
+
+def half_exact_enough(scale: np.ndarray) -> bool:
+    """Whether float16 holds every scale to its own precision (relative error <= 2^-11): false
+    when one is past float16's range or small enough to lose bits as a subnormal."""
+    with np.errstate(over="ignore"):
+        h = scale.astype(np.float16).astype(np.float32)
+    err = np.abs(h - scale)
+    return bool(np.isfinite(h).all() and (err <= np.abs(scale) * 2.0 ** -11).all())
 
 
 def fuse(lins: list[Int4Linear]) -> Int4Linear:
@@ -360,7 +376,7 @@ def _build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int,
         K, N = lin.kn
         if matmul == "edge":
             W, sc, zp = pack_int4_tiles(lin)
-            ins = [x, w(f"{name}.W", W), w(f"{name}.scales", sc), w(f"{name}.zeros", zp),
+            ins = [x, w(f"{name}.W", W), w(f"{name}.scales", sc), w(f"{name}.zeros", zp) if zp is not None else "",
                    w(f"{name}.bias", lin.bias) if lin.bias is not None else "", skip or "", norm or ""]
             while not ins[-1]:
                 ins.pop()
@@ -486,5 +502,5 @@ def _build_fast_llm(bundle_llm: Path, man: dict, out: Path, accuracy_level: int,
     return out
 
 
-__all__ = ["build_fast_llm", "read_int4_linears", "pack_matmulnbits", "quantize_head_int8", "int8_head_supported",
+__all__ = ["build_fast_llm", "read_int4_linears", "pack_matmulnbits", "half_exact_enough", "quantize_head_int8", "int8_head_supported",
            "Int4Linear"]

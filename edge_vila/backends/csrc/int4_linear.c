@@ -11,7 +11,8 @@
  * per block the integer dot is corrected for the zero point (dot - z * sum(x_q)) and scaled.
  *
  * Inputs: 0 X float [..., K] ([..., 2K] with activation=1); 1 W uint8 [tiles, blocks, block_size * 8];
- *         2 scales float [tiles, blocks, 16]; 3 zeros uint8 [tiles, blocks, 16];
+ *         2 scales float or float16 [tiles, blocks, 16]; 3 zeros uint8 [tiles, blocks, 16] (optional:
+ *         absent, every zero point is 8, the symmetric form);
  *         4 bias float [N] (optional); 5 skip float [..., K] (optional); 6 norm_weight float [K] (optional)
  * Outputs: 0 Y float [..., N]; 1 the sum X + skip (optional: the residual stream, for the next layer)
  * With norm_weight the linear reads RMSNorm(X (+ skip)) * norm_weight (attribute epsilon), the
@@ -19,6 +20,11 @@
  * activation (0: none; 1: SwiGLU, the input is gate | up and the linear reads silu(gate) * up -
  * Llama's down projection reading the fused gate/up output without three elementwise nodes).
  * Rows past N (the last tile) have scale 0; channels past K meet zero activations.
+ *
+ * Decode reads every weight once per token and is bound by memory bandwidth (on a 2-core Zen 3 the
+ * AVX2 kernel streamed 15-20 GB/s where a plain AVX2 read loop got 14-18), so the bytes per
+ * weight are the speed: at block 32, float32 scales and a zero byte per 32 weights cost 1.25
+ * bits on top of 4; float16 scales and no zeros (symmetric) 0.5 - Q4_0's 4.5 bits.
  */
 #include "ort_op.h"
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -50,12 +56,12 @@ typedef struct {
   float epsilon;
 } Kernel;
 
-static const int INPUT_TYPES[] = {T_FLOAT, T_UINT8, T_FLOAT, T_UINT8, T_FLOAT, T_FLOAT, T_FLOAT};
+static const int INPUT_TYPES[] = {T_FLOAT, T_UINT8, T_ANY /* float or float16 */, T_UINT8, T_FLOAT, T_FLOAT, T_FLOAT};
 
 typedef struct {
   const uint8_t *w;
-  const float *scales;
-  const uint8_t *zeros;
+  const void *scales; /* float, or IEEE half (uint16) with scale_f16 */
+  const uint8_t *zeros; /* NULL: all 8 */
   const float *bias;
   const int8_t *xq; /* [M, Kp] */
   const float *xs;  /* [M, nb] activation scale per block */
@@ -64,7 +70,29 @@ typedef struct {
   float *y;
   int64_t M, K, N, Kp, nb, bs, activation;
   int kernel; /* EV_*: the code path (ev_kernel(), or the one a caller forces) */
+  int scale_f16;
 } Job;
+
+/* IEEE half -> float (the portable and fallback paths; the vector ones convert in hardware) */
+static inline float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF;
+  uint32_t bits;
+  float f;
+  if (e == 0) { /* zero or subnormal: m * 2^-24 */
+    f = (float)m * 5.9604645e-8f;
+    memcpy(&bits, &f, 4);
+    bits |= sign;
+  } else {
+    bits = sign | (e == 31 ? 0x7F800000u | (m << 13) : ((e + 112) << 23) | (m << 13));
+  }
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+static inline float scale_at(const Job *j, int64_t i) {
+  return j->scale_f16 ? half_to_float(((const uint16_t *)j->scales)[i]) : ((const float *)j->scales)[i];
+}
+static inline int32_t zero_at(const Job *j, int64_t i) { return j->zeros ? j->zeros[i] : 8; }
 
 /* one block of activations (SwiGLU applied if asked) -> int8, its scale and its sum */
 static void quantize_block_portable(const Job *j, const float *x, int64_t k0, int64_t k1, int8_t *q, float *scale,
@@ -265,8 +293,7 @@ static void tiles_portable(void *arg, int64_t begin, int64_t end) {
       float acc[16] = {0};
       for (int64_t b = 0; b < j->nb; b++) {
         const uint8_t *w = j->w + (t * j->nb + b) * G * 64;
-        const float *sc = j->scales + (t * j->nb + b) * 16;
-        const uint8_t *zp = j->zeros + (t * j->nb + b) * 16;
+        const int64_t sb = (t * j->nb + b) * 16;
         int32_t dot[16] = {0};
         for (int64_t g = 0; g < G; g++)
           for (int r = 0; r < 16; r++)
@@ -276,7 +303,7 @@ static void tiles_portable(void *arg, int64_t begin, int64_t end) {
             }
         const float xs = j->xs[m * j->nb + b];
         const int32_t xsum = j->xsum[m * j->nb + b];
-        for (int r = 0; r < 16; r++) acc[r] += (float)(dot[r] - (int32_t)zp[r] * xsum) * (sc[r] * xs);
+        for (int r = 0; r < 16; r++) acc[r] += (float)(dot[r] - zero_at(j, sb + r) * xsum) * (scale_at(j, sb + r) * xs);
       }
       for (int r = 0; r < 16 && t * 16 + r < j->N; r++)
         j->y[m * j->N + t * 16 + r] = acc[r] + (j->bias ? j->bias[t * 16 + r] : 0.f);
@@ -285,6 +312,17 @@ static void tiles_portable(void *arg, int64_t begin, int64_t end) {
 }
 
 #ifdef INT4_AVX512
+static inline __m512 scales_avx512(const Job *j, int64_t sb) {
+  return j->scale_f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)j->scales + sb * 16)))
+                      : _mm512_loadu_ps((const float *)j->scales + sb * 16);
+}
+/* zero point x the block's activation sum, per row */
+static inline __m512i zsum_avx512(const Job *j, int64_t sb, int32_t xsum) {
+  if (!j->zeros) return _mm512_set1_epi32(8 * xsum);
+  const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(j->zeros + sb * 16)));
+  return _mm512_mullo_epi32(z, _mm512_set1_epi32(xsum));
+}
+
 static inline void store_tile(const Job *j, int64_t m, int64_t t, __m512 acc) {
   const __mmask16 mask = j->N - t * 16 >= 16 ? 0xFFFF : (__mmask16)((1u << (j->N - t * 16)) - 1);
   if (j->bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, j->bias + t * 16));
@@ -322,9 +360,8 @@ static void tiles_avx512_m1(const Job *j, int64_t begin, int64_t end) {
       }
       const __m512i dot = _mm512_add_epi32(_mm512_add_epi32(d0, d1), _mm512_add_epi32(d2, d3));
       const int64_t sb = t * j->nb + b;
-      const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(j->zeros + sb * 16)));
-      const __m512i d = _mm512_sub_epi32(dot, _mm512_mullo_epi32(z, _mm512_set1_epi32(j->xsum[b])));
-      const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(j->scales + sb * 16), _mm512_set1_ps(j->xs[b]));
+      const __m512i d = _mm512_sub_epi32(dot, zsum_avx512(j, sb, j->xsum[b]));
+      const __m512 s = _mm512_mul_ps(scales_avx512(j, sb), _mm512_set1_ps(j->xs[b]));
       acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc);
     }
     store_tile(j, 0, t, acc);
@@ -355,12 +392,11 @@ static inline __attribute__((always_inline)) void rows_avx512(const Job *j, int6
       }
     }
     const int64_t sb = t * j->nb + b;
-    const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(j->zeros + sb * 16)));
-    const __m512 sc = _mm512_loadu_ps(j->scales + sb * 16);
+    const __m512 sc = scales_avx512(j, sb);
 #pragma GCC unroll 8
     for (int r = 0; r < MT; r++) {
       const int64_t mb = (m0 + r) * j->nb + b;
-      const __m512i d = _mm512_sub_epi32(dot[r], _mm512_mullo_epi32(z, _mm512_set1_epi32(j->xsum[mb])));
+      const __m512i d = _mm512_sub_epi32(dot[r], zsum_avx512(j, sb, j->xsum[mb]));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sc, _mm512_set1_ps(j->xs[mb])), acc[r]);
     }
   }
@@ -393,6 +429,26 @@ static inline __m256i dot8_avx2(__m256i v, __m256i xa, __m256i xc) {
   const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, lo4), xa),
                                      _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), lo4), xc));
   return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+/* 8 scales from index i (F16C converts halves: every AVX2 CPU has it, x86-64-v3 includes it) */
+static inline __m256 scales_avx2(const Job *j, int64_t i) {
+  if (j->scale_f16) {
+#ifdef __F16C__
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)j->scales + i)));
+#else
+    float f[8];
+    for (int k = 0; k < 8; k++) f[k] = half_to_float(((const uint16_t *)j->scales)[i + k]);
+    return _mm256_loadu_ps(f);
+#endif
+  }
+  return _mm256_loadu_ps((const float *)j->scales + i);
+}
+/* zero point x the block's activation sum, 8 rows from index i */
+static inline __m256i zsum_avx2(const Job *j, int64_t i, int32_t xsum) {
+  if (!j->zeros) return _mm256_set1_epi32(8 * xsum);
+  const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(j->zeros + i)));
+  return _mm256_mullo_epi32(z, _mm256_set1_epi32(xsum));
 }
 
 static inline void store_tile_avx2(const Job *j, int64_t m, int64_t t, __m256 a0, __m256 a1) {
@@ -428,17 +484,14 @@ static inline __attribute__((always_inline)) void rows_avx2(const Job *j, int64_
       }
     }
     const int64_t sb = t * j->nb + b;
-    const __m256i z0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(j->zeros + sb * 16)));
-    const __m256i z1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(j->zeros + sb * 16 + 8)));
-    const __m256 s0 = _mm256_loadu_ps(j->scales + sb * 16), s1 = _mm256_loadu_ps(j->scales + sb * 16 + 8);
+    const __m256 s0 = scales_avx2(j, sb * 16), s1 = scales_avx2(j, sb * 16 + 8);
 #pragma GCC unroll 4
     for (int r = 0; r < MT; r++) {
       const int64_t mb = (m0 + r) * j->nb + b;
-      const __m256i xs = _mm256_set1_epi32(j->xsum[mb]);
       const __m256 sx = _mm256_set1_ps(j->xs[mb]);
-      acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d[r][0], _mm256_mullo_epi32(z0, xs))),
+      acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d[r][0], zsum_avx2(j, sb * 16, j->xsum[mb]))),
                                   _mm256_mul_ps(s0, sx), acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d[r][1], _mm256_mullo_epi32(z1, xs))),
+      acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d[r][1], zsum_avx2(j, sb * 16 + 8, j->xsum[mb]))),
                                   _mm256_mul_ps(s1, sx), acc[r][1]);
     }
   }
@@ -489,18 +542,27 @@ static inline __attribute__((always_inline)) void rows_neon(const Job *j, int64_
       }
     }
     const int64_t sb = t * j->nb + b;
-    const uint16x8_t z16a = vmovl_u8(vld1_u8(j->zeros + sb * 16)), z16b = vmovl_u8(vld1_u8(j->zeros + sb * 16 + 8));
-    const int32x4_t z[4] = {vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(z16a))),
-                            vreinterpretq_s32_u32(vmovl_u16(vget_high_u16(z16a))),
-                            vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(z16b))),
-                            vreinterpretq_s32_u32(vmovl_u16(vget_high_u16(z16b)))};
+    int32x4_t z[4], s[4];
+    if (j->zeros) {
+      const uint16x8_t z16a = vmovl_u8(vld1_u8(j->zeros + sb * 16)), z16b = vmovl_u8(vld1_u8(j->zeros + sb * 16 + 8));
+      z[0] = vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(z16a)));
+      z[1] = vreinterpretq_s32_u32(vmovl_u16(vget_high_u16(z16a)));
+      z[2] = vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(z16b)));
+      z[3] = vreinterpretq_s32_u32(vmovl_u16(vget_high_u16(z16b)));
+    } else {
+      z[0] = z[1] = z[2] = z[3] = vdupq_n_s32(8);
+    }
+    for (int q = 0; q < 4; q++)
+      s[q] = vreinterpretq_s32_f32(j->scale_f16
+                 ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)j->scales + sb * 16 + 4 * q)))
+                 : vld1q_f32((const float *)j->scales + sb * 16 + 4 * q));
 #pragma GCC unroll 4
     for (int r = 0; r < MT; r++) {
       const int64_t mb = (m0 + r) * j->nb + b;
       for (int q = 0; q < 4; q++) {
         const int32x4_t dq = vmlsq_n_s32(d[r][q], z[q], j->xsum[mb]);
-        const float32x4_t s = vmulq_n_f32(vld1q_f32(j->scales + sb * 16 + 4 * q), j->xs[mb]);
-        acc[r][q] = vfmaq_f32(acc[r][q], vcvtq_f32_s32(dq), s);
+        const float32x4_t sq = vmulq_n_f32(vreinterpretq_f32_s32(s[q]), j->xs[mb]);
+        acc[r][q] = vfmaq_f32(acc[r][q], vcvtq_f32_s32(dq), sq);
       }
     }
   }
@@ -525,13 +587,14 @@ static void tiles_neon(void *arg, int64_t begin, int64_t end) {
 
 /* Exported for tests and benchmarks (ctypes, no ORT): y[M, N] = x[M, K] W^T with the packed
  * weights (x [M, 2K] with activation 1); `kernel` (an EV_* bit, 0: the one in force) picks the
- * code path; -3 when that kernel is not available here. */
+ * code path; -3 when that kernel is not available here. `scales` are halves with scale_f16, and
+ * `zeros` may be NULL (all 8). */
 __attribute__((visibility("default"))) int edge_vila_int4_linear(const float *x, int64_t M, int64_t K, int64_t N,
-                                                                 int64_t bs, const uint8_t *w, const float *scales,
-                                                                 const uint8_t *zeros, const float *bias, float *y,
-                                                                 int activation, const float *skip,
-                                                                 const float *norm_weight, float epsilon, float *sum,
-                                                                 int kernel) {
+                                                                 int64_t bs, const uint8_t *w, const void *scales,
+                                                                 const uint8_t *zeros,
+                                                                 const float *bias, float *y, int activation,
+                                                                 const float *skip, const float *norm_weight,
+                                                                 float epsilon, float *sum, int kernel, int scale_f16) {
   if (bs <= 0 || bs % 8 || bs > 1024 || K <= 0 || N <= 0 || M < 0 || activation < 0 || activation > 1 ||
       (norm_weight && activation) || ((skip || sum) && !norm_weight))
     return -1;
@@ -553,7 +616,7 @@ __attribute__((visibility("default"))) int edge_vila_int4_linear(const float *x,
     free(xq), free(xs), free(xsum), free(normed);
     return -2;
   }
-  Job j = {w, scales, zeros, bias, xq, xs, xsum, x, y, M, K, N, Kp, nb, bs, activation, kernel};
+  Job j = {w, scales, zeros, bias, xq, xs, xsum, x, y, M, K, N, Kp, nb, bs, activation, kernel, scale_f16 != 0};
   parallel_for(M, 16, quantize_rows, &j);
   /* chunks of >= ~32 KB of weights: smaller ones cost more in hand-off than they balance */
   const int64_t grain = 1 + 32768 / (Kp * 8);
@@ -581,15 +644,18 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   Tensor in[7];
   OrtStatus *st;
   for (int i = 0; i < 7; i++)
-    if ((st = get_input(ctx, i, &in[i], "Int4Linear", names[i], INPUT_TYPES[i], ranks[i] ? ranks[i] : ANY_RANK, i >= 4)))
+    if ((st = get_input(ctx, i, &in[i], "Int4Linear", names[i], INPUT_TYPES[i], ranks[i] ? ranks[i] : ANY_RANK, i >= 3)))
       return st;
+  if (in[2].type != T_FLOAT && in[2].type != T_FLOAT16)
+    return error("Int4Linear: input scales must be float or float16");
   if (in[0].rank < 1 || in[0].rank > 8) return error("Int4Linear: input X must have rank 1 to 8");
   const int64_t nb = (k->K + k->bs - 1) / k->bs, tiles = (k->N + 15) / 16;
   int skip_ok = !in[5].v || in[5].rank == in[0].rank;
   for (size_t i = 0; skip_ok && in[5].v && i < in[0].rank; i++) skip_ok = in[5].dims[i] == in[0].dims[i];
   if (in[0].dims[in[0].rank - 1] != k->K * (k->activation ? 2 : 1) || in[1].dims[0] != tiles || in[1].dims[1] != nb ||
       in[1].dims[2] != k->bs * 8 || in[2].dims[0] != tiles || in[2].dims[1] != nb || in[2].dims[2] != 16 ||
-      in[3].dims[0] != tiles || in[3].dims[1] != nb || in[3].dims[2] != 16 || (in[4].v && in[4].dims[0] != k->N) ||
+      (in[3].v && (in[3].dims[0] != tiles || in[3].dims[1] != nb || in[3].dims[2] != 16)) ||
+      (in[4].v && in[4].dims[0] != k->N) ||
       !skip_ok || (in[6].v && in[6].dims[0] != k->K) || (in[5].v && !in[6].v) || (in[6].v && k->activation)) {
     snprintf(msg, sizeof msg, "Int4Linear: shapes do not fit K=%lld N=%lld block_size=%lld activation=%lld (X last dim "
              "%lld, W [%lld, %lld, %lld]; skip needs norm_weight [K] and X's shape; no norm with activation)",
@@ -610,9 +676,10 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     if (!in[5].v) return error("Int4Linear: output 1 (X + skip) needs the skip input");
     if ((st = get_output(ctx, 1, in[0].dims, in[0].rank, &sum))) return st;
   }
-  int rc = edge_vila_int4_linear(in[0].data, M, k->K, k->N, k->bs, in[1].data, in[2].data, in[3].data,
-                                 in[4].v ? in[4].data : NULL, y, (int)k->activation, in[5].v ? in[5].data : NULL,
-                                 in[6].v ? in[6].data : NULL, k->epsilon, sum, 0);
+  int rc = edge_vila_int4_linear(in[0].data, M, k->K, k->N, k->bs, in[1].data, in[2].data,
+                                 in[3].v ? in[3].data : NULL, in[4].v ? in[4].data : NULL, y, (int)k->activation,
+                                 in[5].v ? in[5].data : NULL, in[6].v ? in[6].data : NULL, k->epsilon, sum, 0,
+                                 in[2].type == T_FLOAT16);
   return rc ? error("Int4Linear: out of memory") : NULL;
 }
 
@@ -642,7 +709,7 @@ static int in_type(const OrtCustomOp *op, size_t i) { (void)op; return INPUT_TYP
 static size_t in_count(const OrtCustomOp *op) { (void)op; return 7; }
 static int out_type(const OrtCustomOp *op, size_t i) { (void)op, (void)i; return T_FLOAT; }
 static size_t out_count(const OrtCustomOp *op) { (void)op; return 2; }
-static int in_characteristic(const OrtCustomOp *op, size_t i) { (void)op; return i >= 4; /* bias, skip, norm optional */ }
+static int in_characteristic(const OrtCustomOp *op, size_t i) { (void)op; return i >= 3; /* zeros, bias, skip, norm optional */ }
 static int out_characteristic(const OrtCustomOp *op, size_t i) { (void)op; return i >= 1; /* the sum optional */ }
 OrtCustomOp edge_vila_int4_linear_op = {
     .version = 16, .CreateKernel = NULL, .GetName = op_name, .GetExecutionProviderType = op_cpu_provider,

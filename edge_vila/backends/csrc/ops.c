@@ -28,7 +28,7 @@ OrtStatus *get_input(OrtKernelContext *ctx, size_t index, Tensor *t, const char 
   CALL(SLOT_GetDimensionsCount, OrtStatus *(*)(const OrtTypeShape *, size_t *))(info, &t->rank);
   if (t->rank <= 8) CALL(SLOT_GetDimensions, OrtStatus *(*)(const OrtTypeShape *, int64_t *, size_t))(info, t->dims, t->rank);
   CALL(SLOT_ReleaseTensorTypeAndShapeInfo, void (*)(OrtTypeShape *))(info);
-  if (t->type != want_type || (want_rank != ANY_RANK && t->rank != want_rank)) {
+  if ((want_type != T_ANY && t->type != want_type) || (want_rank != ANY_RANK && t->rank != want_rank)) {
     snprintf(msg, sizeof msg, "%s: input %s has element type %d and rank %zu, expected %d and %zu", op, name,
              t->type, t->rank, want_type, want_rank);
     return error(msg);

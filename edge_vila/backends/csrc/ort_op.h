@@ -37,7 +37,7 @@ enum {
   SLOT_KernelInfoGetAttribute_int64 = 86, SLOT_KernelContext_GetOutputCount = 89, SLOT_KernelContext_GetInput = 90, SLOT_KernelContext_GetOutput = 91,
   SLOT_ReleaseStatus = 93, SLOT_ReleaseTensorTypeAndShapeInfo = 99,
 };
-enum { ORT_INVALID_ARGUMENT = 2, T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3, T_INT32 = 6 };
+enum { ORT_INVALID_ARGUMENT = 2, T_ANY = 0, T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3, T_INT32 = 6, T_FLOAT16 = 10 };
 
 extern OrtApiTable edge_vila_api;
 #define CALL(slot, type) ((type)edge_vila_api[slot])
@@ -79,8 +79,9 @@ typedef struct {
   int64_t dims[8];
 } Tensor;
 
-/* Input `index` of the kernel context, checked for element type and rank (ANY_RANK: any); a
- * missing input is an error unless `optional` (then t->v is NULL). Errors name the op and input. */
+/* Input `index` of the kernel context, checked for element type (T_ANY: the caller checks) and
+ * rank (ANY_RANK: any); a missing input is an error unless `optional` (then t->v is NULL). Errors
+ * name the op and input. */
 #define ANY_RANK ((size_t)-1)
 OrtStatus *get_input(OrtKernelContext *ctx, size_t index, Tensor *t, const char *op, const char *name, int want_type,
                      size_t want_rank, int optional);
