@@ -484,9 +484,11 @@ def test_int8_vision_forms_hold_cosine_on_every_cpu_path(w4_bundle, fp_bundle, m
     """The CPU's INT8 ViT forms (backends/vision_cpu.py) against the float bundle's features:
     U8S8 (this CPU's default with VNNI), U8U8 (the default on x86 without VNNI, where U8S8's int16
     pair sums saturate: derived once, cached with a record, weights dequantizing to the same
-    values) and the bundle's S8 form; auto follows the CPU's flags."""
+    values) and the bundle's S8 form; auto follows the CPU's flags. On a CPU without VNNI the
+    forced U8S8 form is the saturating one (cosine ~0.95 on a Zen 3): it is held below, not to 0.999."""
     from edge_vila.backends import vision_cpu
 
+    saturating = vision_cpu.x86_without_vnni()
     imgs = _images(4)
 
     def feats(pipe):
@@ -501,8 +503,12 @@ def test_int8_vision_forms_hold_cosine_on_every_cpu_path(w4_bundle, fp_bundle, m
         f = feats(pipe)
         got[form] = f
         cos = (f * ref).sum(-1) / np.linalg.norm(f, axis=-1) / np.linalg.norm(ref, axis=-1)
-        assert cos.min() >= 0.999, (form, cos)
-    np.testing.assert_allclose(got["u8u8"], got["u8"], rtol=0, atol=1e-4 * np.abs(got["u8"]).max())
+        if form == "u8" and saturating:
+            assert cos.min() < 0.999, cos  # what auto's choice of u8u8 avoids here
+        else:
+            assert cos.min() >= 0.999, (form, cos)
+    exact = got["s8"] if saturating else got["u8"]  # the same weights, activations rounded alike
+    np.testing.assert_allclose(got["u8u8"], exact, rtol=0, atol=1e-4 * np.abs(exact).max())
     folder = next((w4_bundle / "engines" / "ort-cpu").glob("vision-*-u8u8"))
     assert json.loads((folder / "record.json").read_text())["weights_rewritten"] > 0
     # auto: u8u8 exactly where the CPU has no VNNI (x86), s8 when exact
