@@ -542,7 +542,8 @@ static inline __attribute__((always_inline)) void rows_neon(const Job *j, int64_
       }
     }
     const int64_t sb = t * j->nb + b;
-    int32x4_t z[4], s[4];
+    int32x4_t z[4];
+    float32x4_t s[4];
     if (j->zeros) {
       const uint16x8_t z16a = vmovl_u8(vld1_u8(j->zeros + sb * 16)), z16b = vmovl_u8(vld1_u8(j->zeros + sb * 16 + 8));
       z[0] = vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(z16a)));
@@ -553,15 +554,14 @@ static inline __attribute__((always_inline)) void rows_neon(const Job *j, int64_
       z[0] = z[1] = z[2] = z[3] = vdupq_n_s32(8);
     }
     for (int q = 0; q < 4; q++)
-      s[q] = vreinterpretq_s32_f32(j->scale_f16
-                 ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)j->scales + sb * 16 + 4 * q)))
-                 : vld1q_f32((const float *)j->scales + sb * 16 + 4 * q));
+      s[q] = j->scale_f16 ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)j->scales + sb * 16 + 4 * q)))
+                          : vld1q_f32((const float *)j->scales + sb * 16 + 4 * q);
 #pragma GCC unroll 4
     for (int r = 0; r < MT; r++) {
       const int64_t mb = (m0 + r) * j->nb + b;
       for (int q = 0; q < 4; q++) {
         const int32x4_t dq = vmlsq_n_s32(d[r][q], z[q], j->xsum[mb]);
-        const float32x4_t sq = vmulq_n_f32(vreinterpretq_f32_s32(s[q]), j->xs[mb]);
+        const float32x4_t sq = vmulq_n_f32(s[q], j->xs[mb]);
         acc[r][q] = vfmaq_f32(acc[r][q], vcvtq_f32_s32(dq), sq);
       }
     }
