@@ -84,9 +84,6 @@ class OrtBackend(BundleBackend):
                 form = "s8" if not cpu_only or variant == "bundle" else vision_cpu.resolve(o.vision_int8, exact)
                 if form == "u8u8":
                     vision_path = vision_cpu.u8u8_graph(cfg)
-                elif form == "u8" and vision_cpu.x86_without_vnni():
-                    log.warning("vision_int8='u8' on an x86 CPU without VNNI: ORT's U8S8 GEMM saturates here "
-                                "(image features' cosine to fp32 fell to 0.94 on a Zen 3); 'auto' picks u8u8")
                 self.vision_int8 = form
             if self.vision_int8 in (None, "s8"):
                 vso.add_session_config_entry("session.qdqisint8allowed", "1")

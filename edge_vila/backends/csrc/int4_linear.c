@@ -316,11 +316,13 @@ static inline __m512 scales_avx512(const Job *j, int64_t sb) {
   return j->scale_f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)j->scales + sb * 16)))
                       : _mm512_loadu_ps((const float *)j->scales + sb * 16);
 }
-/* zero point x the block's activation sum, per row */
-static inline __m512i zsum_avx512(const Job *j, int64_t sb, int32_t xsum) {
-  if (!j->zeros) return _mm512_set1_epi32(8 * xsum);
-  const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(j->zeros + sb * 16)));
-  return _mm512_mullo_epi32(z, _mm512_set1_epi32(xsum));
+/* the 16 rows' zero points (8 each when the weights are symmetric and carry none) */
+static inline __m512i zeros_avx512(const Job *j, int64_t sb) {
+  return j->zeros ? _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(j->zeros + sb * 16))) : _mm512_set1_epi32(8);
+}
+/* z (zeros_avx512's) x the block's activation sum; symmetric: 8 x sum, no VPMULLD (two uops, long latency) */
+static inline __m512i zsum_avx512(const Job *j, __m512i z, int32_t xsum) {
+  return j->zeros ? _mm512_mullo_epi32(z, _mm512_set1_epi32(xsum)) : _mm512_set1_epi32(8 * xsum);
 }
 
 static inline void store_tile(const Job *j, int64_t m, int64_t t, __m512 acc) {
@@ -360,7 +362,7 @@ static void tiles_avx512_m1(const Job *j, int64_t begin, int64_t end) {
       }
       const __m512i dot = _mm512_add_epi32(_mm512_add_epi32(d0, d1), _mm512_add_epi32(d2, d3));
       const int64_t sb = t * j->nb + b;
-      const __m512i d = _mm512_sub_epi32(dot, zsum_avx512(j, sb, j->xsum[b]));
+      const __m512i d = _mm512_sub_epi32(dot, zsum_avx512(j, zeros_avx512(j, sb), j->xsum[b]));
       const __m512 s = _mm512_mul_ps(scales_avx512(j, sb), _mm512_set1_ps(j->xs[b]));
       acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc);
     }
@@ -392,11 +394,12 @@ static inline __attribute__((always_inline)) void rows_avx512(const Job *j, int6
       }
     }
     const int64_t sb = t * j->nb + b;
+    const __m512i z = zeros_avx512(j, sb);
     const __m512 sc = scales_avx512(j, sb);
 #pragma GCC unroll 8
     for (int r = 0; r < MT; r++) {
       const int64_t mb = (m0 + r) * j->nb + b;
-      const __m512i d = _mm512_sub_epi32(dot[r], zsum_avx512(j, sb, j->xsum[mb]));
+      const __m512i d = _mm512_sub_epi32(dot[r], zsum_avx512(j, z, j->xsum[mb]));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sc, _mm512_set1_ps(j->xs[mb])), acc[r]);
     }
   }
@@ -444,11 +447,13 @@ static inline __m256 scales_avx2(const Job *j, int64_t i) {
   }
   return _mm256_loadu_ps((const float *)j->scales + i);
 }
-/* zero point x the block's activation sum, 8 rows from index i */
-static inline __m256i zsum_avx2(const Job *j, int64_t i, int32_t xsum) {
-  if (!j->zeros) return _mm256_set1_epi32(8 * xsum);
-  const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(j->zeros + i)));
-  return _mm256_mullo_epi32(z, _mm256_set1_epi32(xsum));
+/* 8 rows' zero points from index i (8 each when the weights are symmetric and carry none) */
+static inline __m256i zeros_avx2(const Job *j, int64_t i) {
+  return j->zeros ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(j->zeros + i))) : _mm256_set1_epi32(8);
+}
+/* z (zeros_avx2's) x the block's activation sum; symmetric: 8 x sum, no VPMULLD (two uops, long latency) */
+static inline __m256i zsum_avx2(const Job *j, __m256i z, int32_t xsum) {
+  return j->zeros ? _mm256_mullo_epi32(z, _mm256_set1_epi32(xsum)) : _mm256_set1_epi32(8 * xsum);
 }
 
 static inline void store_tile_avx2(const Job *j, int64_t m, int64_t t, __m256 a0, __m256 a1) {
@@ -484,14 +489,15 @@ static inline __attribute__((always_inline)) void rows_avx2(const Job *j, int64_
       }
     }
     const int64_t sb = t * j->nb + b;
+    const __m256i z0 = zeros_avx2(j, sb * 16), z1 = zeros_avx2(j, sb * 16 + 8);
     const __m256 s0 = scales_avx2(j, sb * 16), s1 = scales_avx2(j, sb * 16 + 8);
 #pragma GCC unroll 4
     for (int r = 0; r < MT; r++) {
       const int64_t mb = (m0 + r) * j->nb + b;
       const __m256 sx = _mm256_set1_ps(j->xs[mb]);
-      acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d[r][0], zsum_avx2(j, sb * 16, j->xsum[mb]))),
+      acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d[r][0], zsum_avx2(j, z0, j->xsum[mb]))),
                                   _mm256_mul_ps(s0, sx), acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d[r][1], zsum_avx2(j, sb * 16 + 8, j->xsum[mb]))),
+      acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d[r][1], zsum_avx2(j, z1, j->xsum[mb]))),
                                   _mm256_mul_ps(s1, sx), acc[r][1]);
     }
   }
