@@ -1,7 +1,9 @@
 """Vision encoder on the CPU (issue #5): fp32 vs the bundle's INT8 (S8 Q/DQ, TensorRT's form)
 vs INT8 with U8 activations (what the ORT backend runs on a CPU with VNNI) vs U8U8 (uint8
-weights: what it runs on x86 without VNNI), latency and cosine to fp32. The figures are this
-machine's kernels: U8U8's point is a CPU without VNNI, where U8S8 saturates.
+weights) vs edge (our Int8Linear op: what it runs on x86 without VNNI, AVX2), latency and cosine
+to fp32. The figures are this machine's kernels: U8U8's and edge's point is a CPU without VNNI,
+where U8S8 saturates. Each form runs in the session options the backend gives it (edge: our op
+library, ORT's threads not spinning); fp32 and the ORT forms with ORT's defaults.
 
     python benchmarks/vision_speed.py [--out runs/bench/vision]
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -23,21 +26,30 @@ import numpy as np
 import onnxruntime as ort
 
 
-def _sess(path: Path | bytes, s8: bool) -> ort.InferenceSession:
+def _sess(path: Path | bytes, s8: bool, ops: Path | None = None) -> ort.InferenceSession:
     so = ort.SessionOptions()
     if s8:
         so.add_session_config_entry("session.qdqisint8allowed", "1")
+    if ops:
+        so.register_custom_ops_library(str(ops))
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _time(s, x, runs=10) -> float:
-    s.run(None, {"pixels": x})
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        s.run(None, {"pixels": x})
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+def _times(sessions: dict, x, rounds: int = 3, runs: int = 5) -> dict:
+    """Per round, each form in turn: one untimed run, then `runs` timed ones (a block, not one
+    run each: the ORT sessions' threads spin on after a run and slowed whichever session ran
+    next), the forms alternating round by round since this kind of host drifts by +-20%. Per
+    form the median, min and max of its timed runs, in ms."""
+    ts = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            s.run(None, {"pixels": x})
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                s.run(None, {"pixels": x})
+                ts[k].append(1000 * (time.perf_counter() - t0))
+    return {k: (statistics.median(v), min(v), max(v)) for k, v in ts.items()}
 
 
 def compare(fp32: Path, int8: Path, images: list) -> dict:
@@ -49,21 +61,30 @@ def compare(fp32: Path, int8: Path, images: list) -> dict:
     one = x[:1]
     import onnx
 
-    from edge_vila.backends.vision_cpu import to_u8u8
+    from edge_vila.backends import native_ops
+    from edge_vila.backends.vision_cpu import to_edge_int8, to_u8u8
 
     u8u8 = onnx.load(str(int8 / "vision.onnx"))
     to_u8u8(u8u8)  # what the backend derives on x86 without VNNI (backends/vision_cpu.py)
+    edge = onnx.load(str(int8 / "vision.onnx"))
+    to_edge_int8(edge)
+    lib = native_ops.build_library()
+    native_ops.set_threads(lib, 0)
     s_fp, s_s8, s_u8 = _sess(fp32 / "vision.onnx", False), _sess(int8 / "vision.onnx", True), \
         _sess(int8 / "vision.onnx", False)
     s_u8u8 = _sess(u8u8.SerializeToString(), False)
+    s_edge = _sess(edge.SerializeToString(), False, lib)
     ref = s_fp.run(None, {"pixels": x})[0]
     out = {}
-    for name, s in (("fp32", s_fp), ("int8_s8", s_s8), ("int8_u8", s_u8), ("int8_u8u8", s_u8u8)):
+    sessions = {"fp32": s_fp, "int8_s8": s_s8, "int8_u8": s_u8, "int8_u8u8": s_u8u8, "int8_edge": s_edge}
+    times = _times(sessions, one)
+    for name, s in sessions.items():
         o = s.run(None, {"pixels": x})[0]
         cos = (o * ref).sum(-1) / np.linalg.norm(o, axis=-1) / np.linalg.norm(ref, axis=-1)
-        out[name] = {"ms_per_image": 1000 * _time(s, one), "cosine_mean": float(cos.mean()),
+        med, lo, hi = times[name]
+        out[name] = {"ms_per_image": med, "ms_min": lo, "ms_max": hi, "cosine_mean": float(cos.mean()),
                      "cosine_min": float(cos.min())}
-    for k in ("int8_s8", "int8_u8", "int8_u8u8"):
+    for k in ("int8_s8", "int8_u8", "int8_u8u8", "int8_edge"):
         out[k]["speedup_vs_fp32"] = out["fp32"]["ms_per_image"] / out[k]["ms_per_image"]
     return out
 
@@ -97,9 +118,17 @@ def main() -> None:
                                              [random_scene(rng_for(123, k)).render(size) for k in range(16)])
     for name, r in res.items():
         for k, v in r.items():
-            print(f"{name:26s} {k:9s} {v['ms_per_image']:8.2f} ms/image  cosine mean {v['cosine_mean']:.5f} "
+            print(f"{name:26s} {k:9s} {v['ms_per_image']:8.2f} ms/image ({v['ms_min']:.1f}-{v['ms_max']:.1f})  cosine mean {v['cosine_mean']:.5f} "
                   f"min {v['cosine_min']:.5f}" + (f"  x{v['speedup_vs_fp32']:.2f} vs fp32" if "speedup_vs_fp32" in v
                                                   else ""))
+    import platform
+
+    from edge_vila.backends.native_ops import cpu_flags
+
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    res["machine"] = {"cpu": model, "cores": os.cpu_count(), "onnxruntime": ort.__version__,
+                      "flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "fma", "f16c", "amx")))}
     (a.out / "vision.json").write_text(json.dumps(res, indent=2))
 
 

@@ -21,7 +21,7 @@ CHOICES = {
     "attention": ("auto", "edge", "gqa"),
     "matmul": ("auto", "edge", "nbits"),
     "lm_head": ("auto", "int8", "float"),
-    "vision_int8": ("auto", "u8", "u8u8", "s8"),
+    "vision_int8": ("auto", "u8", "u8u8", "edge", "s8"),
 }
 
 
@@ -48,8 +48,10 @@ class RuntimeOptions:
       A head the bundle already has in INT4 (`quantize --quantize-lm-head`) stays INT4.
     vision_int8: how ORT on the CPU runs the INT8 ViT: u8 (U8 activations x S8 weights, its
       fast path), u8u8 (uint8 weights with zero point 128, derived once and cached: x86 CPUs
-      without VNNI sum u8 x s8 pairs into saturating int16), s8 (the bundle's S8 form as is:
-      accurate, slow); auto: u8u8 on x86 without VNNI, else u8; exact: s8.
+      without VNNI sum u8 x s8 pairs into saturating int16), edge (our Int8Linear op: 7-bit
+      activations per token, nothing saturates; derived and cached likewise), s8 (the bundle's
+      S8 form as is: accurate, slow); auto: on x86 without VNNI edge where AVX2 and a C
+      compiler are there, else u8u8; elsewhere u8; exact: s8.
     max_tiles: caps NVILA-Lite's dynamic tiling (and NVILA-8B's last S2 scale, >= 9).
     max_pixels: images whose header claims more pixels are refused before decoding.
     """
@@ -131,7 +133,8 @@ def add_runtime_args(s: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
                         "token) or float (auto: int8 unless --exact)")
     g.add_argument("--vision-int8", default=None, choices=CHOICES["vision_int8"],
                    help="INT8 ViT on the CPU: u8, u8u8 (uint8 weights: no int16 saturation on x86 without VNNI), "
-                        "s8 (accurate, slow); auto: u8u8 on x86 where VNNI is missing")
+                        "edge (our Int8Linear op: 7-bit activations per token), s8 (accurate, slow); "
+                        "auto: edge (else u8u8) on x86 where VNNI is missing")
     g.add_argument("--max-tiles", type=int, default=None,
                    help="NVILA-Lite: cut a lone image into at most N tiles; NVILA-8B: at most N blocks of its "
                         "last S2 scale, N >= 9 (default: the checkpoint's, 12); fewer tiles, faster answers")

@@ -484,8 +484,10 @@ def test_int8_vision_forms_hold_cosine_on_every_cpu_path(w4_bundle, fp_bundle, m
     """The CPU's INT8 ViT forms (backends/vision_cpu.py) against the float bundle's features:
     U8S8 (this CPU's default with VNNI), U8U8 (the default on x86 without VNNI, where U8S8's int16
     pair sums saturate: derived once, cached with a record, weights dequantizing to the same
-    values) and the bundle's S8 form; auto follows the CPU's flags. On a CPU without VNNI the
-    forced U8S8 form is the saturating one (cosine ~0.95 on a Zen 3): it is held below, not to 0.999."""
+    values), our Int8Linear op (edge: 7-bit activations per token; x86 only, where it is the
+    default without VNNI) and the bundle's S8 form; auto follows the CPU's flags. On a CPU without
+    VNNI the forced U8S8 form is the saturating one (cosine ~0.95 on a Zen 3): it is held below,
+    not to 0.999."""
     from edge_vila.backends import vision_cpu
 
     saturating = vision_cpu.x86_without_vnni()
@@ -497,7 +499,8 @@ def test_int8_vision_forms_hold_cosine_on_every_cpu_path(w4_bundle, fp_bundle, m
 
     ref = feats(edge_vila.load(fp_bundle))
     got = {}
-    for form in ("u8", "u8u8", "s8"):
+    edge = vision_cpu.edge_form_possible()
+    for form in ("u8", "u8u8", "s8") + (("edge",) if edge else ()):
         pipe = edge_vila.load(w4_bundle, vision_int8=form)
         assert pipe.backend.vision_int8 == form
         f = feats(pipe)
@@ -511,8 +514,13 @@ def test_int8_vision_forms_hold_cosine_on_every_cpu_path(w4_bundle, fp_bundle, m
     np.testing.assert_allclose(got["u8u8"], exact, rtol=0, atol=1e-4 * np.abs(exact).max())
     folder = next((w4_bundle / "engines" / "ort-cpu").glob("vision-*-u8u8"))
     assert json.loads((folder / "record.json").read_text())["weights_rewritten"] > 0
-    # auto: u8u8 exactly where the CPU has no VNNI (x86), s8 when exact
+    if edge:
+        folder = next((w4_bundle / "engines" / "ort-cpu").glob("vision-*-edge"))
+        assert json.loads((folder / "record.json").read_text())["weights_rewritten"] > 0
+    # auto: edge (u8u8 where it cannot be built) exactly where the CPU has no VNNI (x86), s8 when exact
     monkeypatch.setattr(vision_cpu, "x86_without_vnni", lambda cpuinfo=None: True)
+    assert edge_vila.load(w4_bundle).backend.vision_int8 == ("edge" if edge else "u8u8")
+    monkeypatch.setattr(vision_cpu, "edge_form_possible", lambda: False)
     assert edge_vila.load(w4_bundle).backend.vision_int8 == "u8u8"
     assert edge_vila.load(w4_bundle, exact=True).backend.vision_int8 == "s8"
     monkeypatch.setattr(vision_cpu, "x86_without_vnni", lambda cpuinfo=None: False)

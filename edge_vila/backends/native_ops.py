@@ -5,6 +5,8 @@
 - `edge_vila.Int4Linear` (int4_linear.c): the INT4 linears (AVX-512 VNNI, AVX2, NEON dot
   product), replacing MatMulNBits (which read the weights at ~27 GB/s of a ~70 GB/s host
   during decode);
+- `edge_vila.Int8Linear` (int8_linear.c): the INT8 ViT's linears on x86 without VNNI, where
+  ORT's fast U8S8 GEMM saturates (vision_cpu.py);
 - a small thread pool both use (ops.c; ORT's own pool then runs with one thread).
 
 Why our own attention op: ORT's CPU GroupQueryAttention spends 60-80 us per layer per decoded token
@@ -166,6 +168,9 @@ def _cdll(lib: Path) -> ctypes.CDLL:
     f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    P = ctypes.c_void_p
+    dll.edge_vila_int8_linear.argtypes = [P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, P, P, P, P, P,
+                                          ctypes.c_int, ctypes.c_int]
     return dll
 
 
@@ -230,5 +235,34 @@ def int4_linear(lib: Path, x, packed: tuple, K: int, N: int, block: int, bias=No
     return y if norm_weight is None else (y, total)
 
 
+def int8_linear(lib: Path, x, packed: tuple, K: int, N: int, bias=None, gelu: bool = False,
+                kernel: str | None = None):
+    """y = act(x W + bias) through Int8Linear's kernel without ONNX Runtime (tests, benchmarks).
+    `packed` is `vision_cpu.pack_int8_panels`'s (W, scales, weight sums); `gelu`: the tanh form.
+    `kernel`: one of `kernels(lib)` (None: the one in force; every x86 one runs the AVX2 loops)."""
+    import numpy as np
+
+    x = np.ascontiguousarray(x, np.float32)
+    b = None if bias is None else np.ascontiguousarray(bias, np.float32)
+    w, sc, sums = (np.ascontiguousarray(a) for a in packed)
+    panels, Kp = -(-N // 16), -(-K // 4) * 4
+    if w.dtype != np.int8 or w.shape != (panels, Kp * 16) or sc.dtype != np.float32 or sc.shape != (panels * 16,) \
+            or sums.dtype != np.int32 or sums.shape != (panels * 16,):
+        raise ValueError(f"int8_linear: packed weights do not fit K={K} N={N} (W {w.dtype} {w.shape}, scales "
+                         f"{sc.dtype} {sc.shape}, sums {sums.dtype} {sums.shape})")
+    if x.shape[-1] != K or (b is not None and b.shape != (N,)):
+        raise ValueError(f"int8_linear: x has {x.shape[-1]} channels (K={K}), bias {None if b is None else b.shape}")
+    M = int(np.prod(x.shape[:-1]))
+    y = np.empty((*x.shape[:-1], N), np.float32)
+    ptr = lambda a: None if a is None else a.ctypes.data
+    rc = _cdll(lib).edge_vila_int8_linear(ptr(x), M, K, N, ptr(w), ptr(sc), ptr(sums), ptr(b), ptr(y), int(gelu),
+                                          KERNELS.get(kernel, -1) if kernel else 0)
+    if rc:
+        raise ValueError({-1: f"int8_linear: bad arguments (K={K}, N={N})",
+                          -3: f"int8_linear: kernel {kernel!r} not available here (have {kernels(lib)})"}
+                         .get(rc, "int8_linear: out of memory"))
+    return y
+
+
 __all__ = ["cpu_flags", "library_sha256", "build_library", "try_build_library", "cache_dir", "CSRC", "set_threads", "kernels", "use_kernel",
-           "kernel_in_force", "int4_linear", "KERNELS"]
+           "kernel_in_force", "int4_linear", "int8_linear", "KERNELS"]

@@ -82,6 +82,22 @@ class OrtBackend(BundleBackend):
             self.vision_int8 = None
             if cfg.manifest.quant.get("vision") == "int8":
                 form = "s8" if not cpu_only or variant == "bundle" else vision_cpu.resolve(o.vision_int8, exact)
+                if form == "edge":
+                    from . import native_ops
+                    try:
+                        lib = native_ops.build_library()
+                    except (RuntimeError, OSError) as e:
+                        if o.vision_int8 == "edge":
+                            raise InputError(f"vision_int8='edge': {e}") from None
+                        log.warning("INT8 ViT: our Int8Linear op cannot be built here (%s): U8U8 form", e)
+                        form = "u8u8"
+                    else:
+                        vision_path = vision_cpu.derived_graph(cfg, "edge")
+                        vso.register_custom_ops_library(str(lib))
+                        native_ops.set_threads(lib, so.intra_op_num_threads)
+                        # ORT's workers spin between nodes and took the CPU from our pool (0.98x
+                        # fp32 with spinning, 1.66x without, on a 2-core Zen 3)
+                        vso.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 if form == "u8u8":
                     vision_path = vision_cpu.u8u8_graph(cfg)
                 self.vision_int8 = form

@@ -13,10 +13,10 @@ PROMPTS = ["What shape is in the image?", "What color is the shape?", "Describe 
 # attention ops over the INT8 KV cache (NEON dot product on aarch64, AVX-512/AVX2 on x86)
 MODES = {"exact": {"exact": True}, "ours": {"matmul": "edge", "attention": "edge"}}
 NEW_TOKENS = 16
-# the CPU's INT8 ViT forms (backends/vision_cpu.py): U8S8, U8U8 (no int16 saturation on x86
-# without VNNI) and the bundle's own S8; each is asked for by name, never "auto": under qemu-user
+# the CPU's INT8 ViT forms (backends/vision_cpu.py): U8S8, U8U8 and edge (our Int8Linear op; both
+# without int16 saturation on x86 without VNNI) and the bundle's own S8; each is asked for by name, never "auto": under qemu-user
 # /proc/cpuinfo is the host's, so auto would follow the host's flags, not the emulated CPU's
-FORMS = ("u8", "u8u8", "s8")
+FORMS = ("u8", "u8u8", "edge", "s8")
 MIN_COSINE = 0.999
 
 
@@ -93,7 +93,7 @@ def check_vision(work, must_hold=FORMS) -> dict:
     return out
 
 
-OP_TESTS = ["tests/test_int4_linear.py",
+OP_TESTS = ["tests/test_int4_linear.py", "tests/test_int8_linear.py",
             "tests/test_decode_attention.py::test_matches_reference_over_prefill_decode_and_rewind",
             "tests/test_decode_attention.py::test_long_context_decode_split_over_positions"]
 

@@ -284,6 +284,7 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
   typedef OrtStatus *(*Add)(OrtCustomOpDomain *, const OrtCustomOp *);
   if (!st) st = CALL(SLOT_CustomOpDomain_Add, Add)(domain, &edge_vila_decode_attention_op);
   if (!st) st = CALL(SLOT_CustomOpDomain_Add, Add)(domain, &edge_vila_int4_linear_op);
+  if (!st) st = CALL(SLOT_CustomOpDomain_Add, Add)(domain, &edge_vila_int8_linear_op);
   if (!st) st = CALL(SLOT_AddCustomOpDomain, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);
   return st;
 }

@@ -69,7 +69,7 @@ typedef struct OrtCustomOp {
   OrtStatus *(*KernelComputeV2)(void *, OrtKernelContext *);
 } OrtCustomOp;
 
-extern OrtCustomOp edge_vila_decode_attention_op, edge_vila_int4_linear_op;
+extern OrtCustomOp edge_vila_decode_attention_op, edge_vila_int4_linear_op, edge_vila_int8_linear_op;
 
 typedef struct {
   const OrtValue *v;
