@@ -2,21 +2,23 @@
  * ViT's weights as the bundle stores them, symmetric, [-127, 127]). For x86 CPUs without VNNI,
  * where ONNX Runtime's fast U8S8 GEMM saturates (VPMADDUBSW adds pairs of u8 x s8 products into
  * int16: 2 x 255 x 127 does not fit; the ViT's features' cosine to fp32 fell to 0.94 on a Zen 3)
- * and its exact U8U8 GEMM was only 1.25x its fp32 one (issue #25).
+ * and its exact U8U8 GEMM was only ~1.3x its fp32 one (issue #25).
  *
- * Activations are quantized per row (token) to int8, symmetric, at run time: a row's own range,
- * not one calibrated for every token of every image, so it is at least as accurate as the
- * bundle's static activation scales (random SigLIP-B/16: cosine 0.99973 vs 0.99965). The AVX2
- * product multiplies |x| (at most 127: unsigned, 7 bits) by sign(x) * w with VPMADDUBSW: a pair
- * sums to at most 2 x 127 x 127 = 32258, so nothing saturates, at VPMADDUBSW's speed (the sign
- * costs one VPSIGNB on a port the multiplies do not use). Exact: int32 sums, one float scale.
+ * Activations are quantized per row (token) at run time to 7 bits, [0, 127] over the row's own
+ * [min, max] with a zero point: VPMADDUBSW's pair sums are then at most 2 x 127 x 127 = 32258
+ * and never saturate, at the instruction mix of ORT's U8S8 kernel (VPMADDUBSW, VPMADDWD, VPADDD).
+ * A row's own range makes up for most of the bit given up against the bundle's static 8-bit
+ * scales, calibrated for every token of every image (random SigLIP-B/16: features' cosine to fp32
+ * 0.9995 mean, U8U8 0.99965). Exact 8-bit products by |x| * (sign(x) w) cost a VPSIGNB per
+ * multiply on the multiply ports and ran at 2/3 of this speed. The zero point is taken out once
+ * per output: acc - z * (sum of the channel's weights), then one float scale.
  *
  * The weights are packed (vision_cpu.pack_int8_panels) into panels of 16 output channels: per
  * 4 input channels 64 bytes, channels 0-7 then 8-15, 4 consecutive input channels per output
  * channel (one int32 lane). K is padded to a multiple of 4 and N to 16 with zeros.
  *
- * Inputs: 0 X float [..., K]; 1 W int8 [panels, K4 * 64]; 2 scales float [panels * 16];
- *         3 bias float [N] (optional)
+ * Inputs: 0 X float [..., K]; 1 W int8 [panels, Kp * 16]; 2 scales float [panels * 16];
+ *         3 weight_sums int32 [panels * 16]; 4 bias float [N] (optional)
  * Output: 0 Y float [..., N]. Attributes: K, N, activation (0 none, 1 GELU, tanh form).
  */
 #include "ort_op.h"
