@@ -56,7 +56,7 @@ def _reference(x, q, scale, bias=None, gelu=False):
 
 
 def _weights(rng, K, N):
-    return rng.integers(-127, 128, (K, N)).astype(np.int8), rng.uniform(1e-3, 1e-2, N).astype(np.float32)
+    return rng.integers(-128, 128, (K, N)).astype(np.int8), rng.uniform(1e-3, 1e-2, N).astype(np.float32)
 
 
 @pytest.mark.parametrize("build,kernel", CASES)
@@ -93,6 +93,20 @@ def test_int8_linear_rows_of_zeros_and_one_sign(libs):
     np.testing.assert_allclose(y, _reference(x, q, scale), rtol=0, atol=2e-5 * np.abs(y).max())
 
 
+@pytest.mark.parametrize("build,kernel", CASES)
+def test_int8_linear_extremes_do_not_saturate(libs, build, kernel):
+    """Every activation at 127 against weights at -128 and 127: VPMADDUBSW's pair sums reach
+    +-2 x 127 x 128 and must come out exact (an 8-bit activation would saturate its int16)."""
+    lib = _lib(libs, build, kernel)
+    q = np.full((256, 32), -128, np.int8)
+    q[:, 16:] = 127
+    scale = np.full(32, 1e-3, np.float32)
+    x = np.full((5, 256), 3.0, np.float32)  # range [0, 3]: every element quantizes to 127
+    y = int8_linear(lib, x, pack_int8_panels(q, scale), 256, 32, kernel=kernel)
+    np.testing.assert_allclose(y[:, :16], 3.0 * 256 * -128 * 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(y[:, 16:], 3.0 * 256 * 127 * 1e-3, rtol=1e-6)
+
+
 def test_int8_linear_threads_agree(libs):
     lib = libs["native"]
     rng = np.random.default_rng(4)
@@ -116,8 +130,6 @@ def test_pack_int8_panels_layout_and_errors():
     np.testing.assert_array_equal(w[0, 36:40], q[0:4, 9])
     np.testing.assert_array_equal(sums[:15], q.astype(np.int32).sum(0))
     assert sums[15] == 0 and s[15] == 0
-    with pytest.raises(ValueError, match="-128"):
-        pack_int8_panels(np.full((4, 4), -128, np.int8), np.ones(4, np.float32))
     with pytest.raises(ValueError, match="int8"):
         pack_int8_panels(q.astype(np.int16), np.ones(15, np.float32))
 

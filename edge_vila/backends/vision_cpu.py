@@ -130,8 +130,7 @@ def pack_int8_panels(q: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.n
     if q.dtype != np.int8 or scale.shape != (N,):
         raise ValueError(f"Int8Linear weights: int8 [K, N] with N scales expected, got {q.dtype} {q.shape}, "
                          f"scales {scale.shape}")
-    if (q == -128).any():  # |x| * sign(x) * w: -w of -128 does not fit an int8 (symmetric export never writes it)
-        raise ValueError("Int8Linear weights: -128 found; symmetric INT8 weights are in [-127, 127]")
+    # -128 is fine: a 7-bit activation pair sums to at most 2 x 127 x 128 = 32512 in VPMADDUBSW's int16
     Kp, Np = -(-K // 4) * 4, -(-N // 16) * 16
     w = np.zeros((Kp, Np), np.int8)
     w[:K, :N] = q
