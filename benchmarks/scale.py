@@ -8,8 +8,9 @@ Steps, each its own process (its peak RSS is the kernel's figure for that proces
 wait4): make the replica -> `edge-vila quantize --method rtn` -> `edge-vila export` (whose
 report.json checks the bundle against the torch reference of the quantized checkpoint, in
 exact mode). With --decode, then: hf_to_gguf.py writes a Q4_0 GGUF of the replica's llm/
-(streamed, its sentencepiece vocabulary), onnxruntime-genai's builder its int4 build, and
-decode_speed.py times the bundle, llama.cpp and genai side by side (median of 5). With
+with a Q8_0 head (our CPU graph's default head format; streamed, its sentencepiece vocabulary),
+onnxruntime-genai's builder its int4 build, and decode_speed.py times the bundle (8-bit and
+float head), llama.cpp and genai side by side (5 alternating rounds, median). With
 --ttft, a second bundle with the float32 ViT (`--vision-quant fp32`, no report) and
 `edge-vila bench` on both: time to first token for one image + 32 text tokens and the
 vision encode alone, INT8 vs fp32 ViT, median of 3, in the same run. With --awq, then
@@ -73,9 +74,11 @@ def _awq_step(py: str, work: Path, replica: Path, args: list[str], steps: list) 
 def _decode_steps(py: str, work: Path, replica: Path, bundle: Path, args: list[str], steps: list) -> dict | None:
     """The peers' builds of the replica's LLM (kept in `work` for the next run), then
     decode_speed.py with all three in one run; its JSON is folded into scale.json."""
-    gguf, genai, res = work / "llm-q4_0.gguf", work / "genai-int4", work / "decode_speed.json"
+    # Q4_0 weights with a Q8_0 head: the head format our CPU graph reads by default (8 bits per 32)
+    gguf, genai, res = work / "llm-q4_0-q8head.gguf", work / "genai-int4", work / "decode_speed.json"
     if not gguf.is_file():
-        steps.append(run_step("gguf_q4_0", [py, HERE / "hf_to_gguf.py", replica / "llm", gguf], work / "logs"))
+        steps.append(run_step("gguf_q4_0", [py, HERE / "hf_to_gguf.py", replica / "llm", gguf, "--type", "q4_0",
+                                            "--head-q8"], work / "logs"))
     if not (genai / "genai_config.json").is_file():
         steps.append(run_step("genai_int4_build", [py, "-m", "onnxruntime_genai.models.builder", "-i", replica / "llm",
                                                    "-o", genai, "-p", "int4", "-e", "cpu"], work / "logs"))
@@ -156,7 +159,8 @@ def main() -> int:
                     help="then decode tokens/s of the bundle beside llama.cpp (a Q4_0 GGUF of the replica's LLM) and "
                          "onnxruntime-genai's int4 build of it, via decode_speed.py (needs llama-cpp-python and "
                          "onnxruntime-genai)")
-    ap.add_argument("--decode-args", nargs="*", default=["--contexts", "64", "512", "1024", "--runs", "5"])
+    ap.add_argument("--decode-args", nargs="*", default=["--contexts", "64", "512", "1024", "--new", "32", "--runs", "5",
+                                                         "--ppl-tokens", "128", "--compare-head"])
     ap.add_argument("--awq", action="store_true",
                     help="then `quantize --method awq` of the replica with the default calibration (hours on a "
                          "CPU at 3B: about 2 h on 2 cores)")
