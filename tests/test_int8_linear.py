@@ -175,7 +175,8 @@ def _qdq_mlp(rng, K=64, H=96, tokens=10):
     y = linear("fc2", qdq("a2", "g", 8.0), H, K)
     graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, K])],
                               [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, tokens, K])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)],
+                             ir_version=10)  # what every onnxruntime >= 1.20 reads (aarch64's is older)
 
 
 def test_to_edge_int8_rewrites_the_qdq_graph_and_runs_in_ort(libs):
@@ -220,7 +221,8 @@ def test_int8_linear_node_errors(libs):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])],
                               [numpy_helper.from_array(w, "w"), numpy_helper.from_array(s, "s"),
                                numpy_helper.from_array(sums, "c")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("edge_vila", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("edge_vila", 1)],
+                              ir_version=10)
     so = ort.SessionOptions()
     so.register_custom_ops_library(str(libs["native"]))
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
