@@ -4,37 +4,16 @@ from a build without the larger ISAs, as CPUs without them compile it) against a
 the same maths, through ctypes and as an ONNX Runtime node, plus its errors and its thread pool."""
 from __future__ import annotations
 
-import platform
-
 import numpy as np
 import pytest
 
-from edge_vila.backends.native_ops import build_library, int4_linear, kernels, set_threads, use_kernel
+from edge_vila.backends.native_ops import int4_linear, kernels, set_threads, use_kernel
 from edge_vila.backends.ort_fast import Int4Linear, pack_int4_tiles
-
-X86 = platform.machine() in ("x86_64", "AMD64")
-
-
-@pytest.fixture(scope="module")
-def libs(tmp_path_factory):
-    out = {"native": build_library(tmp_path_factory.mktemp("ops"))}
-    if X86:
-        for isa in ("avx2", "portable"):
-            out[isa] = build_library(tmp_path_factory.mktemp(f"ops_{isa}"), isa=isa)
-    return out
-
+from op_builds import X86, lib_for, libs  # noqa: F401 (libs: the module's builds, a fixture)
 
 # (build, kernel): every kernel of the native build, and the x86 builds without AVX-512 / AVX2
 CASES = [("native", k) for k in ("avx512", "avx2", "neon", "portable")] + [("avx2", "avx2"), ("avx2", "portable"),
                                                                           ("portable", "portable")]
-
-
-def _lib(libs, build, kernel):
-    if build not in libs:
-        pytest.skip(f"the {build} build is an x86 build; elsewhere the native build is the only one")
-    if kernel not in kernels(libs[build]):
-        pytest.skip(f"this CPU/build has no {kernel} kernel (has {kernels(libs[build])})")
-    return libs[build]
 
 
 def _linear(rng, K, N, bs, symmetric=False):
@@ -75,7 +54,7 @@ def test_matches_reference(libs, build, kernel, K, N, bs, M, form):
     """Odd K (a short last block) and N (a partial last tile), one row (decode's kernel) and
     13 rows (prefill's 8 + 4 + 1 row groups), with a bias; scales in float16 or float32, zero
     points stored or (symmetric) implied."""
-    lib = _lib(libs, build, kernel)
+    lib = lib_for(libs, build, kernel)
     rng = np.random.default_rng(K + N + M)
     lin = _linear(rng, K, N, bs, symmetric=form == "f16-symmetric")
     x = rng.standard_normal((M, K)).astype(np.float32)
@@ -218,11 +197,11 @@ def test_rmsnorm_prologue(libs, kernel):
     total = x + skip
     normed = total / np.sqrt((total.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps) * w
     same, _ = _reference(lin, normed)
-    y, got_total = int4_linear(_lib(libs, "native", kernel), x, pack_int4_tiles(lin), K, N, bs, skip=skip,
+    y, got_total = int4_linear(lib_for(libs, "native", kernel), x, pack_int4_tiles(lin), K, N, bs, skip=skip,
                                norm_weight=w, epsilon=eps, kernel=kernel)
     np.testing.assert_allclose(got_total, total, rtol=1e-6)
     assert np.abs(y.reshape(-1, N) - same).max() <= 1e-4 * np.abs(same).max()
-    y2, _ = int4_linear(_lib(libs, "native", kernel), x, pack_int4_tiles(lin), K, N, bs, norm_weight=w, epsilon=eps,
+    y2, _ = int4_linear(lib_for(libs, "native", kernel), x, pack_int4_tiles(lin), K, N, bs, norm_weight=w, epsilon=eps,
                         kernel=kernel)  # no skip
     same2, _ = _reference(lin, x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps) * w)
     assert np.abs(y2.reshape(-1, N) - same2).max() <= 1e-4 * np.abs(same2).max()

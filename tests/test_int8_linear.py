@@ -5,38 +5,17 @@ as an ONNX Runtime node; the graph rewrite (vision_cpu.to_edge_int8) against the
 replaces; and the errors."""
 from __future__ import annotations
 
-import platform
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_vila.backends.native_ops import build_library, int8_linear, kernels, set_threads
+from edge_vila.backends.native_ops import int8_linear, kernels, set_threads
 from edge_vila.backends.vision_cpu import pack_int8_panels, to_edge_int8
-
-X86 = platform.machine() in ("x86_64", "AMD64")
-
-
-@pytest.fixture(scope="module")
-def libs(tmp_path_factory):
-    out = {"native": build_library(tmp_path_factory.mktemp("ops"))}
-    if X86:
-        for isa in ("avx2", "portable"):
-            out[isa] = build_library(tmp_path_factory.mktemp(f"ops_{isa}"), isa=isa)
-    return out
-
+from op_builds import X86, lib_for, libs  # noqa: F401 (libs: the module's builds, a fixture)
 
 CASES = [("native", "avx2"), ("native", "portable"), ("avx2", "avx2"), ("portable", "portable")]
-
-
-def _lib(libs, build, kernel):
-    if build not in libs:
-        pytest.skip(f"the {build} build is an x86 build")
-    if kernel not in kernels(libs[build]):
-        pytest.skip(f"this CPU/build has no {kernel} kernel (has {kernels(libs[build])})")
-    return libs[build]
 
 
 def _reference(x, q, scale, bias=None, gelu=False):
@@ -64,7 +43,7 @@ def _weights(rng, K, N):
                                         (196, 128, 3072 // 16, True), (5, 3072, 20, False)])
 def test_int8_linear_matches_the_reference(libs, build, kernel, M, K, N, gelu):
     """Tails of every kind: rows not a multiple of 4, K not a multiple of 4, N not one of 16."""
-    lib = _lib(libs, build, kernel)
+    lib = lib_for(libs, build, kernel)
     rng = np.random.default_rng(M * 7 + K + N)
     q, scale = _weights(rng, K, N)
     x = (rng.standard_normal((M, K)) * rng.uniform(0.1, 4, (M, 1))).astype(np.float32)
@@ -97,7 +76,7 @@ def test_int8_linear_rows_of_zeros_and_one_sign(libs):
 def test_int8_linear_extremes_do_not_saturate(libs, build, kernel):
     """Every activation at 127 against weights at -128 and 127: VPMADDUBSW's pair sums reach
     +-2 x 127 x 128 and must come out exact (an 8-bit activation would saturate its int16)."""
-    lib = _lib(libs, build, kernel)
+    lib = lib_for(libs, build, kernel)
     q = np.full((256, 32), -128, np.int8)
     q[:, 16:] = 127
     scale = np.full(32, 1e-3, np.float32)
