@@ -156,7 +156,7 @@ def main() -> int:
     ap.add_argument("--quantize-args", nargs=argparse.REMAINDER, default=[])
     ap.add_argument("--max-context", type=int, default=2048)
     ap.add_argument("--decode", action="store_true",
-                    help="then decode tokens/s of the bundle beside llama.cpp (a Q4_0 GGUF of the replica's LLM) and "
+                    help="then decode tokens/s of the bundle beside llama.cpp (a Q4_0 GGUF of the replica's LLM, Q8_0 head) and "
                          "onnxruntime-genai's int4 build of it, via decode_speed.py (needs llama-cpp-python and "
                          "onnxruntime-genai)")
     ap.add_argument("--decode-args", nargs="*", default=["--contexts", "64", "512", "1024", "--new", "32", "--runs", "5",

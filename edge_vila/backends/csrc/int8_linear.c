@@ -1,11 +1,11 @@
 /* edge_vila.Int8Linear: Y = act(X W + bias), W int8 with a scale per output channel (the INT8
- * ViT's weights as the bundle stores them, symmetric, [-127, 127]). For x86 CPUs without VNNI,
+ * ViT's weights as the bundle stores them, symmetric; -128 is taken too). For x86 CPUs without VNNI,
  * where ONNX Runtime's fast U8S8 GEMM saturates (VPMADDUBSW adds pairs of u8 x s8 products into
  * int16: 2 x 255 x 127 does not fit; the ViT's features' cosine to fp32 fell to 0.94 on a Zen 3)
  * and its exact U8U8 GEMM was only ~1.3x its fp32 one (issue #25).
  *
  * Activations are quantized per row (token) at run time to 7 bits, [0, 127] over the row's own
- * [min, max] with a zero point: VPMADDUBSW's pair sums are then at most 2 x 127 x 127 = 32258
+ * [min, max] with a zero point: VPMADDUBSW's pair sums are then at most 2 x 127 x 128 = 32512
  * and never saturate, at the instruction mix of ORT's U8S8 kernel (VPMADDUBSW, VPMADDWD, VPADDD).
  * A row's own range makes up for most of the bit given up against the bundle's static 8-bit
  * scales, calibrated for every token of every image (random SigLIP-B/16: features' cosine to fp32
